@@ -1,0 +1,25 @@
+"""rankopt: adaptive-rank LoRA fine-tuning, tuned by Optuna, tracked in MLflow, exported for PEFT.
+
+Public names are imported on first use, so ``rankopt --help`` does not pay for torch.
+"""
+
+from importlib import import_module
+
+__all__ = ["Callback", "Config", "RankEvent", "RankoptError", "TrainResult", "load_config", "train"]
+__version__ = "0.1.0"
+
+_HOME = {
+    "train": "rankopt.api",
+    "Config": "rankopt.config",
+    "load_config": "rankopt.config",
+    "RankoptError": "rankopt.errors",
+    "Callback": "rankopt.events",
+    "RankEvent": "rankopt.events",
+    "TrainResult": "rankopt.events",
+}
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        return getattr(import_module(_HOME[name]), name)
+    raise AttributeError(f"module 'rankopt' has no attribute {name!r}")

@@ -1,0 +1,115 @@
+"""The Python API: one call per job. The CLI is a thin layer over these functions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rankopt.adapters.model import AdaptedModel, adapt
+from rankopt.config import Config, load_config
+from rankopt.data import TaskData, prepare
+from rankopt.events import Callback, TrainResult
+from rankopt.modeling import load_pretrained, load_tokenizer, resolve_model_path
+from rankopt.trainer import train_adapted
+
+
+def resolve_config(preset: str | Config, overrides: dict[str, Any] | list[str] | None = None,
+                   data_dir: str | None = None) -> Config:
+    if isinstance(preset, Config):
+        if overrides or data_dir:
+            from rankopt.config import build_config
+
+            over = dict(overrides) if isinstance(overrides, dict) else {}
+            if isinstance(overrides, list):
+                from rankopt.config import parse_overrides
+
+                over = parse_overrides(overrides)
+            if data_dir:
+                over.update({"task.data_dir": str(Path(data_dir).resolve()), "task.dataset": None,
+                             "task.subset": None, "task.builtin": None})
+            return build_config(preset.model_dump(), over)
+        return preset
+    return load_config(preset, overrides, data_dir)
+
+
+def prepare_data(cfg: Config) -> TaskData:
+    """Tokenized task data for ``cfg`` (raises RankoptError on missing files or columns)."""
+    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+    return prepare(cfg.task, tokenizer, seed=cfg.training.seed)
+
+
+def _reset_head(model: nn.Module, heads: list[str], seed: int) -> None:
+    """Re-draw the task head from ``seed`` so a run does not depend on what was loaded before it."""
+    std = getattr(getattr(model, "config", None), "initializer_range", 0.02)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for head in heads:
+            for module in model.get_submodule(head).modules():
+                if isinstance(module, nn.Linear):
+                    module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * std)
+                    if module.bias is not None:
+                        module.bias.zero_()
+
+
+def build_model(cfg: Config, num_labels: int) -> AdaptedModel:
+    """The pretrained model with adapters on its target layers, checked against the rank budget."""
+    model = load_pretrained(cfg.model, num_labels, regression=cfg.task.type == "regression")
+    adapted = adapt(model, cfg.model.target_modules, cfg.adapter.init_rank, cfg.adapter.alpha,
+                    cfg.adapter.dropout, seed=cfg.training.seed)
+    _reset_head(model, adapted.head_names, cfg.training.seed)
+    cfg.budget(len(adapted.adapters))  # raises when the budget cannot be met
+    max_possible = min(min(l.in_features, l.out_features) for l in adapted.adapters.values())
+    if cfg.controller.enabled and cfg.controller.max_rank > max_possible:
+        from rankopt.errors import RankoptError
+
+        raise RankoptError(f"controller.max_rank={cfg.controller.max_rank} exceeds the smallest adapted layer "
+                           f"({max_possible}); lower it")
+    return adapted
+
+
+def train(preset: str | Config, overrides: dict[str, Any] | list[str] | None = None, *, data_dir: str | None = None,
+          tracking_uri: str | None = None, out: str | Path = "runs", callbacks: list[Callback] | None = None,
+          track: bool = True, run_name: str | None = None) -> TrainResult:
+    """Fine-tune once with adaptive ranks; log to MLflow unless ``track`` is False.
+
+    Example:
+        >>> import rankopt
+        >>> result = rankopt.train("demo", {"training.steps": 60})  # doctest: +SKIP
+        >>> result.metric, result.total_rank  # doctest: +SKIP
+    """
+    cfg = resolve_config(preset, overrides, data_dir)
+    data = prepare_data(cfg)
+    adapted = build_model(cfg, data.num_labels)
+    callbacks = list(callbacks or [])
+    if not track:
+        return train_adapted(cfg, adapted, data, callbacks)
+    from rankopt import tracking
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri or tracking.default_tracking_uri(out)
+    client = tracking.client_for(uri)
+    exp_id = tracking.ensure_experiment(client, cfg.task.name, out / "mlartifacts" if not tracking_uri else None)
+    run = client.create_run(exp_id, run_name=run_name, tags={"rankopt.kind": "train", "rankopt.task": cfg.task.name})
+    run_id = run.info.run_id
+    tracking.log_params(client, run_id, cfg.model_dump(exclude={"search"}))
+    base = resolve_model_path(cfg.model.name)
+    logger = tracking.MLflowLogger(client, run_id, base_model=cfg.model.name if base == cfg.model.name else base,
+                                   meta={"config": cfg.model_dump()})
+    try:
+        result = train_adapted(cfg, adapted, data, [*callbacks, logger])
+    except BaseException:
+        client.set_terminated(run_id, "KILLED" if _interrupted() else "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    result.run_id = run_id
+    return result
+
+
+def _interrupted() -> bool:
+    import sys
+
+    return sys.exc_info()[0] is KeyboardInterrupt

@@ -1,0 +1,292 @@
+"""The preset schema: one validated, fully resolved description of a job.
+
+A preset is a YAML file (``search_spaces/NAME.yml`` or any path) with the sections
+``task``, ``model``, ``adapter``, ``training``, ``controller`` and ``search``. Users change
+single values with ``--set section.key=value``; every value is checked here, before
+anything is loaded or written, so that bad input fails fast with one clear line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rankopt.errors import RankoptError
+
+PRESET_DIRS = (
+    Path(__file__).resolve().parent / "search_spaces",  # installed wheel
+    Path(__file__).resolve().parent.parent / "search_spaces",  # source checkout
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TaskConfig(_Section):
+    """What to learn, and where the data comes from (exactly one source)."""
+
+    name: str = Field(description="short task name, used for MLflow experiments and studies")
+    type: Literal["classification", "regression"] = "classification"
+    dataset: str | None = Field(None, description="hub dataset path, e.g. 'glue'")
+    subset: str | None = Field(None, description="hub dataset config, e.g. 'sst2'")
+    data_dir: str | None = Field(None, description="local folder of train/validation files")
+    builtin: Literal["chatterbot"] | None = Field(None, description="data shipped by a dependency")
+    text_columns: list[str] = Field(min_length=1, max_length=2)
+    label_column: str = "label"
+    num_labels: int | None = Field(None, ge=1, description="inferred from the data when unset")
+    metric: Literal["accuracy", "f1", "matthews", "pearson", "spearman"] = "accuracy"
+    train_split: str = "train"
+    eval_split: str = "validation"
+    max_train_samples: int | None = Field(None, ge=1)
+    max_eval_samples: int | None = Field(None, ge=1)
+    max_length: int = Field(128, ge=8, le=4096)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TaskConfig:
+        sources = [s for s in (self.dataset, self.data_dir, self.builtin) if s]
+        if len(sources) != 1:
+            raise ValueError("set exactly one of task.dataset, task.data_dir, task.builtin")
+        if self.type == "regression" and self.metric not in ("pearson", "spearman"):
+            raise ValueError("regression tasks use metric 'pearson' or 'spearman'")
+        if self.type == "classification" and self.metric in ("pearson", "spearman"):
+            raise ValueError("classification tasks use metric 'accuracy', 'f1' or 'matthews'")
+        return self
+
+
+class ModelConfig(_Section):
+    """The pretrained model and which of its linear layers get adapters."""
+
+    name: str = Field(description="hub id, local folder, or 'package/subfolder' shipped by a pip package")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["query", "key", "value", "attention.output.dense",
+                                 "intermediate.dense", "output.dense"],
+        description="module-name suffixes to adapt, or 'all-linear' (every linear but the head)",
+    )
+    trust_remote_code: bool = False
+
+
+class AdapterConfig(_Section):
+    """Shape of each SVD adapter at the start of training."""
+
+    init_rank: int = Field(8, ge=1, description="rank of every adapter at step 0")
+    alpha: float = Field(16.0, gt=0, description="scale = alpha / init_rank, fixed for the run")
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class TrainingConfig(_Section):
+    """The optimisation loop."""
+
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float = Field(1.0, gt=0)
+    orth_reg: float = Field(0.1, ge=0, description="weight of the orthogonality penalty on P and Q")
+    eval_every: int = Field(50, ge=1)
+    seed: int = 0
+    device: str = "cpu"
+
+
+class ControllerConfig(_Section):
+    """Rank reallocation: importance, budget schedule, per-layer bounds."""
+
+    enabled: bool = True
+    importance: Literal["sensitivity", "energy"] = "sensitivity"
+    target_rank: float = Field(4.0, gt=0, description="final mean rank per adapted layer (budget / layers)")
+    min_rank: int = Field(1, ge=1)
+    max_rank: int = Field(16, ge=1)
+    warmup: float = Field(0.1, ge=0, lt=1, description="fraction of steps at the initial ranks")
+    final: float = Field(0.2, ge=0, lt=1, description="fraction of steps at the final ranks")
+    interval: int = Field(10, ge=1, description="steps between reallocations")
+    max_grow: int = Field(2, ge=0, description="components a layer may gain per reallocation")
+    beta1: float = Field(0.85, ge=0, lt=1, description="EMA of the sensitivity")
+    beta2: float = Field(0.85, ge=0, lt=1, description="EMA of its uncertainty")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ControllerConfig:
+        if self.min_rank > self.max_rank:
+            raise ValueError("controller.min_rank must not exceed controller.max_rank")
+        if not self.min_rank <= self.target_rank <= self.max_rank:
+            raise ValueError(
+                f"controller.target_rank={self.target_rank} must lie between min_rank={self.min_rank} "
+                f"and max_rank={self.max_rank}")
+        if self.warmup + self.final >= 1:
+            raise ValueError("controller.warmup + controller.final must be below 1")
+        return self
+
+
+class Distribution(_Section):
+    """One dimension of the search space, in Optuna's terms."""
+
+    type: Literal["int", "float", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> Distribution:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical distribution needs 'choices'")
+        elif self.low is None or self.high is None or self.low > self.high:
+            raise ValueError(f"a {self.type} distribution needs low <= high")
+        return self
+
+
+class SearchConfig(_Section):
+    """How Optuna searches: sampler, pruner, objectives, space (dotted config keys)."""
+
+    sampler: Literal["tpe", "random", "nsga2", "cmaes", "gp"] = "tpe"
+    pruner: Literal["median", "successive_halving", "hyperband", "none"] = "median"
+    objectives: list[Literal["metric", "params"]] = Field(default_factory=lambda: ["metric"],
+                                                          min_length=1, max_length=2)
+    n_trials: int = Field(20, ge=0)
+    startup_trials: int = Field(2, ge=0, description="trials before the pruner may stop one")
+    space: dict[str, Distribution] = Field(default_factory=dict)
+
+
+class Config(_Section):
+    """A whole job."""
+
+    task: TaskConfig
+    model: ModelConfig
+    adapter: AdapterConfig = AdapterConfig()
+    training: TrainingConfig = TrainingConfig()
+    controller: ControllerConfig = ControllerConfig()
+    search: SearchConfig = SearchConfig()
+
+    @model_validator(mode="after")
+    def _ranks(self) -> Config:
+        c = self.controller
+        if not c.min_rank <= self.adapter.init_rank <= c.max_rank:
+            raise ValueError(f"adapter.init_rank={self.adapter.init_rank} must lie between "
+                             f"controller.min_rank={c.min_rank} and controller.max_rank={c.max_rank}")
+        for key in self.search.space:
+            _check_key(self.model_dump(), key)
+        return self
+
+    def budget(self, n_layers: int) -> tuple[int, int]:
+        """Initial and final total rank for a model with ``n_layers`` adapters."""
+        initial = self.adapter.init_rank * n_layers
+        if not self.controller.enabled:
+            return initial, initial
+        target = round(self.controller.target_rank * n_layers)
+        if target < n_layers * self.controller.min_rank:
+            raise RankoptError(
+                f"rank budget {target} is below {n_layers} layers x min_rank {self.controller.min_rank}; "
+                "raise controller.target_rank or lower controller.min_rank")
+        return initial, target
+
+
+def preset_names() -> list[str]:
+    """Names of the shipped presets."""
+    names: set[str] = set()
+    for folder in PRESET_DIRS:
+        names.update(p.stem for p in folder.glob("*.yml"))
+    return sorted(names)
+
+
+def find_preset(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yml", ".yaml"):
+        if not path.is_file():
+            raise RankoptError(f"preset file '{name_or_path}' does not exist; check the path")
+        return path
+    for folder in PRESET_DIRS:
+        candidate = folder / f"{name_or_path}.yml"
+        if candidate.is_file():
+            return candidate
+    raise RankoptError(
+        f"unknown preset '{name_or_path}'; use one of {', '.join(preset_names())} or a path to a .yml file")
+
+
+def _check_key(tree: dict, dotted: str) -> None:
+    node: Any = tree
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ValueError(f"unknown config key '{dotted}'")
+        node = node[part]
+
+
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested dict; the section path must exist (keys are checked by pydantic)."""
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise RankoptError(f"unknown config key '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """``['training.lr=1e-3', ...]`` -> ``{'training.lr': 0.001}`` (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise RankoptError(f"--set '{pair}' is not KEY=VALUE; write e.g. --set training.lr=1e-3")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def build_config(raw: dict, overrides: dict[str, Any] | None = None, origin: str = "preset") -> Config:
+    """Validate a raw preset dict plus dotted overrides into a :class:`Config`."""
+    raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy of plain data
+    for key, value in (overrides or {}).items():
+        set_dotted(raw, key, value)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise RankoptError(f"{origin}: {_first_error(exc)}") from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"unknown config key '{where}'; check the spelling against the preset's sections"
+    if err["type"] == "missing":
+        return f"missing config key '{where}'; add it to the preset or pass --set {where}=..."
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{where}: {msg}{shown}" if where else msg
+
+
+def load_config(preset: str, overrides: dict[str, Any] | list[str] | None = None,
+                data_dir: str | None = None) -> Config:
+    """Read a preset by name or path, apply overrides and ``--data``, and validate it."""
+    path = find_preset(preset)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark else ""
+        raise RankoptError(f"preset {path} is not valid YAML{line}; fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise RankoptError(f"preset {path} must be a mapping of sections (task, model, ...)")
+    if isinstance(overrides, list):
+        overrides = parse_overrides(overrides)
+    overrides = dict(overrides or {})
+    if data_dir is not None:
+        if not Path(data_dir).is_dir():
+            raise RankoptError(f"--data '{data_dir}' is not a folder; point it at a folder of train/validation files")
+        overrides.update({"task.data_dir": str(Path(data_dir).resolve()), "task.dataset": None,
+                          "task.subset": None, "task.builtin": None})
+    return build_config(raw, overrides, origin=f"preset '{preset}'")

@@ -1,0 +1,151 @@
+"""Task data: load from the hub, a local folder or the demo corpus; check columns; tokenize once.
+
+Everything a user can get wrong (missing files, missing columns, unreachable hub) becomes a
+:class:`RankoptError` before any training or logging starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from rankopt.config import TaskConfig
+from rankopt.errors import RankoptError
+
+FILE_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class TaskData:
+    """Tokenized train and evaluation sets, ready for a DataLoader."""
+
+    train: datasets.Dataset
+    eval: datasets.Dataset
+    num_labels: int
+    label_names: list[str] | None
+    collator: DataCollatorWithPadding
+
+
+def _split_file(folder: Path, split: str) -> Path | None:
+    for suffix in FILE_TYPES:
+        candidate = folder / f"{split}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _load_local(task: TaskConfig) -> datasets.DatasetDict:
+    folder = Path(task.data_dir)
+    if not folder.is_dir():
+        raise RankoptError(f"task.data_dir '{folder}' is not a folder; point --data at a folder of train/validation files")
+    files = {}
+    for role, split in (("train", task.train_split), ("eval", task.eval_split)):
+        path = _split_file(folder, split)
+        if path is None and role == "eval" and split == "validation":
+            path = _split_file(folder, "test")
+        if path is None:
+            raise RankoptError(f"no '{split}' file (.jsonl/.json/.csv/.parquet) in {folder}; add one or set "
+                               f"task.{'train' if role == 'train' else 'eval'}_split")
+        files[role] = path
+    out = {}
+    for role, path in files.items():
+        try:
+            out[role] = datasets.load_dataset(FILE_TYPES[path.suffix], data_files=str(path), split="train")
+        except Exception as exc:  # noqa: BLE001 - any parse failure is the file's fault
+            raise RankoptError(f"cannot read {path}: {str(exc).splitlines()[0]}; check the file format") from None
+    return datasets.DatasetDict(out)
+
+
+def _load_hub(task: TaskConfig) -> datasets.DatasetDict:
+    name = f"{task.dataset}/{task.subset}" if task.subset else task.dataset
+    try:
+        loaded = datasets.load_dataset(task.dataset, task.subset)
+    except Exception as exc:  # noqa: BLE001 - network, auth, missing config: all the user's to fix
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RankoptError(f"cannot load dataset '{name}' from the hub ({reason}); "
+                           "pass --data DIR with local train/validation files") from None
+    missing = [s for s in (task.train_split, task.eval_split) if s not in loaded]
+    if missing:
+        raise RankoptError(f"dataset '{name}' has no split {missing[0]!r} (it has {sorted(loaded)}); "
+                           "set task.train_split / task.eval_split")
+    return datasets.DatasetDict({"train": loaded[task.train_split], "eval": loaded[task.eval_split]})
+
+
+def _load_builtin(task: TaskConfig) -> datasets.DatasetDict:
+    from rankopt.demo_data import chatterbot_splits
+
+    splits = chatterbot_splits()
+    return datasets.DatasetDict({"train": datasets.Dataset.from_dict(splits["train"]),
+                                 "eval": datasets.Dataset.from_dict(splits["validation"])})
+
+
+def load_raw(task: TaskConfig) -> datasets.DatasetDict:
+    """Untokenized ``train`` and ``eval`` splits with the task's columns checked."""
+    if task.builtin:
+        raw = _load_builtin(task)
+    elif task.data_dir:
+        raw = _load_local(task)
+    else:
+        raw = _load_hub(task)
+    for role, split in raw.items():
+        needed = [*task.text_columns, task.label_column]
+        missing = [c for c in needed if c not in split.column_names]
+        if missing:
+            raise RankoptError(f"{role} data has no column {missing[0]!r} (columns: {', '.join(split.column_names)}); "
+                               "set task.text_columns / task.label_column to match")
+    return raw
+
+
+def _subsample(ds: datasets.Dataset, limit: int | None, seed: int) -> datasets.Dataset:
+    if limit is None or limit >= len(ds):
+        return ds
+    return ds.shuffle(seed=seed).select(range(limit))
+
+
+def _label_space(task: TaskConfig, raw: datasets.DatasetDict) -> tuple[int, list[str] | None, dict | None]:
+    """Number of labels, their names, and a name -> id map when labels are strings."""
+    if task.type == "regression":
+        return 1, None, None
+    values = set(raw["train"][task.label_column]) | set(raw["eval"][task.label_column])
+    if all(isinstance(v, str) for v in values):
+        names = sorted(values)
+        return task.num_labels or len(names), names, {n: i for i, n in enumerate(names)}
+    if not all(isinstance(v, int) and v >= 0 for v in values):
+        raise RankoptError(f"labels in column '{task.label_column}' must be class ids 0..K-1 or names "
+                           "for a classification task; set task.type=regression for scores")
+    num = max(values) + 1
+    if task.num_labels and task.num_labels < num:
+        raise RankoptError(f"task.num_labels={task.num_labels} but labels go up to {num - 1}; raise task.num_labels")
+    return task.num_labels or num, None, None
+
+
+def prepare(task: TaskConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> TaskData:
+    """Load, check, subsample and tokenize the task's data (once; reuse the result across trials)."""
+    raw = load_raw(task)
+    raw = datasets.DatasetDict({
+        "train": _subsample(raw["train"], task.max_train_samples, seed),
+        "eval": _subsample(raw["eval"], task.max_eval_samples, seed),
+    })
+    num_labels, names, to_id = _label_space(task, raw)
+    cols = task.text_columns
+
+    def encode(batch: dict) -> dict:
+        texts = [[str(t) for t in batch[c]] for c in cols]
+        enc = tokenizer(*texts, truncation=True, max_length=task.max_length)
+        labels = batch[task.label_column]
+        if to_id is not None:
+            labels = [to_id[v] for v in labels]
+        elif task.type == "regression":
+            labels = [float(v) for v in labels]
+        enc["labels"] = labels
+        return enc
+
+    tokenized = {
+        role: split.map(encode, batched=True, remove_columns=split.column_names) for role, split in raw.items()
+    }
+    return TaskData(train=tokenized["train"], eval=tokenized["eval"], num_labels=num_labels,
+                    label_names=names, collator=DataCollatorWithPadding(tokenizer))
+

