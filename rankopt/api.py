@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +36,19 @@ def resolve_config(preset: str | Config, overrides: dict[str, Any] | list[str] |
     return load_config(preset, overrides, data_dir)
 
 
+_DATA_CACHE: dict[str, TaskData] = {}
+
+
 def prepare_data(cfg: Config) -> TaskData:
-    """Tokenized task data for ``cfg`` (raises RankoptError on missing files or columns)."""
-    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
-    return prepare(cfg.task, tokenizer, seed=cfg.training.seed)
+    """Tokenized task data for ``cfg``, once per process for the same task, tokenizer and seed.
+
+    Raises RankoptError on missing files or columns.
+    """
+    key = json.dumps([cfg.task.model_dump(), cfg.model.name, cfg.training.seed], sort_keys=True)
+    if key not in _DATA_CACHE:
+        tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+        _DATA_CACHE[key] = prepare(cfg.task, tokenizer, seed=cfg.training.seed)
+    return _DATA_CACHE[key]
 
 
 def _reset_head(model: nn.Module, heads: list[str], seed: int) -> None:

@@ -49,3 +49,50 @@ class ProgressBar(Callback):
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+class TrialProgress:
+    """One progress bar per trial, and a line per finished trial, for ``rankopt tune``."""
+
+    def __init__(self, steps: int, console: Console | None = None):
+        self.steps = steps
+        self.console = console or Console(stderr=True)
+        self.bar: ProgressBar | None = None
+
+    def for_trial(self, trial, cfg) -> list[Callback]:
+        self.close()
+        self.bar = ProgressBar(cfg.training.steps, description=f"trial {trial.number}", console=self.console)
+        return [self.bar]
+
+    def trial_ended(self, study, trial) -> None:
+        self.close()
+        value = f"{trial.values[0]:.4f}" if trial.values else "-"
+        reason = trial.user_attrs.get("fail_reason", "")
+        extra = f"  ({reason})" if reason and trial.state.name == "FAIL" else ""
+        self.console.print(f"trial {trial.number}: {trial.state.name.lower()}  metric {value}  "
+                           f"total rank {trial.user_attrs.get('total_rank', '-')}{extra}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def print_tune_result(result, console: Console | None = None) -> None:
+    """The best trial (or the Pareto set) as a table on stdout."""
+    from rich.table import Table
+
+    console = console or Console(width=None if Console().is_terminal else 160)
+    title = "Pareto set" if len(result.objectives) > 1 else "best trial"
+    table = Table(title=f"study {result.study_name}: {title}  ({result.n_complete} complete, "
+                        f"{result.n_pruned} pruned, {result.n_failed} failed)")
+    for col in ("trial", "metric", "budget (total rank)", "per-layer ranks", "trainable params", "mlflow run"):
+        table.add_column(col, no_wrap=True)
+    for t in result.best:
+        table.add_row(str(t.number), f"{t.metric:.4f}" if t.metric is not None else "-", str(t.total_rank),
+                      t.rank_summary(), f"{t.trainable_params:,}" if t.trainable_params else "-", t.run_id or "-")
+    if not result.best:
+        console.print(f"study {result.study_name}: no complete trial yet "
+                      f"({result.n_pruned} pruned, {result.n_failed} failed)")
+        return
+    console.print(table)

@@ -116,3 +116,96 @@ class MLflowLogger(Callback):
                     "ranks": result.ranks, "mlflow_run_id": self.run_id}
             write_adapter_files(result.adapted, adapter, self.base_model, meta)
             self.client.log_artifacts(self.run_id, str(adapter), "adapter")
+
+
+class StudyTracker:
+    """MLflow side of a tuning job: one parent run per study, one nested run per trial.
+
+    Each trial run carries ``optuna.study``, ``optuna.trial`` and ``optuna.state`` tags so the
+    MLflow UI's run comparison lines trials up; the parent run gets the study's plots and
+    the best trial's adapter.
+    """
+
+    def __init__(self, client, experiment_id: str, study_name: str, base_model: str):
+        self.client, self.experiment_id = client, experiment_id
+        self.study_name, self.base_model = study_name, base_model
+        self.parent_run_id: str | None = None
+
+    def start_study(self, existing_run_id: str | None, params: dict[str, Any]) -> str:
+        """Reopen the study's parent run (on resume) or create it."""
+        if existing_run_id:
+            try:
+                run = self.client.get_run(existing_run_id)
+                if run.info.experiment_id == self.experiment_id:
+                    self.client.update_run(existing_run_id, status="RUNNING")
+                    self.parent_run_id = existing_run_id
+                    return existing_run_id
+            except Exception:  # noqa: BLE001 - a run from another store: start a new parent
+                pass
+        run = self.client.create_run(self.experiment_id, run_name=f"study {self.study_name}",
+                                     tags={"rankopt.kind": "study", "optuna.study": self.study_name})
+        self.parent_run_id = run.info.run_id
+        log_params(self.client, self.parent_run_id, params)
+        return self.parent_run_id
+
+    def start_trial(self, number: int, params: dict[str, Any], suggested: dict[str, Any]) -> str:
+        tags = {"mlflow.parentRunId": self.parent_run_id, "rankopt.kind": "trial", "optuna.study": self.study_name,
+                "optuna.trial": str(number), "optuna.state": "running"}
+        run = self.client.create_run(self.experiment_id, run_name=f"trial {number}", tags=tags)
+        log_params(self.client, run.info.run_id, params)
+        self.client.set_tag(run.info.run_id, "optuna.params", json.dumps(suggested, default=str))
+        return run.info.run_id
+
+    def end_trial(self, run_id: str, state: str, reason: str | None = None) -> None:
+        """``state``: complete, pruned, failed; interrupted runs end as KILLED."""
+        self.client.set_tag(run_id, "optuna.state", state)
+        if reason:
+            self.client.set_tag(run_id, "optuna.fail_reason", reason[:5000])
+        status = {"complete": "FINISHED", "pruned": "FINISHED", "failed": "FAILED"}.get(state, "KILLED")
+        self.client.set_terminated(run_id, status)
+
+    def end_study(self, study, status: str = "FINISHED") -> None:
+        from rankopt.study_plots import study_figures
+
+        run_id = self.parent_run_id
+        if run_id is None:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            for path in study_figures(study, Path(tmp)):
+                self.client.log_artifact(run_id, str(path), "plots")
+            best = _best_complete(study)
+            if best is not None:
+                values = {f"best_{name}": v for name, v in zip(_objective_names(study), best.values)}
+                values["best_trial"] = best.number
+                values["n_trials"] = len(study.trials)
+                from mlflow.entities import Metric
+                import time
+
+                now = int(time.time() * 1000)
+                self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()])
+                self.client.set_tag(run_id, "best_trial", str(best.number))
+                self.client.set_tag(run_id, "best_params", json.dumps(best.params, default=str))
+                best_run = best.user_attrs.get("mlflow_run_id")
+                if best_run:
+                    self.client.set_tag(run_id, "best_run_id", best_run)
+                    try:
+                        local = self.client.download_artifacts(best_run, "adapter", tmp)
+                        self.client.log_artifacts(run_id, local, "best_adapter")
+                    except Exception:  # noqa: BLE001 - the best run's artifacts may be elsewhere
+                        pass
+        self.client.set_terminated(run_id, status)
+
+
+def _objective_names(study) -> list[str]:
+    return study.user_attrs.get("objectives", ["metric"])
+
+
+def _best_complete(study):
+    import optuna
+
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        return None
+    if len(study.directions) == 1:
+        return study.best_trial
+    return max(study.best_trials, key=lambda t: t.values[0])

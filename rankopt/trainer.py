@@ -87,8 +87,9 @@ def train_adapted(cfg: Config, adapted: AdaptedModel, data: TaskData,
     for step in range(1, t.steps + 1):
         batch = {k: v.to(device) for k, v in next(batches).items()}
         loss = model(**batch).loss
-        if not math.isfinite(float(loss)):
-            raise TrainingDiverged(f"loss became {float(loss)} at step {step}; lower training.lr")
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise TrainingDiverged(f"loss became {loss_value} at step {step}; lower training.lr")
         total = loss + t.orth_reg * orthogonality_penalty(adapted) if t.orth_reg else loss
         total.backward()
         if controller is not None:
@@ -97,7 +98,7 @@ def train_adapted(cfg: Config, adapted: AdaptedModel, data: TaskData,
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        events.on_step(step, float(loss))
+        events.on_step(step, loss_value)
         if controller is not None and (change := controller.step(step)) is not None:
             apply_resizes(optimizer, change.resizes)
             params = adapted.trainable_parameters()

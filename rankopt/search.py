@@ -1,0 +1,150 @@
+"""Optuna searches the global rank budget (and whatever else the preset's ``search.space`` names).
+
+One trial = one fine-tune whose config is the preset plus the trial's suggestions (dotted
+keys). The trial objective turns the trainer's ``on_eval`` events into ``trial.report`` /
+``should_prune``; tracking is a separate listener. The data is tokenized and the base
+weights are loaded once per process (see :func:`rankopt.api.prepare_data`,
+:func:`rankopt.modeling.load_pretrained`), not once per trial.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from rankopt.config import Config, Distribution, SearchConfig, build_config
+from rankopt.errors import RankoptError
+from rankopt.events import Callback, TrainResult
+
+OBJECTIVE_DIRECTIONS = {"metric": "maximize", "params": "minimize"}
+
+
+def default_storage(out: Path) -> str:
+    return f"sqlite:///{(Path(out) / 'optuna.db').resolve()}"
+
+
+def make_sampler(search: SearchConfig, seed: int, n_objectives: int) -> optuna.samplers.BaseSampler:
+    """Optuna's own samplers, by the name the preset gives."""
+    name = search.sampler
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(1, search.startup_trials),
+                                          multivariate=True)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if name == "cmaes":
+        if n_objectives > 1:
+            raise RankoptError("search.sampler=cmaes handles one objective; use nsga2 or tpe for two")
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=search.startup_trials)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=max(1, search.startup_trials))
+    raise RankoptError(f"unknown sampler {name!r}")
+
+
+def make_pruner(search: SearchConfig, eval_steps: int) -> optuna.pruners.BasePruner:
+    """Optuna's own pruners, by name; the first ``startup_trials`` trials always run to the end."""
+    name = search.pruner
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=search.startup_trials, n_warmup_steps=0)
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=eval_steps)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=eval_steps)
+    return optuna.pruners.NopPruner()
+
+
+def suggest(trial: optuna.Trial, space: dict[str, Distribution]) -> dict[str, Any]:
+    """Draw one value per search dimension; keys are dotted config paths."""
+    values: dict[str, Any] = {}
+    for key, dist in space.items():
+        if dist.type == "categorical":
+            values[key] = trial.suggest_categorical(key, dist.choices)
+        elif dist.type == "int":
+            values[key] = trial.suggest_int(key, int(dist.low), int(dist.high), step=int(dist.step or 1),
+                                            log=dist.log)
+        else:
+            values[key] = trial.suggest_float(key, dist.low, dist.high, step=dist.step, log=dist.log)
+    return values
+
+
+class ReportToTrial(Callback):
+    """Feeds each evaluation to Optuna and stops the run when the pruner says so."""
+
+    def __init__(self, trial: optuna.Trial, metric: str, can_prune: bool):
+        self.trial, self.metric, self.can_prune = trial, metric, can_prune
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.can_prune:
+            return
+        self.trial.report(metrics[self.metric], step)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {step} with {self.metric}={metrics[self.metric]:.4f}")
+
+
+@dataclass
+class TrialSummary:
+    """One finished trial, as the results table shows it."""
+
+    number: int
+    state: str
+    values: list[float] | None
+    params: dict[str, Any]
+    total_rank: int | None
+    ranks: dict[str, int] = field(default_factory=dict)
+    trainable_params: int | None = None
+    run_id: str | None = None
+
+    @property
+    def metric(self) -> float | None:
+        return self.values[0] if self.values else None
+
+    def rank_summary(self) -> str:
+        if not self.ranks:
+            return "-"
+        r = sorted(self.ranks.values())
+        return f"min {r[0]} / median {statistics.median(r):g} / max {r[-1]}"
+
+
+@dataclass
+class TuneResult:
+    """What a tuning job returns: the study, its best trial(s), and where they were logged."""
+
+    study_name: str
+    storage: str
+    objectives: list[str]
+    best: list[TrialSummary]
+    n_complete: int
+    n_pruned: int
+    n_failed: int
+    parent_run_id: str | None
+    study: optuna.Study = field(repr=False, default=None)
+
+
+def summarize(trial: optuna.trial.FrozenTrial) -> TrialSummary:
+    attrs = trial.user_attrs
+    return TrialSummary(number=trial.number, state=trial.state.name.lower(), values=trial.values,
+                        params=trial.params, total_rank=attrs.get("total_rank"),
+                        ranks=json.loads(attrs["ranks"]) if "ranks" in attrs else {},
+                        trainable_params=attrs.get("trainable_params"), run_id=attrs.get("mlflow_run_id"))
+
+
+def best_trials(study: optuna.Study) -> list[TrialSummary]:
+    """The best trial (one objective) or the Pareto set (two), best metric first."""
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        return []
+    if len(study.directions) == 1:
+        return [summarize(study.best_trial)]
+    return sorted((summarize(t) for t in study.best_trials), key=lambda s: -(s.metric or -math.inf))
+
+
+def trial_config(base: Config, values: dict[str, Any]) -> Config:
+    """The preset with one trial's suggestions applied and validated."""
+    return build_config(base.model_dump(), values, origin="trial")
