@@ -1,0 +1,145 @@
+"""The optimizer follows the adapters when they change shape; the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import make_tiny_adapted
+from rankopt.adapters.model import orthogonality_penalty
+from rankopt.optim import apply_resizes, build_optimizer, build_scheduler
+
+
+def batch(seed: int = 0, n: int = 6, length: int = 10) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(5, 47, (n, length), generator=gen),
+            "labels": torch.randint(0, 2, (n,), generator=gen)}
+
+
+def train_steps(adapted, optimizer, steps: int, seed: int = 0) -> None:
+    for i in range(steps):
+        loss = adapted.model(**batch(seed + i)).loss + 0.1 * orthogonality_penalty(adapted)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def snapshot_state(optimizer) -> dict[int, dict[str, torch.Tensor]]:
+    return {id(p): {k: v.clone() for k, v in optimizer.state[p].items()} for p in optimizer.state}
+
+
+def resize_some(adapted):
+    """Prune one layer, grow another, do both to a third; returns {layer name: (layer, Resize list)}."""
+    names = list(adapted.adapters)
+    plans = {names[0]: (torch.tensor([0, 2]), 0), names[3]: (torch.arange(4), 3), names[7]: (torch.tensor([3, 1]), 2)}
+    gen = torch.Generator().manual_seed(0)
+    return {n: (adapted.adapters[n], adapted.adapters[n].resize(keep, grow, gen)) for n, (keep, grow) in plans.items()}
+
+
+def test_resize_carries_adam_state_by_component():
+    adapted = make_tiny_adapted()
+    adapted.model.train()
+    optimizer = build_optimizer(adapted.trainable_parameters(), lr=1e-2, weight_decay=0.01)
+    train_steps(adapted, optimizer, 3)
+    before = snapshot_state(optimizer)
+    changed = resize_some(adapted)
+    resizes = [r for _, rs in changed.values() for r in rs]
+    apply_resizes(optimizer, resizes)
+
+    group_params = [p for g in optimizer.param_groups for p in g["params"]]
+    group_ids = {id(p) for p in group_params}
+    assert len(group_params) == len(adapted.trainable_parameters())
+    assert group_ids == {id(p) for p in adapted.trainable_parameters()}
+    for change in resizes:
+        assert id(change.old) not in group_ids and id(change.new) in group_ids
+        assert change.old not in optimizer.state
+        state, old = optimizer.state[change.new], before[id(change.old)]
+        for key in ("exp_avg", "exp_avg_sq"):
+            value = state[key]
+            assert value.shape == change.new.shape
+            for k, src in enumerate(change.source.tolist()):
+                now = value.select(change.dim, k)
+                if src >= 0:
+                    assert torch.equal(now, old[key].select(change.dim, src))
+                else:
+                    assert torch.equal(now, torch.zeros_like(now))
+        assert torch.equal(state["step"], old["step"])
+    # untouched parameters keep their state object and values
+    untouched = [p for p in adapted.trainable_parameters() if id(p) in before]
+    assert len(untouched) == len(group_params) - len(resizes)
+    for p in untouched:
+        assert torch.equal(optimizer.state[p]["exp_avg"], before[id(p)]["exp_avg"])
+
+
+def test_a_step_after_a_resize_updates_the_new_parameters():
+    adapted = make_tiny_adapted()
+    adapted.model.train()
+    optimizer = build_optimizer(adapted.trainable_parameters(), lr=1e-2, weight_decay=0.0)
+    train_steps(adapted, optimizer, 2)
+    changed = resize_some(adapted)
+    apply_resizes(optimizer, [r for _, rs in changed.values() for r in rs])
+    frozen = {n: p.detach().clone() for n, p in adapted.model.named_parameters() if not p.requires_grad}
+    new_values = {id(p): p.detach().clone() for p in adapted.adapter_parameters()}
+    train_steps(adapted, optimizer, 1, seed=10)
+    for name, (layer, _) in changed.items():
+        for p in (layer.lora_P, layer.lora_lam, layer.lora_Q):
+            assert not torch.equal(p.detach(), new_values[id(p)]), name
+            assert optimizer.state[p]["exp_avg"].abs().sum() > 0
+        grown = layer.rank - int((changed[name][1][0].source >= 0).sum())
+        if grown:  # new components start at lam = 0 and move off it
+            assert (layer.lora_lam[-grown:].detach() != 0).all()
+    for n, p in adapted.model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+
+
+def test_resize_before_any_step_just_swaps_parameters():
+    adapted = make_tiny_adapted()
+    optimizer = build_optimizer(adapted.trainable_parameters(), lr=1e-2, weight_decay=0.0)
+    changed = resize_some(adapted)
+    resizes = [r for _, rs in changed.values() for r in rs]
+    apply_resizes(optimizer, resizes)
+    assert not optimizer.state
+    ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert ids == {id(p) for p in adapted.trainable_parameters()}
+    train_steps(adapted, optimizer, 1)
+    assert all(optimizer.state[r.new]["exp_avg"].shape == r.new.shape for r in resizes)
+
+
+def test_resize_of_a_parameter_outside_the_optimizer_is_an_error():
+    adapted = make_tiny_adapted()
+    optimizer = build_optimizer(adapted.head_parameters(), lr=1e-2, weight_decay=0.0)
+    layer = next(iter(adapted.adapters.values()))
+    with pytest.raises(KeyError):
+        apply_resizes(optimizer, layer.resize(torch.arange(2), 0))
+
+
+def lrs(kind: str, total: int = 20, warmup: float = 0.1) -> list[float]:
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = build_optimizer([param], lr=1.0, weight_decay=0.0)
+    scheduler = build_scheduler(optimizer, kind, total, warmup)
+    out = []
+    for _ in range(total):
+        out.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return out
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant"])
+def test_schedule_warms_up_then_follows_its_kind(kind):
+    values = lrs(kind, total=20, warmup=0.1)  # 2 warm-up steps
+    assert values[0] < values[1] < values[2] == pytest.approx(1.0)
+    after = values[2:]
+    if kind == "constant":
+        assert all(v == 1.0 for v in after)
+    else:
+        assert all(a > b for a, b in zip(after, after[1:]))
+        assert after[-1] < 0.1
+    if kind == "cosine":
+        mid = values[2 + 9]
+        assert mid == pytest.approx(0.5 * (1 + math.cos(math.pi * 9 / 18)))
+    if kind == "linear":
+        assert values[2 + 9] == pytest.approx(1 - 9 / 18)
