@@ -4,11 +4,16 @@ Each SVD adapter is written exactly, with no new SVD: A = diag(lam) Q, B = P * s
 alpha = r for that module so PEFT's scale alpha / r is 1 (``../shared/PEFT_FORMAT.md``).
 The task head goes in as a whole module (PEFT's ``modules_to_save``). rankopt's own facts
 (rank history, trial, metric) go to ``rankopt.json`` beside it, since PEFT drops unknown keys.
+
+The way back needs no PEFT: :func:`read_adapter` loads such a folder and :func:`merge_adapter`
+folds it into a plain model (W += alpha / r * B @ A, head weights copied), for ``--merge``.
+Choosing which run to export and writing the whole folder is :mod:`rankopt.exporting`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -19,6 +24,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
 from rankopt.adapters.model import AdaptedModel
 from rankopt.errors import RankoptError
@@ -76,8 +82,9 @@ def atomic_folder(out: Path, force: bool = False):
     try:
         yield tmp
         if out.exists():
-            trash = out.with_name(f".{out.name}.old")
-            os.replace(out, trash)
+            # a fresh trash folder: a stale '.old' left by a crash, or ``out`` being a file, must not block
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, trash / "old")
             os.replace(tmp, out)
             shutil.rmtree(trash, ignore_errors=True)
         else:
@@ -91,9 +98,13 @@ def write_adapter_files(adapted: AdaptedModel, folder: Path, base_model: str, me
                         task_type: str = "SEQ_CLS") -> None:
     """Write ``adapter_config.json``, ``adapter_model.safetensors`` and ``rankopt.json`` into ``folder``."""
     folder = Path(folder)
+    meta = dict(meta or {})
+    num_labels = getattr(getattr(adapted.model, "config", None), "num_labels", None)
+    if num_labels is not None:
+        meta.setdefault("num_labels", num_labels)  # what the base model's head needs on reload
     save_file(peft_state_dict(adapted), str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     (folder / "adapter_config.json").write_text(json.dumps(peft_config(adapted, base_model, task_type), indent=2))
-    (folder / "rankopt.json").write_text(json.dumps(meta or {}, indent=2, default=str))
+    (folder / "rankopt.json").write_text(json.dumps(meta, indent=2, default=str))
 
 
 def save_adapter(adapted: AdaptedModel, out: Path, base_model: str, meta: dict[str, Any] | None = None,
@@ -102,3 +113,117 @@ def save_adapter(adapted: AdaptedModel, out: Path, base_model: str, meta: dict[s
     with atomic_folder(out, force=force) as tmp:
         write_adapter_files(adapted, tmp, base_model, meta)
     return Path(out)
+
+
+def read_adapter(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """``(adapter_config, tensors, rankopt meta)`` of a PEFT LoRA folder; meta is {} without rankopt.json."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not (config_path.is_file() and weights.is_file()):
+        raise RankoptError(f"{folder} is not an adapter folder (needs adapter_config.json and "
+                           "adapter_model.safetensors)")
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type") != "LORA":
+        raise RankoptError(f"{folder} holds a {config.get('peft_type')} adapter; only LoRA adapters can be exported")
+    meta_path = folder / "rankopt.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return config, load_file(str(weights)), meta
+
+
+def adapter_ranks(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Module path -> rank, read off the shapes of the ``lora_A`` tensors."""
+    suffix = ".lora_A.weight"
+    return {k[len(PREFIX):-len(suffix)]: int(v.shape[0]) for k, v in state.items() if k.endswith(suffix)}
+
+
+def head_num_labels(state: dict[str, torch.Tensor], heads: list[str]) -> int | None:
+    """Output size of the task head: the smallest first dimension among its 2-D weights."""
+    sizes = [v.shape[0] for k, v in state.items()
+             if v.dim() == 2 and any(k.startswith(f"{PREFIX}{h}.") for h in heads) and ".lora_" not in k]
+    return int(min(sizes)) if sizes else None
+
+
+def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    """PEFT's rule: a pattern key matches a module path it equals or ends (after a dot)."""
+    if name in patterns:
+        return patterns[name]
+    for key, value in patterns.items():
+        if name.endswith("." + key):
+            return value
+    return default
+
+
+@torch.no_grad()
+def merge_adapter(model: nn.Module, config: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
+    """Fold a PEFT LoRA adapter into ``model`` in place: W += s * B @ A per module, head weights copied.
+
+    s = alpha / r (alpha / sqrt(r) with rsLoRA), alpha from ``alpha_pattern`` else ``lora_alpha``.
+    The product is formed in float64 so the merged weights match the adapted model to float precision.
+    """
+    if config.get("fan_in_fan_out"):
+        raise RankoptError("adapters with fan_in_fan_out (Conv1D layers) cannot be merged by rankopt")
+    alphas = config.get("alpha_pattern") or {}
+    for name, rank in adapter_ranks(state).items():
+        a, b = state[f"{PREFIX}{name}.lora_A.weight"], state[f"{PREFIX}{name}.lora_B.weight"]
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            raise RankoptError(f"the adapter targets '{name}', which the base model does not have") from None
+        weight = getattr(layer, "weight", None)
+        if weight is None or tuple(weight.shape) != (b.shape[0], a.shape[1]):
+            raise RankoptError(f"the adapter for '{name}' does not fit the base model's layer; "
+                               "was it trained on another model?")
+        alpha = float(_pattern_value(alphas, name, config.get("lora_alpha", rank)))
+        scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+        delta = (b.double() @ a.double()) * scale
+        weight.copy_((weight.double() + delta.to(weight.device)).to(weight.dtype))
+    params = dict(model.named_parameters())
+    for key, value in state.items():
+        if ".lora_" in key:
+            continue
+        path = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        if path not in params:
+            raise RankoptError(f"the adapter has weights for '{path}', which the base model does not have")
+        if tuple(params[path].shape) != tuple(value.shape):
+            raise RankoptError(f"the adapter's '{path}' has shape {tuple(value.shape)}, the base model's "
+                               f"{tuple(params[path].shape)}; check the number of labels")
+        params[path].copy_(value.to(params[path].dtype))
+    return model
+
+
+def model_card(*, title: str, base_model: str, ranks: dict[str, int], metric_name: str | None,
+               metric: float | None, found_by: list[tuple[str, str]], how: str, command: str, merged: bool,
+               num_labels: int | None = None, folder_name: str = "DIR") -> str:
+    """README.md for an exported folder: what it is, how good, how it was found, rank per layer, how to load."""
+    total = sum(ranks.values())
+    lines = ["---", f"library_name: {'transformers' if merged else 'peft'}", f"base_model: {base_model}",
+             "pipeline_tag: text-classification", "tags: [rankopt, lora, adaptive-rank]", "---", "",
+             f"# {title}", ""]
+    kind = ("A fine-tuned model: a LoRA adapter with a different rank per layer, folded into the weights "
+            "of") if merged else "A LoRA adapter with a different rank per layer for"
+    lines += [f"{kind} `{base_model}`. rankopt's controller moved rank between layers during training "
+              f"(total rank {total} over {len(ranks)} layers).", ""]
+    lines += ["## Result", "", "| | |", "|---|---|"]
+    if metric_name is not None and metric is not None:
+        lines.append(f"| {metric_name} (validation) | {metric:.4f} |")
+    lines += [f"| {label} | {value} |" for label, value in found_by]
+    lines += ["", "## How it was made", "", how, "", "This folder was written by:", "", "```", command, "```", "",
+              "The full resolved training config of the run is in `rankopt.json` (key `config`).", ""]
+    lines += ["## Rank allocation", "", "| layer | rank |", "|---|---:|"]
+    lines += [f"| `{name}` | {rank} |" for name, rank in ranks.items()]
+    lines += [f"| **total** | **{total}** |", "", "## Use", "", "```python"]
+    labels = f", num_labels={num_labels}" if num_labels else ""
+    if merged:
+        lines += ["from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+                  f'model = AutoModelForSequenceClassification.from_pretrained("{folder_name}")',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{folder_name}")']
+    else:
+        lines += ["from peft import PeftModel",
+                  "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+                  f'base = AutoModelForSequenceClassification.from_pretrained("{base_model}"{labels})',
+                  f'model = PeftModel.from_pretrained(base, "{folder_name}")',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{folder_name}")']
+    lines += ["```", ""]
+    return "\n".join(lines)

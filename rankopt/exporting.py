@@ -1,0 +1,369 @@
+"""Export one tuned adapter: pick the run, fetch its adapter from MLflow, write the folder atomically.
+
+    study (or --run-id) -> trial -> MLflow run -> artifacts ``adapter/`` -> folder at ``out``:
+
+* default: PEFT's LoRA format (``adapter_config.json`` with per-layer ``rank_pattern`` /
+  ``alpha_pattern``, ``adapter_model.safetensors``), loadable by ``PeftModel.from_pretrained``;
+* ``merge``: a plain transformers model with the adapter folded into its weights.
+
+Both get the base model's tokenizer, a model card (``README.md``) and ``rankopt.json``. Every
+check a user can fail runs before anything is written; the folder appears whole or not at all
+(:func:`rankopt.export.atomic_folder`). ``register`` also logs the folder on the source run and
+makes it a version of a model in the MLflow Model Registry.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rankopt.errors import RankoptError
+
+ADAPTER_ARTIFACTS = ("adapter", "best_adapter")  # a trial's own adapter; a study parent's copy of the best
+
+
+@dataclass
+class Source:
+    """Where the adapter comes from: one MLflow run, and the study trial behind it when there is one."""
+
+    run_id: str
+    tracking_uri: str
+    study: str | None = None
+    trial: int | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    reason: str = "chosen by --run-id"
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export` wrote."""
+
+    out: Path
+    merged: bool
+    source: Source
+    metric_name: str | None
+    metric: float | None
+    ranks: dict[str, int]
+    adapter_params: int | None
+    registered: tuple[str, str] | None = None  # (model name, version)
+
+    @property
+    def notes(self) -> list[str]:
+        return self.source.notes
+
+
+def _mask(url: str) -> str:
+    """Hide a password in a URL (user:secret@host -> user:***@host); see :mod:`rankopt.urls`."""
+    from rankopt.urls import mask_url
+
+    return mask_url(url)
+
+
+def _require_sqlite_file(url: str, what: str, flag: str) -> None:
+    """Opening a missing SQLite file would create it: refuse instead, so bad input writes nothing."""
+    if url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///"):])
+        if str(path) not in ("", ":memory:") and not path.is_file():
+            raise RankoptError(f"no {what} at {path}; pass {flag} with the store `rankopt tune` wrote "
+                               "(default: under runs/)")
+
+
+def _runs_folder(storage: str | None) -> Path:
+    """The ``--out`` folder of the tuning job: beside a SQLite study storage, else ``runs``."""
+    if storage and storage.startswith("sqlite:///"):
+        return Path(storage[len("sqlite:///"):]).parent
+    return Path("runs")
+
+
+def load_study(name: str, storage: str):
+    import optuna
+
+    _require_sqlite_file(storage, "Optuna storage", "--storage")
+    try:
+        names = optuna.get_all_study_names(storage)
+    except Exception as exc:  # noqa: BLE001 - bad URL, missing driver, unreachable server
+        raise RankoptError(f"cannot open Optuna storage '{_mask(storage)}' ({str(exc).splitlines()[0]}); "
+                           "pass a valid --storage URL") from None
+    if name not in names:
+        known = ", ".join(sorted(names)) or "none"
+        raise RankoptError(f"no study '{name}' in {_mask(storage)} (studies: {known}); check --study and --storage")
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def select_trial(study, number: int | None = None, max_params: int | None = None):
+    """The trial to export, notes for the user, and why it was chosen (for the model card).
+
+    ``number`` picks one (it must be complete). Otherwise the best by the task metric among the
+    candidates: all complete trials for one objective (Optuna's ``best_trial`` unless
+    ``max_params`` narrows them), the Pareto front for two; ``max_params`` keeps those with
+    ``adapter_params <= max_params`` and falls back to the best of all, with a note, when none is small enough.
+    """
+    import optuna
+
+    TS = optuna.trial.TrialState
+    name = study.study_name
+    if number is not None:
+        match = [t for t in study.trials if t.number == number]
+        if not match:
+            raise RankoptError(f"study '{name}' has no trial {number} (it has {len(study.trials)} trials, "
+                               "numbered from 0); check --trial")
+        if match[0].state != TS.COMPLETE:
+            raise RankoptError(f"trial {number} of study '{name}' is {match[0].state.name.lower()}; only complete "
+                               "trials have a final adapter: pick a complete one or omit --trial for the best")
+        return match[0], [], "chosen with --trial"
+    complete = [t for t in study.trials if t.state == TS.COMPLETE]
+    if not complete:
+        raise RankoptError(f"study '{name}' has no complete trial yet; run `rankopt tune` until one finishes")
+    objectives = study.user_attrs.get("objectives", ["metric"])
+    mi = objectives.index("metric") if "metric" in objectives else 0
+    sign = 1.0 if study.directions[mi] == optuna.study.StudyDirection.MAXIMIZE else -1.0
+    single = len(study.directions) == 1
+    pool = f"{len(complete)} complete trials" if single else f"the {len(study.best_trials)} Pareto-optimal trials"
+    if single and max_params is None:
+        return study.best_trial, [], f"best metric of {pool}"
+    candidates = complete if single else study.best_trials
+    notes, reason = [], f"best metric of {pool}"
+    if max_params is not None:
+        small = [t for t in candidates if t.user_attrs.get("adapter_params", float("inf")) <= max_params]
+        if small:
+            candidates, reason = small, f"best metric of {pool} with at most {max_params:,} adapter params"
+        else:
+            notes.append(f"no {'complete' if single else 'Pareto'} trial has at most {max_params:,} adapter "
+                         "params; exporting the best by metric instead")
+    return max(candidates, key=lambda t: sign * t.values[mi]), notes, reason
+
+
+def find_source(*, study: str | None = None, storage: str | None = None, tracking_uri: str | None = None,
+                trial: int | None = None, run_id: str | None = None, max_params: int | None = None) -> Source:
+    """Resolve the CLI's choice (study + trial, or a run id) to an MLflow run."""
+    from rankopt.search import default_storage
+    from rankopt.tracking import default_tracking_uri
+
+    if (study is None) == (run_id is None):
+        raise RankoptError("pass --study NAME (its best trial, or --trial N) or --run-id ID, exactly one of them")
+    if run_id is not None and (trial is not None or max_params is not None):
+        raise RankoptError("--trial and --max-params choose within a study; they do not go with --run-id")
+    if trial is not None and max_params is not None:
+        raise RankoptError("pass --trial or --max-params, not both")
+    uri = tracking_uri or default_tracking_uri(_runs_folder(storage))
+    if run_id is not None:
+        _require_sqlite_file(uri, "MLflow tracking store", "--tracking-uri")
+        return Source(run_id=run_id, tracking_uri=uri)
+    found = load_study(study, storage or default_storage(_runs_folder(None)))
+    chosen, notes, reason = select_trial(found, trial, max_params)
+    _require_sqlite_file(uri, "MLflow tracking store", "--tracking-uri")
+    mlflow_run = chosen.user_attrs.get("mlflow_run_id")
+    if not mlflow_run:
+        raise RankoptError(f"trial {chosen.number} of study '{study}' has no MLflow run (tracking was off); "
+                           "its adapter was not saved")
+    return Source(run_id=mlflow_run, tracking_uri=uri, study=study, trial=chosen.number, params=dict(chosen.params),
+                  reason=reason, notes=notes)
+
+
+def fetch_adapter(client, run_id: str, dest: Path) -> tuple[Path, Any]:
+    """Download the run's adapter folder into ``dest``; returns (folder, the MLflow run)."""
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # noqa: BLE001 - MlflowException for an unknown or malformed id
+        raise RankoptError(f"no MLflow run '{run_id}' in this tracking store; "
+                           "check --run-id and --tracking-uri") from None
+    for path in ADAPTER_ARTIFACTS:
+        names = {Path(f.path).name for f in client.list_artifacts(run_id, path)}
+        if {"adapter_config.json", "adapter_model.safetensors"} <= names:
+            return Path(client.download_artifacts(run_id, path, str(dest))), run
+    raise RankoptError(f"run '{run_id}' ({run.info.run_name}) has no adapter artifact; only runs that finished "
+                       "training log one (pruned or failed trials do not)")
+
+
+def _describe(source: Source, run) -> None:
+    """Fill study, trial and params from the run's tags when the user gave a run id."""
+    tags = run.data.tags
+    if source.study is None and tags.get("rankopt.kind") == "study":
+        source.study = tags.get("optuna.study")
+        best = tags.get("best_trial")
+        source.trial = int(best) if best and best.isdigit() else None
+        source.params = json.loads(tags.get("best_params", "{}"))
+        source.reason = "the study's best, copied to its parent run"
+        source.notes.append(f"run '{source.run_id}' is a study's parent run: exporting its best trial's adapter")
+    elif source.study is None:
+        source.study = tags.get("optuna.study")
+        number = tags.get("optuna.trial")
+        source.trial = int(number) if number and number.isdigit() else None
+        source.params = json.loads(tags.get("optuna.params", "{}"))
+
+
+def _command(out: Path, **opts: Any) -> str:
+    """The export command as a user would type it (passwords in URLs masked)."""
+    parts = ["rankopt", "export"]
+    for key, value in opts.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        elif value not in (None, False):
+            parts += [flag, _mask(str(value))]
+    parts += ["--out", str(out)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def _model_source(meta: dict[str, Any], adapter_config: dict[str, Any]):
+    """(ModelConfig, regression) of the base model the adapter was trained on."""
+    from rankopt.config import Config, ModelConfig
+
+    if isinstance(meta.get("config"), dict):
+        try:
+            cfg = Config.model_validate(meta["config"])
+            return cfg.model, cfg.task.type == "regression"
+        except Exception:  # noqa: BLE001 - a config from another rankopt version: use the adapter's base
+            pass
+    base = adapter_config.get("base_model_name_or_path")
+    if not base:
+        raise RankoptError("the adapter names no base model (base_model_name_or_path); cannot export it")
+    return ModelConfig(name=base), False
+
+
+def export(out: str | Path, *, study: str | None = None, storage: str | None = None,
+           tracking_uri: str | None = None, trial: int | None = None, run_id: str | None = None,
+           merge: bool = False, force: bool = False, max_params: int | None = None,
+           register: str | None = None, command: str | None = None) -> ExportResult:
+    """Write the chosen trial's adapter (or merged model) to ``out``, with tokenizer, card and rankopt.json.
+
+    Example:
+        >>> from rankopt.exporting import export
+        >>> export("best-sst2", study="sst2")  # doctest: +SKIP
+        >>> export("sst2-merged", study="sst2", trial=3, merge=True, register="sst2-lora")  # doctest: +SKIP
+    """
+    from rankopt import tracking
+    from rankopt.export import atomic_folder, head_num_labels, read_adapter
+    from rankopt.modeling import load_tokenizer
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise RankoptError(f"{out} already exists; choose another --out or pass --force to replace it")
+    if register is not None and not register.strip():
+        raise RankoptError("--register needs a model name")
+    command = command or _command(out, study=study, storage=storage, tracking_uri=tracking_uri, trial=trial,
+                                  run_id=run_id, max_params=max_params, merge=merge, force=force, register=register)
+    source = find_source(study=study, storage=storage, tracking_uri=tracking_uri, trial=trial, run_id=run_id,
+                         max_params=max_params)
+    client = tracking.client_for(source.tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, run = fetch_adapter(client, source.run_id, Path(tmp))
+        _describe(source, run)
+        adapter_config, state, meta = read_adapter(folder)
+        model_cfg, regression = _model_source(meta, adapter_config)
+        num_labels = meta.get("num_labels") or head_num_labels(state, adapter_config.get("modules_to_save") or [])
+        tokenizer = load_tokenizer(model_cfg.name, model_cfg.trust_remote_code)
+        model = _merged_model(model_cfg, regression, num_labels, adapter_config, state) if merge else None
+        ranks = _ranks_in_model_order(state, meta)
+        metrics = run.data.metrics
+        adapter_params = int(metrics["adapter_params"]) if "adapter_params" in metrics else None
+        card = _card(source, meta, adapter_config, ranks, num_labels, adapter_params,
+                     metrics.get("trainable_params"), command, merge, out)
+        meta["export"] = {"source_run_id": source.run_id, "tracking_uri": _mask(source.tracking_uri),
+                          "study": source.study, "trial": source.trial, "params": source.params, "merged": merge,
+                          "command": command, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        registered = None
+        with atomic_folder(out, force=force) as dest:
+            if model is not None:
+                model.save_pretrained(str(dest))
+            else:
+                for name in ("adapter_config.json", "adapter_model.safetensors"):
+                    shutil.copyfile(folder / name, dest / name)
+            tokenizer.save_pretrained(str(dest))
+            (dest / "rankopt.json").write_text(json.dumps(meta, indent=2, default=str))
+            (dest / "README.md").write_text(card)
+            if register:
+                registered = register_folder(client, source, dest, register.strip(), card, merge)
+    return ExportResult(out=out, merged=merge, source=source, metric_name=meta.get("metric_name"),
+                        metric=meta.get("metric"), ranks=ranks, adapter_params=adapter_params, registered=registered)
+
+
+def _merged_model(model_cfg, regression: bool, num_labels: int | None, adapter_config: dict[str, Any],
+                  state: dict):
+    """The base model (loaded by rankopt.modeling) with the adapter folded into its weights."""
+    from rankopt.export import merge_adapter
+    from rankopt.modeling import load_pretrained
+
+    if num_labels is None:
+        raise RankoptError("cannot tell the number of labels of this adapter's head; export without --merge")
+    return merge_adapter(load_pretrained(model_cfg, num_labels, regression), adapter_config, state)
+
+
+def _ranks_in_model_order(state: dict, meta: dict[str, Any]) -> dict[str, int]:
+    from rankopt.export import adapter_ranks
+
+    ranks = adapter_ranks(state)
+    order = [n for n in (meta.get("ranks") or {}) if n in ranks]  # rankopt wrote them in the model's order
+    return {n: ranks[n] for n in order} | ranks
+
+
+def _card(source: Source, meta: dict[str, Any], adapter_config: dict[str, Any], ranks: dict[str, int],
+          num_labels: int | None, adapter_params: int | None, trainable: float | None, command: str,
+          merged: bool, out: Path) -> str:
+    from rankopt.export import model_card
+
+    task = (meta.get("config") or {}).get("task", {}).get("name", "rankopt")
+    origin = f"study {source.study}, trial {source.trial}" if source.study else f"run {source.run_id[:8]}"
+    return model_card(title=f"{task} ({origin})", base_model=adapter_config.get("base_model_name_or_path", "?"),
+                      ranks=ranks, metric_name=meta.get("metric_name"), metric=meta.get("metric"),
+                      found_by=_card_rows(source, adapter_params, trainable), how=_provenance(source),
+                      command=command, merged=merged, num_labels=num_labels, folder_name=str(out))
+
+
+def _card_rows(source: Source, adapter_params: int | None, trainable: float | None) -> list[tuple[str, str]]:
+    rows = []
+    if adapter_params is not None:
+        rows.append(("adapter parameters", f"{adapter_params:,}"))
+    if trainable is not None:
+        rows.append(("trainable parameters (adapter + head)", f"{int(trainable):,}"))
+    if source.study:
+        rows.append(("Optuna study", f"`{source.study}`"))
+    if source.trial is not None:
+        rows.append(("trial", f"{source.trial} ({source.reason})"))
+    if source.params:
+        rows.append(("trial params", ", ".join(f"`{k}={_short(v)}`" for k, v in source.params.items())))
+    rows.append(("MLflow run", f"`{source.run_id}`"))
+    return rows
+
+
+def _provenance(source: Source) -> str:
+    if source.study and source.trial is not None:
+        return (f"The Optuna study `{source.study}` ran one fine-tune per trial, each logged as an MLflow run; "
+                f"trial {source.trial} was taken ({source.reason}).")
+    return f"One rankopt fine-tune, logged as MLflow run `{source.run_id}`."
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def register_folder(client, source: Source, folder: Path, name: str, description: str,
+                    merged: bool = False) -> tuple[str, str]:
+    """Log ``folder`` on the source run (``registered/NAME/vK``) and make it version K of model ``name``."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        try:
+            client.get_registered_model(name)
+        except MlflowException:
+            client.create_registered_model(name, description=f"rankopt adapters ({source.study or 'runs'})")
+        versions = client.search_model_versions("name = '{}'".format(name.replace("'", "''")))
+        next_version = 1 + max((int(v.version) for v in versions), default=0)
+        path = f"registered/{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}/v{next_version}"
+        client.log_artifacts(source.run_id, str(folder), path)
+        tags = {"rankopt.study": source.study, "rankopt.trial": source.trial,
+                "rankopt.format": "merged" if merged else "peft"}
+        version = client.create_model_version(name, source=f"runs:/{source.run_id}/{path}", run_id=source.run_id,
+                                              tags={k: str(v) for k, v in tags.items() if v is not None},
+                                              description=description[:5000])
+    except MlflowException as exc:
+        raise RankoptError(f"cannot register model '{name}': {exc.message.splitlines()[0]}") from None
+    return name, str(version.version)

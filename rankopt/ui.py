@@ -1,0 +1,110 @@
+"""Serve the MLflow UI over the project's tracking store, on this machine only unless asked.
+
+``rankopt ui`` runs ``mlflow server`` with the SQLite store and artifact folder that
+``rankopt train`` / ``tune`` write under ``--out``. MLflow 3.17's UI opens every experiment
+in its GenAI view unless the browser has switched to "Model training" (the
+``mlflow.experimentKind`` tag that :func:`rankopt.tracking.ensure_experiment` sets is not
+enough there), so the printed links carry ``?workflowType=machine_learning`` and open each
+experiment's runs table, where a study is a parent run with one row per trial.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from rankopt.errors import RankoptError
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+VIEW = "workflowType=machine_learning"
+
+
+def server_command(out: str | Path = "runs", tracking_uri: str | None = None, host: str = "127.0.0.1",
+                   port: int = 5000) -> list[str]:
+    """The ``mlflow server`` command line for the store under ``out`` (or ``tracking_uri``)."""
+    from rankopt.tracking import default_tracking_uri
+
+    out = Path(out)
+    if tracking_uri is None:
+        if not (out / "mlflow.db").is_file():
+            raise RankoptError(f"no MLflow store at {out / 'mlflow.db'}; run `rankopt train` or `rankopt tune` "
+                               f"with --out {out} first, or pass --tracking-uri")
+        tracking_uri = default_tracking_uri(out)
+    elif tracking_uri.startswith(("http://", "https://", "databricks")):
+        from rankopt.urls import mask_url
+
+        raise RankoptError(f"{mask_url(tracking_uri)} is already a tracking server: open it in a browser instead")
+    if not 0 < port < 65536:
+        raise RankoptError(f"--port {port} is not a TCP port (1-65535)")
+    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri,
+            "--artifacts-destination", str((out / "mlartifacts").resolve()),
+            "--host", host, "--port", str(port), "--workers", "1"]
+
+
+def exposure_note(host: str) -> str | None:
+    """A warning when the UI would be reachable from other machines."""
+    if host in LOCAL_HOSTS:
+        return None
+    return (f"note: serving on {host}: anyone who can reach this machine on the network can read and change "
+            "the runs (no authentication); MLflow still checks the Host header (see `mlflow server "
+            "--allowed-hosts`). Use --host 127.0.0.1 to keep it local.")
+
+
+def url(host: str, port: int, experiment_id: str | None = None) -> str:
+    """The experiments list, or one experiment's runs table, in the model-training view."""
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else f"[{host}]" if ":" in host else host
+    page = f"experiments/{experiment_id}/runs" if experiment_id else "experiments"
+    return f"http://{shown}:{port}/#/{page}?{VIEW}"
+
+
+def experiment_links(out: str | Path, tracking_uri: str | None, host: str, port: int) -> list[tuple[str, str]]:
+    """(name, link) for each experiment in the store, the empty 'Default' one left out."""
+    from rankopt.tracking import client_for, default_tracking_uri
+
+    client = client_for(tracking_uri or default_tracking_uri(Path(out)))
+    try:
+        experiments = client.search_experiments()
+    except Exception:  # noqa: BLE001 - links are a convenience; the server reports store problems itself
+        return []
+    return [(e.name, url(host, port, e.experiment_id)) for e in experiments if e.name != "Default"]
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail with one line, before MLflow starts, when the port is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise RankoptError(f"cannot listen on {host}:{port} ({exc.strerror}); pass another --port") from None
+
+
+def serve(out: str | Path = "runs", tracking_uri: str | None = None, host: str = "127.0.0.1",
+          port: int = 5000) -> int:
+    """Run the MLflow UI until interrupted; returns its exit code.
+
+    SIGTERM and Ctrl+C are passed on to the server, which stops its own workers.
+    """
+    command = server_command(out, tracking_uri, host, port)
+    check_port(host, port)
+    # rankopt uses no GenAI jobs: without them MLflow starts no job-runner processes
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(command, env=env)
+
+    def forward(signum, _frame):
+        if server.poll() is None:
+            server.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        while True:
+            try:
+                return server.wait()
+            except KeyboardInterrupt:
+                forward(signal.SIGINT, None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

