@@ -1,0 +1,137 @@
+"""Trial checkpoints: a resumed fine-tune goes on bit for bit like the uninterrupted one.
+
+The tiny config reallocates ranks at steps 7, 11, 15, 19, 23 and 24, so a checkpoint at step
+15 holds layers of different ranks (resized before loading), live Adam moments, a non-empty
+sensitivity EMA, and dropout's RNG in the middle of its stream.
+"""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+import torch
+from conftest import make_tiny_adapted
+from scaleout_support import one_torch_thread  # noqa: F401
+
+from rankopt.checkpoint import CheckpointStore, TrialCheckpoint, fingerprint, named_trainables
+from rankopt.config import Config
+from rankopt.events import Callback
+from rankopt.studies import StaleTrialHandler
+from rankopt.trainer import train_adapted
+
+
+class Losses(Callback):
+    def __init__(self):
+        self.by_step: dict[int, float] = {}
+
+    def on_step(self, step: int, loss: float) -> None:
+        self.by_step[step] = loss
+
+
+class StopAt(Callback):
+    """Kill the run (as a signal would) once ``step`` is done."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step(self, step: int, loss: float) -> None:
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
+@pytest.fixture
+def cfg(tiny_preset) -> Config:
+    preset = json.loads(json.dumps(tiny_preset))
+    preset["training"].update({"eval_every": 5, "steps": 30})
+    return Config.model_validate(preset)
+
+
+def _params(adapted) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in named_trainables(adapted).items()}
+
+
+def test_resumed_run_matches_the_uninterrupted_one_bit_for_bit(cfg, tiny_task_data, tmp_path):
+    full_losses = Losses()
+    full = make_tiny_adapted(0)
+    full_result = train_adapted(cfg, full, tiny_task_data, [full_losses])
+
+    ckpt = TrialCheckpoint(tmp_path / "trial-0", every=1, config_fingerprint=fingerprint(cfg.model_dump()))
+    with pytest.raises(KeyboardInterrupt):
+        train_adapted(cfg, make_tiny_adapted(0), tiny_task_data, [StopAt(17)], checkpointer=ckpt)
+    snapshot = ckpt.load()
+    assert snapshot is not None and snapshot.step == 15
+    assert set(snapshot.meta["ranks"].values()) != {cfg.adapter.init_rank}  # ranks moved: resize before load
+
+    resumed_losses = Losses()
+    resumed = make_tiny_adapted(0)
+    result = train_adapted(cfg, resumed, tiny_task_data, [resumed_losses], checkpointer=ckpt)
+
+    assert min(resumed_losses.by_step) == 16
+    assert resumed_losses.by_step == {s: v for s, v in full_losses.by_step.items() if s > 15}
+    assert resumed.ranks() == full.ranks()
+    for name, value in _params(full).items():
+        assert torch.equal(value, _params(resumed)[name]), name
+    assert result.eval_history == full_result.eval_history
+    assert [(e.step, e.ranks) for e in result.rank_history] == [(e.step, e.ranks) for e in full_result.rank_history]
+
+
+def test_checkpoint_is_safetensors_and_json_only(cfg, tiny_task_data, tmp_path):
+    ckpt = TrialCheckpoint(tmp_path / "t", every=2, config_fingerprint="x")
+    train_adapted(cfg, make_tiny_adapted(0), tiny_task_data, checkpointer=ckpt)
+    assert ckpt.saved_step == 20  # every 2nd evaluation (10, 20); none after the last step
+    folders = [p for p in (tmp_path / "t").iterdir()]
+    assert [p.name for p in folders] == ["step-00000020"]  # older ones removed
+    assert sorted(p.name for p in folders[0].iterdir()) == ["state.json", "state.safetensors"]
+    meta = json.loads((folders[0] / "state.json").read_text())
+    assert meta["step"] == 20 and len(meta["evals"]) == 4 and meta["scheduler"]["last_epoch"] == 20
+
+
+def test_checkpoint_of_another_config_is_ignored(cfg, tiny_task_data, tmp_path):
+    ckpt = TrialCheckpoint(tmp_path / "t", every=1, config_fingerprint="one")
+    with pytest.raises(KeyboardInterrupt):
+        train_adapted(cfg, make_tiny_adapted(0), tiny_task_data, [StopAt(12)], checkpointer=ckpt)
+    assert TrialCheckpoint(tmp_path / "t", every=1, config_fingerprint="two").load() is None
+    assert ckpt.load().step == 10
+
+
+def test_device_does_not_change_the_fingerprint(cfg):
+    other = cfg.model_copy(deep=True)
+    other.training.device = "cuda:1"
+    assert fingerprint(cfg.model_dump()) == fingerprint(other.model_dump())
+    other.training.lr = 0.5
+    assert fingerprint(cfg.model_dump()) != fingerprint(other.model_dump())
+
+
+def test_retried_trial_resumes_at_the_checkpointed_step(cfg, tmp_path):
+    """A trial is interrupted after its first checkpoint; its retry starts there, not at step 0."""
+    from rankopt.tuner import Objective
+
+    base = cfg.model_copy(deep=True)
+    base.search.space = {"training.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
+    base = Config.model_validate(base.model_dump())
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}", direction="maximize")
+    store = CheckpointStore(tmp_path / "ckpt", study.study_name, every=1)
+    starts: list[int] = []
+
+    class SeeStart(Callback):
+        def on_train_start(self, info):
+            starts.append(info["resumed_step"])
+
+    first = Objective(base, callbacks_for_trial=lambda trial, c: [SeeStart(), StopAt(12)], checkpoints=store)
+    with pytest.raises(KeyboardInterrupt):
+        study.optimize(first, n_trials=1)
+    lost = study.trials[0]
+    assert lost.state == optuna.trial.TrialState.FAIL
+    assert (tmp_path / "ckpt" / study.study_name / "trial-0" / "step-00000010").is_dir()
+
+    StaleTrialHandler(base.search).queue_retry(study, lost)  # what the heartbeat path does for a lost trial
+    study.optimize(Objective(base, callbacks_for_trial=lambda trial, c: [SeeStart()], checkpoints=store),
+                   n_trials=1)
+    retry = study.trials[1]
+    assert retry.state == optuna.trial.TrialState.COMPLETE
+    assert retry.params == lost.params
+    assert retry.user_attrs["retry_of"] == 0 and retry.user_attrs["resumed_from_step"] == 10
+    assert starts == [0, 10]
+    assert not (tmp_path / "ckpt" / study.study_name / "trial-0").exists()  # done: checkpoints removed
