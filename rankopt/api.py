@@ -66,6 +66,9 @@ def _reset_head(model: nn.Module, heads: list[str], seed: int) -> None:
 
 def build_model(cfg: Config, num_labels: int) -> AdaptedModel:
     """The pretrained model with adapters on its target layers, checked against the rank budget."""
+    from rankopt.devices import check_device
+
+    check_device(cfg.training.device)  # a device this machine lacks fails here, in one line
     model = load_pretrained(cfg.model, num_labels, regression=cfg.task.type == "regression")
     adapted = adapt(model, cfg.model.target_modules, cfg.adapter.init_rank, cfg.adapter.alpha,
                     cfg.adapter.dropout, seed=cfg.training.seed)
@@ -98,6 +101,8 @@ def train(preset: str | Config, overrides: dict[str, Any] | list[str] | None = N
         return train_adapted(cfg, adapted, data, callbacks)
     from rankopt import tracking
 
+    if tracking_uri:
+        tracking.check_reachable(tracking_uri)  # a wrong or dead URI fails here, before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or tracking.default_tracking_uri(out)

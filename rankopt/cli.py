@@ -44,9 +44,20 @@ def _quiet_libraries() -> None:
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for handler in logging.getLogger("optuna").handlers:
+        handler.addFilter(_no_traceback_for_user_errors)
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
+
+
+def _no_traceback_for_user_errors(record) -> bool:
+    """Optuna logs a failed trial with its traceback; a user's error (a diverged loss, a trial config
+    that cannot be built) or Ctrl-C keeps only its one line, which the trial's progress line repeats."""
+    error = record.exc_info[1] if record.exc_info else None
+    if isinstance(error, (RankoptError, KeyboardInterrupt)):
+        record.exc_info = None
+    return True
 
 
 def _fail(message: str) -> None:
@@ -110,6 +121,129 @@ def tune(preset: Annotated[str, typer.Argument(help="preset name (see search_spa
                    err=True)
         raise typer.Exit(130) from None
     print_tune_result(result)
+
+
+@app.command()
+def export(out: Annotated[str, typer.Option("--out", help="folder to write (must not exist, unless --force)")],
+           study: Annotated[Optional[str], typer.Option("--study", help="study to export from (its best trial by default)")] = None,
+           storage: Annotated[Optional[str], typer.Option("--storage", help="Optuna RDB URL (default: sqlite:///runs/optuna.db)")] = None,
+           tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI (default: mlflow.db beside the study storage)")] = None,
+           trial: Annotated[Optional[int], typer.Option("--trial", help="export this trial number instead of the best")] = None,
+           run_id: Annotated[Optional[str], typer.Option("--run-id", help="export this MLflow run's adapter (no study needed)")] = None,
+           merge: Annotated[bool, typer.Option("--merge", help="write a plain transformers model with the adapter folded in")] = False,
+           force: Annotated[bool, typer.Option("--force", help="replace an existing --out folder")] = False,
+           max_params: Annotated[Optional[int], typer.Option("--max-params", help="best trial with at most P adapter params (Pareto front for two objectives)")] = None,
+           register: Annotated[Optional[str], typer.Option("--register", help="also register it in the MLflow Model Registry under NAME")] = None) -> None:
+    """Write a tuned adapter as a PEFT folder (or a merged model), with tokenizer and model card."""
+    from rankopt.exporting import export as export_api
+
+    try:
+        _quiet_libraries()
+        result = export_api(out, study=study, storage=storage, tracking_uri=tracking_uri, trial=trial, run_id=run_id,
+                            merge=merge, force=force, max_params=max_params, register=register)
+    except RankoptError as exc:
+        _fail(str(exc))
+        return
+    for note in result.notes:
+        typer.echo(f"note: {note}", err=True)
+    src = result.source
+    what = f"trial {src.trial} of study '{src.study}'" if src.study and src.trial is not None else f"run {src.run_id}"
+    metric = f"{result.metric_name} {result.metric:.4f} | " if result.metric is not None else ""
+    params = f" | adapter params {result.adapter_params:,}" if result.adapter_params is not None else ""
+    typer.echo(f"exported {what}: {metric}total rank {sum(result.ranks.values())} over {len(result.ranks)} layers"
+               f"{params} -> {result.out}{' (merged)' if result.merged else ''}")
+    if result.registered:
+        typer.echo(f"registered as model '{result.registered[0]}' version {result.registered[1]}")
+
+
+@app.command()
+def ui(port: Annotated[int, typer.Option("--port", help="port to serve on")] = 5000,
+       host: Annotated[str, typer.Option("--host", help="interface to bind; 0.0.0.0 exposes the UI to the network")] = "127.0.0.1",
+       out: OutOpt = "runs", tracking_uri: UriOpt = None) -> None:
+    """Serve the MLflow UI for the runs under --out, to compare trials (Ctrl+C stops it)."""
+    from rankopt import ui as ui_api
+
+    try:
+        ui_api.server_command(out, tracking_uri, host, port)
+        ui_api.check_port(host, port)
+    except RankoptError as exc:
+        _fail(str(exc))
+        return
+    note = ui_api.exposure_note(host)
+    if note:
+        typer.echo(note, err=True)
+    typer.echo(f"MLflow UI for {tracking_uri or out}: {ui_api.url(host, port)}  (Ctrl+C to stop)", err=True)
+    for name, link in ui_api.experiment_links(out, tracking_uri, host, port):
+        typer.echo(f"  {name}: {link}", err=True)
+    try:
+        code = ui_api.serve(out, tracking_uri, host, port)
+    except RankoptError as exc:
+        _fail(str(exc))
+        return
+    raise typer.Exit(0 if code in (0, -2, -15, 130) else code)
+
+
+@app.command()
+def worker(preset: Annotated[Optional[str], typer.Argument(help="preset to create the study with (not needed to join one)")] = None,
+           study: Annotated[str, typer.Option("--study", help="study to join (created from PRESET if missing)")] = ...,
+           storage: Annotated[str, typer.Option("--storage", help="Optuna RDB URL shared by all workers, e.g. postgresql://user:pw@host/optuna")] = ...,
+           tracking_uri: UriOpt = None,
+           trials: Annotated[Optional[int], typer.Option("--trials", help="most trials this worker runs (default: until the study's limit)")] = None,
+           device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:K: pins this worker to one GPU (sets training.device)")] = None,
+           checkpoint_dir: Annotated[Optional[str], typer.Option("--checkpoint-dir", help="trial checkpoints; shared storage for workers on several machines (default: OUT/checkpoints)")] = None,
+           data: DataOpt = None, set_: SetOpt = None, out: OutOpt = "runs") -> None:
+    """Join a study in a shared database and take trials until its trial limit is reached."""
+    from rankopt.progress import TrialProgress
+    from rankopt.urls import mask_text
+    from rankopt.worker import run_worker
+
+    try:
+        _quiet_libraries()
+        _show_rankopt_warnings()
+        progress = TrialProgress(0)
+
+        def trial_ended(study_, trial) -> None:
+            progress.trial_ended(study_, trial)
+            if "retry_of" in trial.user_attrs:
+                step = trial.user_attrs.get("resumed_from_step")
+                where = f"resumed from its checkpoint at step {step}" if step else "no checkpoint: started over"
+                typer.echo(f"  trial {trial.number} retried lost trial {trial.user_attrs['retry_of']}: {where}", err=True)
+
+        try:
+            result = run_worker(study, storage, preset, set_, data_dir=data, tracking_uri=tracking_uri,
+                                max_trials=trials, device=device, out=out, checkpoint_dir=checkpoint_dir,
+                                callbacks_for_trial=progress.for_trial, on_trial_end=trial_ended)
+        finally:
+            progress.close()
+    except RankoptError as exc:
+        _fail(mask_text(str(exc)))
+        return
+    except KeyboardInterrupt:
+        typer.echo("interrupted: the current trial was handed back; another worker resumes it from its checkpoint",
+                   err=True)
+        raise typer.Exit(130) from None
+    t = result.tally
+    ran = ", ".join(map(str, result.ran)) or "none"
+    typer.echo(f"worker done ({result.reason}): ran trials {ran} | study '{result.study_name}': {t.settled}/"
+               f"{result.limit} settled ({t.complete} complete, {t.pruned} pruned, {t.failed} failed, "
+               f"{t.retried} retried)")
+
+
+def _show_rankopt_warnings() -> None:
+    """rankopt's own warnings (MLflow outages, lost trials) go to stderr as 'warning: ...' lines."""
+    import logging
+
+    from rankopt.urls import mask_text
+
+    class _Stderr(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            sys.stderr.write(mask_text(f"warning: {record.getMessage()}") + "\n")  # whatever stderr is now
+
+    handler = _Stderr(logging.WARNING)
+    logger = logging.getLogger("rankopt")
+    if not any(getattr(h, "_rankopt", False) for h in logger.handlers):
+        handler._rankopt = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
 
 
 def main() -> None:

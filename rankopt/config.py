@@ -8,6 +8,7 @@ anything is loaded or written, so that bad input fails fast with one clear line.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -91,7 +92,8 @@ class TrainingConfig(_Section):
     orth_reg: float = Field(0.1, ge=0, description="weight of the orthogonality penalty on P and Q")
     eval_every: int = Field(50, ge=1)
     seed: int = 0
-    device: str = "cpu"
+    device: str = Field("cpu", pattern=r"^(cpu|mps|cuda(:\d+)?|xpu(:\d+)?)$",
+                        description="cpu, cuda, cuda:K (one GPU per worker), mps or xpu[:K]")
 
 
 class ControllerConfig(_Section):
@@ -152,6 +154,17 @@ class SearchConfig(_Section):
     n_trials: int = Field(20, ge=0)
     startup_trials: int = Field(2, ge=0, description="trials before the pruner may stop one")
     space: dict[str, Distribution] = Field(default_factory=dict)
+    heartbeat_interval: int = Field(60, ge=1, description="seconds between a running trial's heartbeats")
+    grace_period: int = Field(180, ge=2, description="seconds without heartbeat before a trial counts as lost")
+    max_retry: int = Field(2, ge=0, description="times a lost trial is retried (from its last checkpoint)")
+    checkpoint_every: int = Field(1, ge=0, description="save a trial checkpoint every K evaluations (0: never)")
+
+    @model_validator(mode="after")
+    def _heartbeat(self) -> SearchConfig:
+        if self.grace_period <= self.heartbeat_interval:
+            raise ValueError(f"search.grace_period={self.grace_period} must exceed "
+                             f"search.heartbeat_interval={self.heartbeat_interval} (a few intervals is safe)")
+        return self
 
 
 class Config(_Section):
@@ -231,6 +244,9 @@ def set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
     """``['training.lr=1e-3', ...]`` -> ``{'training.lr': 0.001}`` (values parsed as YAML)."""
     out: dict[str, Any] = {}
@@ -239,9 +255,12 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
         if not sep or not key.strip():
             raise RankoptError(f"--set '{pair}' is not KEY=VALUE; write e.g. --set training.lr=1e-3")
         try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
-            out[key.strip()] = raw
+            value = raw
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(raw.strip()):
+            value = float(value)  # YAML 1.1 reads '1e-3' (no dot) as a string
+        out[key.strip()] = value
     return out
 
 
@@ -266,6 +285,8 @@ def _first_error(exc: ValidationError) -> str:
         return f"missing config key '{where}'; add it to the preset or pass --set {where}=..."
     got = err.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    if err["type"] == "string_pattern_mismatch" and where.endswith(".device"):
+        return f"{where} must be cpu, cuda, cuda:K, mps, xpu or xpu:K{shown}"
     return f"{where}: {msg}{shown}" if where else msg
 
 
@@ -275,6 +296,8 @@ def load_config(preset: str, overrides: dict[str, Any] | list[str] | None = None
     path = find_preset(preset)
     try:
         raw = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise RankoptError(f"preset {path} is not a UTF-8 text file; pass a YAML preset") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""

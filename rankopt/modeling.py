@@ -40,10 +40,27 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def check_safetensors(path: str) -> None:
+    """Refuse a local model folder whose weights exist only as pickle (loading pickle can run code)."""
+    folder = Path(path)
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise RankoptError(f"model folder {folder} has only pickle weights ({pickles[0]}); rankopt reads safetensors "
+                           "only: convert them once where you trust the file (save_pretrained(..., "
+                           "safe_serialization=True))")
+
+
 @lru_cache(maxsize=4)
 def _load(path: str, num_labels: int, regression: bool, trust_remote_code: bool) -> nn.Module:
     logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
-    kwargs = {"num_labels": num_labels, "trust_remote_code": trust_remote_code}
+    check_safetensors(path)
+    # safetensors only (never unpickle weights); remote code only when the preset says model.trust_remote_code
+    kwargs = {"num_labels": num_labels, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if regression:
         kwargs["problem_type"] = "regression"
     try:

@@ -29,12 +29,21 @@ def default_storage(out: Path) -> str:
     return f"sqlite:///{(Path(out) / 'optuna.db').resolve()}"
 
 
-def make_sampler(search: SearchConfig, seed: int, n_objectives: int) -> optuna.samplers.BaseSampler:
-    """Optuna's own samplers, by the name the preset gives."""
+def make_sampler(search: SearchConfig, seed: int, n_objectives: int,
+                 constant_liar: bool = False) -> optuna.samplers.BaseSampler:
+    """Optuna's own samplers, by the name the preset gives.
+
+    ``constant_liar``: several workers share the study; TPE then treats running trials as bad
+    results so that concurrent workers spread out instead of proposing the same point.
+    """
     name = search.sampler
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(1, search.startup_trials),
-                                          multivariate=True)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # constant_liar is 'experimental' in Optuna
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(1, search.startup_trials),
+                                              multivariate=True, constant_liar=constant_liar)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "nsga2":
@@ -79,6 +88,12 @@ class ReportToTrial(Callback):
 
     def __init__(self, trial: optuna.Trial, metric: str, can_prune: bool):
         self.trial, self.metric, self.can_prune = trial, metric, can_prune
+
+    def on_train_start(self, info: dict[str, Any]) -> None:
+        # a retried trial resumed from a checkpoint: the pruner sees the evaluations made before it
+        if self.can_prune:
+            for step, metrics in info.get("eval_history") or []:
+                self.trial.report(metrics[self.metric], step)
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         if not self.can_prune:

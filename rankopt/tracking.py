@@ -6,6 +6,7 @@ Training code never imports this module; it only emits events (:mod:`rankopt.eve
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -32,11 +33,53 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def client_for(uri: str):
+    """An MLflow client for ``uri`` that waits out server outages (:mod:`rankopt.resilient`)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(uri)
-    return MlflowClient(tracking_uri=uri)
+    from rankopt.resilient import ResilientClient
+
+    # MLflow prints "View run at <tracking URI>" on every run end: noise, and it would show a password in the URI
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    if uri.startswith(("http://", "https://")):
+        # fail fast per request: the resilient layer does the retrying, with backoff and a warning
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    from rankopt.urls import sqlalchemy_url
+
+    mlflow.set_tracking_uri(sqlalchemy_url(uri))
+    return ResilientClient(MlflowClient(tracking_uri=sqlalchemy_url(uri)), uri)
+
+
+def check_reachable(uri: str) -> None:
+    """Check that ``uri`` is a tracking URI and, for a server or database, that it answers now (one try).
+
+    Called when a job starts, before anything is written: a wrong or dead URI is the user's
+    to fix (one-line error); an outage *later* is ridden out by the resilient client. Local
+    stores (``sqlite:///``, ``file:///``) are created on first use, so only their syntax is checked.
+    """
+    from mlflow.tracking import MlflowClient
+
+    from rankopt.errors import RankoptError
+    from rankopt.urls import check_tracking_uri, mask_text, mask_url, sqlalchemy_url
+
+    check_tracking_uri(uri)
+    if uri.startswith(("sqlite:", "file:")):
+        return
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"})
+    try:
+        MlflowClient(tracking_uri=sqlalchemy_url(uri)).search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the URI does not work
+        reason = mask_text(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:300]
+        raise RankoptError(f"cannot reach MLflow at '{mask_url(uri)}' ({reason}); start the tracking server "
+                           "or fix --tracking-uri") from None
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def ensure_experiment(client, name: str, artifact_root: Path | None) -> str:
@@ -44,7 +87,13 @@ def ensure_experiment(client, name: str, artifact_root: Path | None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         location = (Path(artifact_root).resolve() / name).as_uri() if artifact_root else None
-        exp_id = client.create_experiment(name, artifact_location=location)
+        try:
+            exp_id = client.create_experiment(name, artifact_location=location)
+        except Exception:  # noqa: BLE001 - another worker created it just now
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            exp_id = exp.experiment_id
     else:
         exp_id = exp.experiment_id
     if (exp is None) or exp.tags.get(EXPERIMENT_KIND_TAG) != "custom_model_development":
@@ -78,6 +127,11 @@ class MLflowLogger(Callback):
         items = [Metric(k, float(v), now, step) for k, v in values.items()]
         for i in range(0, len(items), 200):
             self.client.log_batch(self.run_id, metrics=items[i:i + 200])
+
+    def on_train_start(self, info: dict[str, Any]) -> None:
+        # a resumed trial: its run gets the evaluations made before the checkpoint, so its curves are whole
+        for step, metrics in info.get("eval_history") or []:
+            self._metrics({f"eval_{k}": v for k, v in metrics.items()}, step)
 
     def on_step(self, step: int, loss: float) -> None:
         self._loss_sum += loss
@@ -148,20 +202,23 @@ class StudyTracker:
         log_params(self.client, self.parent_run_id, params)
         return self.parent_run_id
 
-    def start_trial(self, number: int, params: dict[str, Any], suggested: dict[str, Any]) -> str:
+    def start_trial(self, number: int, params: dict[str, Any], suggested: dict[str, Any],
+                    tags: dict[str, str] | None = None) -> str:
         tags = {"mlflow.parentRunId": self.parent_run_id, "rankopt.kind": "trial", "optuna.study": self.study_name,
-                "optuna.trial": str(number), "optuna.state": "running"}
+                "optuna.trial": str(number), "optuna.state": "running", **(tags or {})}
         run = self.client.create_run(self.experiment_id, run_name=f"trial {number}", tags=tags)
         log_params(self.client, run.info.run_id, params)
         self.client.set_tag(run.info.run_id, "optuna.params", json.dumps(suggested, default=str))
         return run.info.run_id
 
-    def end_trial(self, run_id: str, state: str, reason: str | None = None) -> None:
-        """``state``: complete, pruned, failed; interrupted runs end as KILLED."""
+    def end_trial(self, run_id: str, state: str, reason: str | None = None, status: str | None = None) -> None:
+        """``state``: complete, pruned, failed; interrupted runs end as KILLED (or pass ``status``)."""
+        from rankopt.urls import mask_text
+
         self.client.set_tag(run_id, "optuna.state", state)
         if reason:
-            self.client.set_tag(run_id, "optuna.fail_reason", reason[:5000])
-        status = {"complete": "FINISHED", "pruned": "FINISHED", "failed": "FAILED"}.get(state, "KILLED")
+            self.client.set_tag(run_id, "optuna.fail_reason", mask_text(reason)[:5000])
+        status = status or {"complete": "FINISHED", "pruned": "FINISHED", "failed": "FAILED"}.get(state, "KILLED")
         self.client.set_terminated(run_id, status)
 
     def end_study(self, study, status: str = "FINISHED") -> None:

@@ -63,57 +63,91 @@ def evaluate(adapted: AdaptedModel, data: TaskData, task_type: str, batch_size: 
     return result
 
 
-def train_adapted(cfg: Config, adapted: AdaptedModel, data: TaskData,
-                  callbacks: list[Callback] | None = None) -> TrainResult:
-    """Fine-tune ``adapted`` on ``data`` for ``cfg.training.steps`` steps; returns the final evaluation."""
-    t = cfg.training
-    events = CallbackList(callbacks)
-    device = t.device
-    model = adapted.model.to(device)
-    model.train()
-    torch.manual_seed(t.seed)
-    loader = DataLoader(data.train, batch_size=t.batch_size, shuffle=True, collate_fn=data.collator,
-                        generator=torch.Generator().manual_seed(t.seed), drop_last=len(data.train) > t.batch_size)
-    batches = _batches(loader)
-    optimizer = build_optimizer(adapted.trainable_parameters(), t.lr, t.weight_decay)
-    scheduler = build_scheduler(optimizer, t.scheduler, t.steps, t.warmup_ratio)
-    controller = build_controller(cfg, adapted)
-    params = adapted.trainable_parameters()
-    history = [RankEvent(step=0, budget=adapted.total_rank(), ranks=adapted.ranks())]
-    evals: list[tuple[int, dict[str, float]]] = []
-    events.on_train_start({"adapted_layers": len(adapted.adapters), "trainable_params": adapted.count_trainable(),
-                           "budget": controller.schedule if controller else None})
-    started = time.perf_counter()
-    for step in range(1, t.steps + 1):
-        batch = {k: v.to(device) for k, v in next(batches).items()}
+class Stepper:
+    """One optimisation step at a time: the state a fine-tune carries between steps.
+
+    ``train_adapted`` loops over it; benchmarks drive two of them side by side.
+    """
+
+    def __init__(self, cfg: Config, adapted: AdaptedModel, events: Callback | None = None):
+        t = cfg.training
+        self.cfg, self.adapted = cfg, adapted
+        self.events = events or CallbackList()
+        self.device = t.device
+        self.optimizer = build_optimizer(adapted.trainable_parameters(), t.lr, t.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, t.scheduler, t.steps, t.warmup_ratio)
+        self.controller = build_controller(cfg, adapted)
+        self.params = adapted.trainable_parameters()
+        self.history = [RankEvent(step=0, budget=adapted.total_rank(), ranks=adapted.ranks())]
+        self.done = 0
+
+    def step(self, batch: dict) -> float:
+        """Forward, backward, controller, optimizer, reallocation; returns the task loss."""
+        t, model = self.cfg.training, self.adapted.model
+        step = self.done + 1
+        batch = {k: v.to(self.device) for k, v in batch.items()}
         loss = model(**batch).loss
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise TrainingDiverged(f"loss became {loss_value} at step {step}; lower training.lr")
-        total = loss + t.orth_reg * orthogonality_penalty(adapted) if t.orth_reg else loss
+        total = loss + t.orth_reg * orthogonality_penalty(self.adapted) if t.orth_reg else loss
         total.backward()
-        if controller is not None:
-            controller.after_backward(step - 1)
-        torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        events.on_step(step, loss_value)
-        if controller is not None and (change := controller.step(step)) is not None:
-            apply_resizes(optimizer, change.resizes)
-            params = adapted.trainable_parameters()
+        if self.controller is not None:
+            self.controller.after_backward(step - 1)
+        torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.done = step
+        self.events.on_step(step, loss_value)
+        if self.controller is not None and (change := self.controller.step(step)) is not None:
+            apply_resizes(self.optimizer, change.resizes)
+            self.params = self.adapted.trainable_parameters()
             event = RankEvent(step=step, budget=change.budget, ranks=change.ranks,
                               scores={k: tensor_lists(v) for k, v in change.scores.items()})
-            history.append(event)
-            events.on_reallocation(event)
+            self.history.append(event)
+            self.events.on_reallocation(event)
+        return loss_value
+
+
+def train_adapted(cfg: Config, adapted: AdaptedModel, data: TaskData,
+                  callbacks: list[Callback] | None = None, checkpointer=None) -> TrainResult:
+    """Fine-tune ``adapted`` on ``data`` for ``cfg.training.steps`` steps; returns the final evaluation.
+
+    ``checkpointer`` (a :class:`rankopt.checkpoint.TrialCheckpoint`) resumes from its last
+    checkpoint when it has one, and saves a new one after evaluations; the resumed run then
+    goes on exactly as the uninterrupted one would have.
+    """
+    t = cfg.training
+    events = CallbackList(callbacks)
+    adapted.model.to(t.device).train()
+    torch.manual_seed(t.seed)
+    loader = DataLoader(data.train, batch_size=t.batch_size, shuffle=True, collate_fn=data.collator,
+                        generator=torch.Generator().manual_seed(t.seed), drop_last=len(data.train) > t.batch_size)
+    batches = _batches(loader)
+    stepper = Stepper(cfg, adapted, events)
+    evals: list[tuple[int, dict[str, float]]] = []
+    snapshot = checkpointer.load() if checkpointer is not None else None
+    if snapshot is not None:
+        for _ in range(snapshot.step):  # replay the seeded shuffle: the data order goes on where it stopped
+            next(batches)
+        evals = snapshot.restore(stepper)  # ranks, tensors, optimizer, scheduler, controller, RNG
+    events.on_train_start({"adapted_layers": len(adapted.adapters), "trainable_params": adapted.count_trainable(),
+                           "schedule": stepper.controller.schedule if stepper.controller else None,
+                           "resumed_step": stepper.done, "eval_history": list(evals)})
+    started = time.perf_counter()
+    for step in range(stepper.done + 1, t.steps + 1):
+        stepper.step(next(batches))
         if step % t.eval_every == 0 or step == t.steps:
-            metrics = evaluate(adapted, data, cfg.task.type, t.eval_batch_size, device)
+            metrics = evaluate(adapted, data, cfg.task.type, t.eval_batch_size, t.device)
             evals.append((step, metrics))
             events.on_eval(step, metrics)
+            if checkpointer is not None:
+                checkpointer.after_eval(stepper, evals)
     final = evals[-1][1]
     result = TrainResult(
         metric_name=cfg.task.metric, metric=final[cfg.task.metric], metrics=final, ranks=adapted.ranks(),
-        rank_history=history, eval_history=evals, trainable_params=adapted.count_trainable(),
+        rank_history=stepper.history, eval_history=evals, trainable_params=adapted.count_trainable(),
         adapter_params=adapted.count_adapter(), steps=t.steps, seconds=time.perf_counter() - started,
         adapted=adapted)
     events.on_train_end(result)

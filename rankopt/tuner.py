@@ -20,53 +20,92 @@ from rankopt.events import Callback
 from rankopt.modeling import resolve_model_path
 from rankopt.search import (OBJECTIVE_DIRECTIONS, ReportToTrial, TuneResult, best_trials, default_storage,
                             make_pruner, make_sampler, suggest, trial_config)
+from rankopt.studies import (CONFIG_ATTR, LIMIT_ATTR, StaleTrialHandler, open_storage, retried_from,
+                             tally)
 from rankopt.trainer import train_adapted
+from rankopt.urls import mask_text
+from rankopt.urls import mask_url as _mask  # noqa: F401 - kept importable from here
 
 log = logging.getLogger(__name__)
 
 
-class Objective:
-    """One trial: suggest, build the trial's config, train, report; record why it ended."""
+class _RecordResume(Callback):
+    """Notes on the trial (and its run) the step a retried trial resumed from."""
 
-    def __init__(self, base: Config, tracker=None, callbacks_for_trial=None):
+    def __init__(self, trial: optuna.Trial, tracker, run_id: str | None):
+        self.trial, self.tracker, self.run_id = trial, tracker, run_id
+
+    def on_train_start(self, info: dict[str, Any]) -> None:
+        step = info.get("resumed_step") or 0
+        if step:
+            self.trial.set_user_attr("resumed_from_step", step)
+            if self.tracker is not None and self.run_id is not None:
+                self.tracker.client.set_tag(self.run_id, "rankopt.resumed_from_step", str(step))
+
+
+class Objective:
+    """One trial: suggest, build the trial's config, train, report; record why it ended.
+
+    With ``checkpoints`` (a :class:`rankopt.checkpoint.CheckpointStore`) the trial saves its
+    state every ``search.checkpoint_every`` evaluations, and a retry of a lost trial resumes
+    from the lost one's last checkpoint.
+    """
+
+    def __init__(self, base: Config, tracker=None, callbacks_for_trial=None, checkpoints=None):
         self.base = base
         self.objectives = base.search.objectives
         self.tracker = tracker
         self.callbacks_for_trial = callbacks_for_trial or (lambda trial, cfg: [])
+        self.checkpoints = checkpoints
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         values = suggest(trial, self.base.search.space)
+        retry_of = retried_from(trial)
+        if retry_of is not None:
+            trial.set_user_attr("retry_of", retry_of)
         try:
             cfg = trial_config(self.base, values)
             data = prepare_data(cfg)
             adapted = build_model(cfg, data.num_labels)
         except RankoptError as exc:
-            trial.set_user_attr("fail_reason", str(exc))
+            reason = mask_text(str(exc))
+            trial.set_user_attr("fail_reason", reason)
+            if self.tracker is not None:  # every trial gets its run, a trial that cannot be built too
+                run_id = self.tracker.start_trial(trial.number, values, values)
+                trial.set_user_attr("mlflow_run_id", run_id)
+                self._end(run_id, "failed", reason)
             raise
+        checkpoint = None
+        if self.checkpoints is not None and self.checkpoints.every > 0:
+            checkpoint = self.checkpoints.for_trial(trial.number if retry_of is None else retry_of, cfg.model_dump())
         callbacks: list[Callback] = [ReportToTrial(trial, cfg.task.metric, can_prune=len(self.objectives) == 1)]
         callbacks += self.callbacks_for_trial(trial, cfg)
         run_id = None
         if self.tracker is not None:
             from rankopt.tracking import MLflowLogger
 
-            run_id = self.tracker.start_trial(trial.number, cfg.model_dump(exclude={"search"}), values)
+            tags = {"optuna.retry_of": str(retry_of)} if retry_of is not None else None
+            run_id = self.tracker.start_trial(trial.number, cfg.model_dump(exclude={"search"}), values, tags=tags)
             trial.set_user_attr("mlflow_run_id", run_id)
             callbacks.append(MLflowLogger(self.tracker.client, run_id, self.tracker.base_model,
                                           meta={"config": cfg.model_dump(), "study": self.tracker.study_name,
                                                 "trial": trial.number}))
+        callbacks.append(_RecordResume(trial, self.tracker, run_id))
         try:
-            result = train_adapted(cfg, adapted, data, callbacks)
+            result = train_adapted(cfg, adapted, data, callbacks, checkpointer=checkpoint)
         except optuna.TrialPruned:
             self._end(run_id, "pruned")
+            self._forget(checkpoint)
             raise
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # the checkpoint stays: a retry of this trial resumes from it
             trial.set_user_attr("fail_reason", "interrupted")
             self._end(run_id, "interrupted", "interrupted")
             raise
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"
-            trial.set_user_attr("fail_reason", reason)
+            reason = mask_text(f"{type(exc).__name__}: {exc}")
+            trial.set_user_attr("fail_reason", reason[:5000])
             self._end(run_id, "failed", reason)
+            self._forget(checkpoint)
             raise
         trial.set_user_attr("total_rank", result.total_rank)
         trial.set_user_attr("ranks", json.dumps(result.ranks))
@@ -74,6 +113,7 @@ class Objective:
         trial.set_user_attr("adapter_params", result.adapter_params)
         trial.set_user_attr("metrics", json.dumps(result.metrics))
         self._end(run_id, "complete")
+        self._forget(checkpoint)
         if len(self.objectives) == 1:
             return result.metric
         return result.metric, float(result.adapter_params)
@@ -82,35 +122,55 @@ class Objective:
         if self.tracker is not None and run_id is not None:
             self.tracker.end_trial(run_id, state, reason)
 
+    @staticmethod
+    def _forget(checkpoint) -> None:
+        if checkpoint is not None:
+            checkpoint.clear()
 
-def open_study(cfg: Config, study_name: str, storage: str) -> optuna.Study:
-    """Create the study, or load it when it exists (then its objectives must match)."""
+
+def open_study(cfg: Config, study_name: str, storage: str, *, storage_obj=None,
+               distributed: bool = False) -> optuna.Study:
+    """Create the study, or load it when it exists (then its objectives must match).
+
+    ``distributed``: one of several workers; each samples with its own random seed (and TPE
+    with the constant-liar strategy), so that concurrent workers do not propose the same trial.
+    """
     directions = [OBJECTIVE_DIRECTIONS[o] for o in cfg.search.objectives]
-    try:
-        storage_obj = optuna.storages.RDBStorage(storage, heartbeat_interval=60, grace_period=180)
-    except Exception as exc:  # noqa: BLE001 - bad URL, missing driver, unreachable server
-        raise RankoptError(f"cannot open Optuna storage '{_mask(storage)}' ({str(exc).splitlines()[0]}); "
-                           "pass a valid --storage URL such as sqlite:///runs/optuna.db") from None
+    if storage_obj is None:
+        storage_obj = open_storage(storage, cfg.search, StaleTrialHandler(cfg.search))
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage_obj)}
     if study_name in existing and len(existing[study_name].directions) != len(directions):
         raise RankoptError(f"study '{study_name}' exists with {len(existing[study_name].directions)} objective(s), "
                            f"the preset asks for {len(directions)}; pick another --study name")
     n_before = existing[study_name].n_trials if study_name in existing else 0
     eval_every = cfg.training.eval_every
+    seed = cfg.training.seed + n_before
+    if distributed:
+        import secrets
+
+        seed = secrets.randbelow(2**31)
     study = optuna.create_study(storage=storage_obj, study_name=study_name, directions=directions,
                                 load_if_exists=True,
-                                sampler=make_sampler(cfg.search, cfg.training.seed + n_before,
-                                                     len(directions)),
+                                sampler=make_sampler(cfg.search, seed, len(directions), constant_liar=distributed),
                                 pruner=make_pruner(cfg.search, eval_every))
     study.set_user_attr("objectives", list(cfg.search.objectives))
     return study
 
 
-def _mask(url: str) -> str:
-    """Hide a password in a URL (user:secret@host -> user:***@host)."""
-    import re
+def remember_for_workers(study: optuna.Study, cfg: Config, trials: int) -> None:
+    """Store what a worker needs to join without a preset: the config (once) and the trial limit.
 
-    return re.sub(r"(//[^:/@]+:)[^@]*@", r"\1***@", url)
+    The limit is the trials the study has settled plus the ones this command asks for
+    (``--trials``, or the preset's ``search.n_trials`` when it is 0 or absent); it is never lowered.
+    """
+    if CONFIG_ATTR not in study.user_attrs:
+        study.set_user_attr(CONFIG_ATTR, cfg.model_dump(mode="json"))
+    elif study.user_attrs[CONFIG_ATTR] != cfg.model_dump(mode="json"):
+        log.warning("study '%s' keeps the config it was created with for its workers; this run uses the "
+                    "preset as given", study.study_name)
+    wanted = tally(study).settled + (trials or cfg.search.n_trials)
+    if wanted > int(study.user_attrs.get(LIMIT_ATTR, 0)):
+        study.set_user_attr(LIMIT_ATTR, wanted)
 
 
 def tune(preset: str | Config, overrides: dict[str, Any] | list[str] | None = None, *, n_trials: int | None = None,
@@ -127,16 +187,26 @@ def tune(preset: str | Config, overrides: dict[str, Any] | list[str] | None = No
     cfg = resolve_config(preset, overrides, data_dir)
     if not cfg.search.space:
         raise RankoptError("the preset's search.space is empty; add dimensions such as controller.target_rank")
-    # fail on bad data or model before anything is written
+    # fail on bad data, model or URLs before anything is written
     data = prepare_data(cfg)
     build_model(cfg, data.num_labels)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     name = study_name or cfg.task.name
-    study = open_study(cfg, name, storage or default_storage(out))
+    on_stale = StaleTrialHandler(cfg.search)
+    storage_obj = open_storage(storage, cfg.search, on_stale) if storage else None
+    if track and tracking_uri:
+        from rankopt import tracking
+
+        tracking.check_reachable(tracking_uri)
+    out.mkdir(parents=True, exist_ok=True)
+    url = storage or default_storage(out)
+    study = open_study(cfg, name, url, storage_obj=storage_obj or open_storage(url, cfg.search, on_stale))
+    trials = cfg.search.n_trials if n_trials is None else n_trials
+    remember_for_workers(study, cfg, trials)
     tracker = None
     if track:
         from rankopt import tracking
+        from rankopt.studies import close_orphan_runs
 
         client = tracking.client_for(tracking_uri or tracking.default_tracking_uri(out))
         exp_id = tracking.ensure_experiment(client, cfg.task.name, out / "mlartifacts" if not tracking_uri else None)
@@ -145,8 +215,12 @@ def tune(preset: str | Config, overrides: dict[str, Any] | list[str] | None = No
         parent = tracker.start_study(study.user_attrs.get("mlflow_parent_run_id"),
                                      {"study": name, "preset": cfg.task.name, **cfg.model_dump(include={"search"})})
         study.set_user_attr("mlflow_parent_run_id", parent)
-    objective = Objective(cfg, tracker, callbacks_for_trial)
-    trials = cfg.search.n_trials if n_trials is None else n_trials
+        on_stale.tracker = tracker
+        close_orphan_runs(study, tracker)
+    from rankopt.checkpoint import CheckpointStore
+
+    checkpoints = CheckpointStore(out / "checkpoints", name, cfg.search.checkpoint_every)
+    objective = Objective(cfg, tracker, callbacks_for_trial, checkpoints=checkpoints)
     status = "FINISHED"
     try:
         if trials > 0:

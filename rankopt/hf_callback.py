@@ -1,0 +1,66 @@
+"""Attach the rank controller to a user's own ``transformers.Trainer``.
+
+    adapted = rankopt.adapt(model, ["query", "value"], rank=8, alpha=16)
+    trainer = Trainer(model=adapted.model, args=args, train_dataset=ds,
+                      callbacks=[RankControllerCallback(adapted, target_rank=4)])
+    trainer.train()
+    rankopt.save_adapter(adapted, "out/adapter", base_model="bert-base-uncased")
+
+The Trainer owns the loop; the callback reads gradients before each optimizer step (the
+sensitivity EMA), reallocates ranks at the scheduled steps after it, and swaps the resized
+tensors into the Trainer's optimizer with the survivors' Adam state carried over.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import TrainerCallback
+
+from rankopt.adapters.model import AdaptedModel
+from rankopt.config import ControllerConfig
+from rankopt.controller import BudgetSchedule, RankController
+from rankopt.errors import RankoptError
+from rankopt.events import RankEvent, tensor_lists
+from rankopt.optim import apply_resizes
+
+
+class RankControllerCallback(TrainerCallback):
+    """Runs rankopt's budget schedule inside ``Trainer.train``; ``history`` records every reallocation."""
+
+    def __init__(self, adapted: AdaptedModel, controller: ControllerConfig | dict[str, Any] | None = None,
+                 seed: int = 0, **controller_values: Any):
+        if isinstance(controller, ControllerConfig):
+            self.cfg = controller.model_copy(update=controller_values)
+        else:
+            self.cfg = ControllerConfig(**{**(controller or {}), **controller_values})
+        self.adapted = adapted
+        self.seed = seed
+        self.controller: RankController | None = None
+        self.history: list[RankEvent] = [RankEvent(step=0, budget=adapted.total_rank(), ranks=adapted.ranks())]
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        layers = self.adapted.adapters
+        target = round(self.cfg.target_rank * len(layers))
+        if target < len(layers) * self.cfg.min_rank:
+            raise RankoptError(f"rank budget {target} is below {len(layers)} layers x min_rank {self.cfg.min_rank}")
+        schedule = BudgetSchedule.from_fractions(self.adapted.total_rank(), target, state.max_steps,
+                                                 self.cfg.warmup, self.cfg.final, self.cfg.interval)
+        self.controller = RankController(layers, schedule, self.cfg.importance, self.cfg.min_rank, self.cfg.max_rank,
+                                         self.cfg.max_grow, self.cfg.beta1, self.cfg.beta2, seed=self.seed)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.controller is not None:
+            self.controller.after_backward(state.global_step)
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        if self.controller is None:
+            return
+        change = self.controller.step(state.global_step)
+        if change is None:
+            return
+        if optimizer is None:
+            raise RankoptError("the Trainer passed no optimizer to the callback; cannot resize adapters")
+        apply_resizes(getattr(optimizer, "optimizer", optimizer), change.resizes)
+        self.history.append(RankEvent(step=change.step, budget=change.budget, ranks=change.ranks,
+                                      scores={k: tensor_lists(v) for k, v in change.scores.items()}))
