@@ -5,11 +5,13 @@ Public names are imported on first use, so ``rankopt --help`` does not pay for t
 
 from importlib import import_module
 
-__all__ = ["Callback", "Config", "RankEvent", "RankoptError", "TrainResult", "load_config", "train"]
+__all__ = ["Callback", "Config", "RankEvent", "RankoptError", "TrainResult", "export", "load_config", "train", "tune"]
 __version__ = "0.1.0"
 
 _HOME = {
     "train": "rankopt.api",
+    "tune": "rankopt.tuner",
+    "export": "rankopt.exporting",
     "Config": "rankopt.config",
     "load_config": "rankopt.config",
     "RankoptError": "rankopt.errors",
