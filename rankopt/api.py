@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from rankopt.adapters.model import AdaptedModel, adapt
-from rankopt.config import Config, load_config
+from rankopt.config import Config, build_config, combine_overrides, load_config
 from rankopt.data import TaskData, prepare
 from rankopt.events import Callback, TrainResult
 from rankopt.modeling import load_pretrained, load_tokenizer, resolve_model_path
@@ -19,21 +19,12 @@ from rankopt.trainer import train_adapted
 
 def resolve_config(preset: str | Config, overrides: dict[str, Any] | list[str] | None = None,
                    data_dir: str | None = None) -> Config:
-    if isinstance(preset, Config):
-        if overrides or data_dir:
-            from rankopt.config import build_config
-
-            over = dict(overrides) if isinstance(overrides, dict) else {}
-            if isinstance(overrides, list):
-                from rankopt.config import parse_overrides
-
-                over = parse_overrides(overrides)
-            if data_dir:
-                over.update({"task.data_dir": str(Path(data_dir).resolve()), "task.dataset": None,
-                             "task.subset": None, "task.builtin": None})
-            return build_config(preset.model_dump(), over)
+    """A validated config from a preset name/path or a Config, with ``--set`` overrides and ``--data``."""
+    if not isinstance(preset, Config):
+        return load_config(preset, overrides, data_dir)
+    if not overrides and not data_dir:
         return preset
-    return load_config(preset, overrides, data_dir)
+    return build_config(preset.model_dump(), combine_overrides(overrides, data_dir))
 
 
 _DATA_CACHE: dict[str, TaskData] = {}

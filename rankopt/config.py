@@ -304,12 +304,15 @@ def load_config(preset: str, overrides: dict[str, Any] | list[str] | None = None
         raise RankoptError(f"preset {path} is not valid YAML{line}; fix the syntax") from None
     if not isinstance(raw, dict):
         raise RankoptError(f"preset {path} must be a mapping of sections (task, model, ...)")
-    if isinstance(overrides, list):
-        overrides = parse_overrides(overrides)
-    overrides = dict(overrides or {})
+    return build_config(raw, combine_overrides(overrides, data_dir), origin=f"preset '{preset}'")
+
+
+def combine_overrides(overrides: dict[str, Any] | list[str] | None, data_dir: str | None) -> dict[str, Any]:
+    """``--set`` pairs (parsed if given as strings) plus what ``--data DIR`` means: read that folder instead."""
+    combined = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
     if data_dir is not None:
         if not Path(data_dir).is_dir():
             raise RankoptError(f"--data '{data_dir}' is not a folder; point it at a folder of train/validation files")
-        overrides.update({"task.data_dir": str(Path(data_dir).resolve()), "task.dataset": None,
-                          "task.subset": None, "task.builtin": None})
-    return build_config(raw, overrides, origin=f"preset '{preset}'")
+        combined.update({"task.data_dir": str(Path(data_dir).resolve()), "task.dataset": None,
+                         "task.subset": None, "task.builtin": None})
+    return combined

@@ -8,7 +8,7 @@
 
 Both get the base model's tokenizer, a model card (``README.md``) and ``rankopt.json``. Every
 check a user can fail runs before anything is written; the folder appears whole or not at all
-(:func:`rankopt.export.atomic_folder`). ``register`` also logs the folder on the source run and
+(:func:`rankopt.peft_format.atomic_folder`). ``register`` also logs the folder on the source run and
 makes it a version of a model in the MLflow Model Registry.
 """
 
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from rankopt.errors import RankoptError
+from rankopt.urls import mask_url
 
 ADAPTER_ARTIFACTS = ("adapter", "best_adapter")  # a trial's own adapter; a study parent's copy of the best
 
@@ -60,13 +61,6 @@ class ExportResult:
         return self.source.notes
 
 
-def _mask(url: str) -> str:
-    """Hide a password in a URL (user:secret@host -> user:***@host); see :mod:`rankopt.urls`."""
-    from rankopt.urls import mask_url
-
-    return mask_url(url)
-
-
 def _require_sqlite_file(url: str, what: str, flag: str) -> None:
     """Opening a missing SQLite file would create it: refuse instead, so bad input writes nothing."""
     if url.startswith("sqlite:///"):
@@ -90,11 +84,11 @@ def load_study(name: str, storage: str):
     try:
         names = optuna.get_all_study_names(storage)
     except Exception as exc:  # noqa: BLE001 - bad URL, missing driver, unreachable server
-        raise RankoptError(f"cannot open Optuna storage '{_mask(storage)}' ({str(exc).splitlines()[0]}); "
+        raise RankoptError(f"cannot open Optuna storage '{mask_url(storage)}' ({str(exc).splitlines()[0]}); "
                            "pass a valid --storage URL") from None
     if name not in names:
         known = ", ".join(sorted(names)) or "none"
-        raise RankoptError(f"no study '{name}' in {_mask(storage)} (studies: {known}); check --study and --storage")
+        raise RankoptError(f"no study '{name}' in {mask_url(storage)} (studies: {known}); check --study and --storage")
     return optuna.load_study(study_name=name, storage=storage)
 
 
@@ -208,7 +202,7 @@ def _command(out: Path, **opts: Any) -> str:
         if value is True:
             parts.append(flag)
         elif value not in (None, False):
-            parts += [flag, _mask(str(value))]
+            parts += [flag, mask_url(str(value))]
     parts += ["--out", str(out)]
     return " ".join(shlex.quote(p) for p in parts)
 
@@ -241,7 +235,7 @@ def export(out: str | Path, *, study: str | None = None, storage: str | None = N
         >>> export("sst2-merged", study="sst2", trial=3, merge=True, register="sst2-lora")  # doctest: +SKIP
     """
     from rankopt import tracking
-    from rankopt.export import atomic_folder, head_num_labels, read_adapter
+    from rankopt.peft_format import atomic_folder, head_num_labels, read_adapter
     from rankopt.modeling import load_tokenizer
 
     out = Path(out)
@@ -267,7 +261,7 @@ def export(out: str | Path, *, study: str | None = None, storage: str | None = N
         adapter_params = int(metrics["adapter_params"]) if "adapter_params" in metrics else None
         card = _card(source, meta, adapter_config, ranks, num_labels, adapter_params,
                      metrics.get("trainable_params"), command, merge, out)
-        meta["export"] = {"source_run_id": source.run_id, "tracking_uri": _mask(source.tracking_uri),
+        meta["export"] = {"source_run_id": source.run_id, "tracking_uri": mask_url(source.tracking_uri),
                           "study": source.study, "trial": source.trial, "params": source.params, "merged": merge,
                           "command": command, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         registered = None
@@ -289,7 +283,7 @@ def export(out: str | Path, *, study: str | None = None, storage: str | None = N
 def _merged_model(model_cfg, regression: bool, num_labels: int | None, adapter_config: dict[str, Any],
                   state: dict):
     """The base model (loaded by rankopt.modeling) with the adapter folded into its weights."""
-    from rankopt.export import merge_adapter
+    from rankopt.peft_format import merge_adapter
     from rankopt.modeling import load_pretrained
 
     if num_labels is None:
@@ -298,7 +292,7 @@ def _merged_model(model_cfg, regression: bool, num_labels: int | None, adapter_c
 
 
 def _ranks_in_model_order(state: dict, meta: dict[str, Any]) -> dict[str, int]:
-    from rankopt.export import adapter_ranks
+    from rankopt.peft_format import adapter_ranks
 
     ranks = adapter_ranks(state)
     order = [n for n in (meta.get("ranks") or {}) if n in ranks]  # rankopt wrote them in the model's order
@@ -308,7 +302,7 @@ def _ranks_in_model_order(state: dict, meta: dict[str, Any]) -> dict[str, int]:
 def _card(source: Source, meta: dict[str, Any], adapter_config: dict[str, Any], ranks: dict[str, int],
           num_labels: int | None, adapter_params: int | None, trainable: float | None, command: str,
           merged: bool, out: Path) -> str:
-    from rankopt.export import model_card
+    from rankopt.peft_format import model_card
 
     task = (meta.get("config") or {}).get("task", {}).get("name", "rankopt")
     origin = f"study {source.study}, trial {source.trial}" if source.study else f"run {source.run_id[:8]}"
