@@ -5,13 +5,14 @@ Public names are imported on first use, so ``rankopt --help`` does not pay for t
 
 from importlib import import_module
 
-__all__ = ["Callback", "Config", "RankEvent", "RankoptError", "TrainResult", "export", "load_config", "train", "tune"]
+__all__ = ["Callback", "Config", "RankEvent", "RankoptError", "TrainResult", "export", "load_config", "report", "train", "tune"]
 __version__ = "0.1.0"
 
 _HOME = {
     "train": "rankopt.api",
     "tune": "rankopt.tuner",
     "export": "rankopt.exporting",
+    "report": "rankopt.reporting",
     "Config": "rankopt.config",
     "load_config": "rankopt.config",
     "RankoptError": "rankopt.errors",

@@ -14,7 +14,7 @@ import typer
 from rankopt.errors import RankoptError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Adaptive-rank LoRA fine-tuning: train, tune, export, compare in MLflow.")
+                  help="Adaptive-rank LoRA fine-tuning: train, tune, export, report, compare in MLflow.")
 
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a preset value: section.key=value")]
 DataOpt = Annotated[Optional[str], typer.Option("--data", help="folder of train/validation (or test) files")]
@@ -154,6 +154,28 @@ def export(out: Annotated[str, typer.Option("--out", help="folder to write (must
                f"{params} -> {result.out}{' (merged)' if result.merged else ''}")
     if result.registered:
         typer.echo(f"registered as model '{result.registered[0]}' version {result.registered[1]}")
+
+
+@app.command()
+def report(study: Annotated[str, typer.Option("--study", help="study to report on")] = ...,
+           storage: Annotated[Optional[str], typer.Option("--storage", help="Optuna RDB URL (default: sqlite:///runs/optuna.db)")] = None,
+           tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI (default: mlflow.db beside the study storage)")] = None,
+           out: Annotated[Optional[str], typer.Option("--out", help="folder to write (default: reports/STUDY beside the study storage; must not exist, unless --force)")] = None,
+           force: Annotated[bool, typer.Option("--force", help="replace an existing --out folder")] = False) -> None:
+    """Write a study's HTML report (figures inlined, PNGs beside it) and log it to the study's MLflow run."""
+    from rankopt.reporting import report as report_api
+
+    try:
+        _quiet_libraries()
+        result = report_api(study, storage=storage, tracking_uri=tracking_uri, out=out, force=force)
+    except RankoptError as exc:
+        _fail(str(exc))
+        return
+    for note in result.notes:
+        typer.echo(f"note: {note}", err=True)
+    logged = f" | logged to MLflow run {result.run_id} under report/" if result.run_id else ""
+    typer.echo(f"report of study '{result.study}' (best trial {result.best_trial}, {len(result.figures)} figures)"
+               f"{logged} -> {result.html}")
 
 
 @app.command()
