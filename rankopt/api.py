@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankopt.adapters.model import AdaptedModel, adapt
+from rankopt.adapters.model import AdaptedModel, adapt, find_head
 from rankopt.config import Config, build_config, combine_overrides, load_config
 from rankopt.data import TaskData, prepare
 from rankopt.events import Callback, TrainResult
@@ -55,15 +55,21 @@ def _reset_head(model: nn.Module, heads: list[str], seed: int) -> None:
                         module.bias.zero_()
 
 
-def build_model(cfg: Config, num_labels: int) -> AdaptedModel:
-    """The pretrained model with adapters on its target layers, checked against the rank budget."""
+def load_base(cfg: Config, num_labels: int) -> nn.Module:
+    """A fresh copy of the pretrained model with its task head drawn from ``cfg.training.seed``."""
     from rankopt.devices import check_device
 
     check_device(cfg.training.device)  # a device this machine lacks fails here, in one line
     model = load_pretrained(cfg.model, num_labels, regression=cfg.task.type == "regression")
+    _reset_head(model, find_head(model), cfg.training.seed)
+    return model
+
+
+def build_model(cfg: Config, num_labels: int) -> AdaptedModel:
+    """The pretrained model with adapters on its target layers, checked against the rank budget."""
+    model = load_base(cfg, num_labels)
     adapted = adapt(model, cfg.model.target_modules, cfg.adapter.init_rank, cfg.adapter.alpha,
                     cfg.adapter.dropout, seed=cfg.training.seed)
-    _reset_head(model, adapted.head_names, cfg.training.seed)
     cfg.budget(len(adapted.adapters))  # raises when the budget cannot be met
     max_possible = min(min(l.in_features, l.out_features) for l in adapted.adapters.values())
     if cfg.controller.enabled and cfg.controller.max_rank > max_possible:

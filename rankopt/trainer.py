@@ -25,7 +25,10 @@ from rankopt.events import Callback, CallbackList, RankEvent, TrainResult, tenso
 from rankopt.optim import apply_resizes, build_optimizer, build_scheduler
 
 
-def _batches(loader: DataLoader) -> Iterator[dict]:
+def seeded_batches(data: TaskData, batch_size: int, seed: int) -> Iterator[dict]:
+    """Endless training batches, reshuffled each epoch in an order fixed by ``seed``."""
+    loader = DataLoader(data.train, batch_size=batch_size, shuffle=True, collate_fn=data.collator,
+                        generator=torch.Generator().manual_seed(seed), drop_last=len(data.train) > batch_size)
     while True:
         yield from loader
 
@@ -122,9 +125,7 @@ def train_adapted(cfg: Config, adapted: AdaptedModel, data: TaskData,
     events = CallbackList(callbacks)
     adapted.model.to(t.device).train()
     torch.manual_seed(t.seed)
-    loader = DataLoader(data.train, batch_size=t.batch_size, shuffle=True, collate_fn=data.collator,
-                        generator=torch.Generator().manual_seed(t.seed), drop_last=len(data.train) > t.batch_size)
-    batches = _batches(loader)
+    batches = seeded_batches(data, t.batch_size, t.seed)
     stepper = Stepper(cfg, adapted, events)
     evals: list[tuple[int, dict[str, float]]] = []
     snapshot = checkpointer.load() if checkpointer is not None else None

@@ -1,0 +1,71 @@
+"""PEFT LoRA and AdaLoRA on the same model, data and loop as a rankopt run: the benchmarks' baselines.
+
+A baseline starts from the same pretrained weights and the same seeded task head as rankopt
+(``rankopt.api.load_base``), sees the same batches in the same order, and uses the same
+optimizer, schedule and gradient clipping, so the adapters are the only difference.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from peft import AdaLoraConfig, LoraConfig, get_peft_model
+from torch import nn
+
+from rankopt.config import Config
+from rankopt.data import TaskData
+from rankopt.optim import build_optimizer, build_scheduler
+from rankopt.trainer import evaluate, seeded_batches
+
+def peft_model(cfg: Config, base: nn.Module, method: str, rank: int, init_rank: int) -> nn.Module:
+    """``base`` wrapped by PEFT: fixed-rank LoRA at ``rank``, or AdaLoRA from ``init_rank`` down to ``rank``.
+
+    Both use scale 2 (alpha = 2 x the starting rank), as the rankopt runs do.
+    """
+    t, c = cfg.training, cfg.controller
+    torch.manual_seed(t.seed)  # PEFT draws its initial A (LoRA) / A, B (AdaLoRA) from the global RNG
+    common = {"task_type": "SEQ_CLS", "target_modules": list(cfg.model.target_modules), "lora_dropout": 0.0}
+    if method == "peft_lora":
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, **common)
+    elif method == "peft_adalora":
+        config = AdaLoraConfig(init_r=init_rank, target_r=rank, lora_alpha=2 * init_rank, total_step=t.steps,
+                               tinit=round(c.warmup * t.steps), tfinal=round(c.final * t.steps),
+                               deltaT=c.interval, **common)
+    else:
+        raise ValueError(f"unknown PEFT method {method!r}")
+    return get_peft_model(base, config)
+
+
+def effective_adapter_params(model: nn.Module, method: str) -> int:
+    """Adapter parameters that carry weight: AdaLoRA masks pruned components to zero instead of removing them."""
+    total = 0
+    for module in model.modules():
+        if method == "peft_adalora" and hasattr(module, "lora_E") and "default" in getattr(module, "lora_E", {}):
+            kept = int((module.lora_E["default"] != 0).sum())
+            total += kept * (module.in_features + module.out_features + 1)
+        elif method == "peft_lora" and hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            total += sum(p.numel() for p in (module.lora_A["default"].weight, module.lora_B["default"].weight))
+    return total
+
+
+def train_peft(cfg: Config, model: nn.Module, data: TaskData, method: str) -> dict[str, float]:
+    """rankopt's loop (same batches, AdamW, schedule, clipping) around a PEFT model; returns the final metrics."""
+    t = cfg.training
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, t.lr, t.weight_decay)
+    scheduler = build_scheduler(optimizer, t.scheduler, t.steps, t.warmup_ratio)
+    batches = seeded_batches(data, t.batch_size, t.seed)
+    for step in range(1, t.steps + 1):
+        loss = model(**next(batches)).loss  # AdaLoRA adds its orthogonality penalty inside forward
+        if not torch.isfinite(loss):
+            return {cfg.task.metric: float("nan")}
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        if method == "peft_adalora":
+            model.base_model.update_and_allocate(step)
+        optimizer.zero_grad(set_to_none=True)
+    return evaluate(SimpleNamespace(model=model), data, cfg.task.type, t.eval_batch_size)
