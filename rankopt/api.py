@@ -60,7 +60,7 @@ def load_base(cfg: Config, num_labels: int) -> nn.Module:
     from rankopt.devices import check_device
 
     check_device(cfg.training.device)  # a device this machine lacks fails here, in one line
-    model = load_pretrained(cfg.model, num_labels, regression=cfg.task.type == "regression")
+    model = load_pretrained(cfg.model, num_labels, cfg.task.type)
     _reset_head(model, find_head(model), cfg.training.seed)
     return model
 

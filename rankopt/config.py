@@ -27,19 +27,31 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+CLASSIFICATION_METRICS = ("accuracy", "f1", "matthews")
+REGRESSION_METRICS = ("pearson", "spearman")
+CAUSAL_LM_METRICS = ("loss", "perplexity")
+
+
 class TaskConfig(_Section):
-    """What to learn, and where the data comes from (exactly one source)."""
+    """What to learn, and where the data comes from (exactly one source).
+
+    ``causal_lm`` tasks are instruction data: the model reads ``prompt_column`` and learns to
+    continue with ``response_column``; the loss counts the response tokens only.
+    """
 
     name: str = Field(description="short task name, used for MLflow experiments and studies")
-    type: Literal["classification", "regression"] = "classification"
+    type: Literal["classification", "regression", "causal_lm"] = "classification"
     dataset: str | None = Field(None, description="hub dataset path, e.g. 'glue'")
     subset: str | None = Field(None, description="hub dataset config, e.g. 'sst2'")
     data_dir: str | None = Field(None, description="local folder of train/validation files")
-    builtin: Literal["chatterbot"] | None = Field(None, description="data shipped by a dependency")
-    text_columns: list[str] = Field(min_length=1, max_length=2)
+    builtin: Literal["chatterbot", "chatterbot_dialogs"] | None = Field(
+        None, description="data shipped by a dependency: topics (classification) or reply pairs (causal_lm)")
+    text_columns: list[str] = Field(default_factory=list, max_length=2, description="inputs of a classifier")
     label_column: str = "label"
+    prompt_column: str = Field("prompt", description="causal_lm: the text the model is given")
+    response_column: str = Field("response", description="causal_lm: the text it learns to write")
     num_labels: int | None = Field(None, ge=1, description="inferred from the data when unset")
-    metric: Literal["accuracy", "f1", "matthews", "pearson", "spearman"] = "accuracy"
+    metric: Literal[CLASSIFICATION_METRICS + REGRESSION_METRICS + CAUSAL_LM_METRICS] = "accuracy"
     train_split: str = "train"
     eval_split: str = "validation"
     max_train_samples: int | None = Field(None, ge=1)
@@ -51,11 +63,19 @@ class TaskConfig(_Section):
         sources = [s for s in (self.dataset, self.data_dir, self.builtin) if s]
         if len(sources) != 1:
             raise ValueError("set exactly one of task.dataset, task.data_dir, task.builtin")
-        if self.type == "regression" and self.metric not in ("pearson", "spearman"):
-            raise ValueError("regression tasks use metric 'pearson' or 'spearman'")
-        if self.type == "classification" and self.metric in ("pearson", "spearman"):
-            raise ValueError("classification tasks use metric 'accuracy', 'f1' or 'matthews'")
+        allowed = {"classification": CLASSIFICATION_METRICS, "regression": REGRESSION_METRICS,
+                   "causal_lm": CAUSAL_LM_METRICS}[self.type]
+        if self.metric not in allowed:
+            raise ValueError(f"{self.type} tasks use metric {' or '.join(repr(m) for m in allowed)}")
+        if self.type != "causal_lm" and not self.text_columns:
+            raise ValueError(f"a {self.type} task needs task.text_columns (one or two input columns)")
         return self
+
+    def columns(self) -> list[str]:
+        """The columns the data must have."""
+        if self.type == "causal_lm":
+            return [self.prompt_column, self.response_column]
+        return [*self.text_columns, self.label_column]
 
 
 class ModelConfig(_Section):

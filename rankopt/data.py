@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
-from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from rankopt.config import TaskConfig
 from rankopt.errors import RankoptError
@@ -20,13 +20,13 @@ FILE_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "par
 
 @dataclass
 class TaskData:
-    """Tokenized train and evaluation sets, ready for a DataLoader."""
+    """Tokenized train and evaluation sets, ready for a DataLoader (``num_labels`` is 0 for causal LM)."""
 
     train: datasets.Dataset
     eval: datasets.Dataset
     num_labels: int
     label_names: list[str] | None
-    collator: DataCollatorWithPadding
+    collator: DataCollatorWithPadding | DataCollatorForSeq2Seq
 
 
 def _split_file(folder: Path, split: str) -> Path | None:
@@ -75,9 +75,9 @@ def _load_hub(task: TaskConfig) -> datasets.DatasetDict:
 
 
 def _load_builtin(task: TaskConfig) -> datasets.DatasetDict:
-    from rankopt.demo_data import chatterbot_splits
+    from rankopt.demo_data import chatterbot_dialog_splits, chatterbot_splits
 
-    splits = chatterbot_splits()
+    splits = chatterbot_dialog_splits() if task.builtin == "chatterbot_dialogs" else chatterbot_splits()
     return datasets.DatasetDict({"train": datasets.Dataset.from_dict(splits["train"]),
                                  "eval": datasets.Dataset.from_dict(splits["validation"])})
 
@@ -91,11 +91,12 @@ def load_raw(task: TaskConfig) -> datasets.DatasetDict:
     else:
         raw = _load_hub(task)
     for role, split in raw.items():
-        needed = [*task.text_columns, task.label_column]
-        missing = [c for c in needed if c not in split.column_names]
+        missing = [c for c in task.columns() if c not in split.column_names]
         if missing:
+            keys = "task.prompt_column / task.response_column" if task.type == "causal_lm" else \
+                "task.text_columns / task.label_column"
             raise RankoptError(f"{role} data has no column {missing[0]!r} (columns: {', '.join(split.column_names)}); "
-                               "set task.text_columns / task.label_column to match")
+                               f"set {keys} to match")
     return raw
 
 
@@ -122,6 +123,35 @@ def _label_space(task: TaskConfig, raw: datasets.DatasetDict) -> tuple[int, list
     return task.num_labels or num, None, None
 
 
+def prompt_response_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str,
+                        max_length: int) -> dict[str, list[int]]:
+    """Token ids of prompt + response (+ EOS), labels -100 on the prompt so only the response is learned.
+
+    Too long: the prompt loses its start, the response keeps at least half of ``max_length``.
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        response_ids = [*response_ids, tokenizer.eos_token_id]
+    if len(prompt_ids) + len(response_ids) > max_length:
+        response_ids = response_ids[:max(max_length // 2, max_length - len(prompt_ids))]
+        prompt_ids = prompt_ids[len(prompt_ids) - (max_length - len(response_ids)):]
+    ids = [*prompt_ids, *response_ids]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids),
+            "labels": [-100] * len(prompt_ids) + list(response_ids)}
+
+
+def _prepare_causal_lm(task: TaskConfig, raw: datasets.DatasetDict, tokenizer: PreTrainedTokenizerBase) -> TaskData:
+    def encode(row: dict) -> dict:
+        return prompt_response_ids(tokenizer, str(row[task.prompt_column]), str(row[task.response_column]),
+                                   task.max_length)
+
+    tokenized = {role: split.map(encode, remove_columns=split.column_names) for role, split in raw.items()}
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
+    return TaskData(train=tokenized["train"], eval=tokenized["eval"], num_labels=0, label_names=None,
+                    collator=collator)
+
+
 def prepare(task: TaskConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> TaskData:
     """Load, check, subsample and tokenize the task's data (once; reuse the result across trials)."""
     raw = load_raw(task)
@@ -129,6 +159,8 @@ def prepare(task: TaskConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0)
         "train": _subsample(raw["train"], task.max_train_samples, seed),
         "eval": _subsample(raw["eval"], task.max_eval_samples, seed),
     })
+    if task.type == "causal_lm":
+        return _prepare_causal_lm(task, raw, tokenizer)
     num_labels, names, to_id = _label_space(task, raw)
     cols = task.text_columns
 

@@ -208,19 +208,19 @@ def _command(out: Path, **opts: Any) -> str:
 
 
 def _model_source(meta: dict[str, Any], adapter_config: dict[str, Any]):
-    """(ModelConfig, regression) of the base model the adapter was trained on."""
+    """(ModelConfig, task type) of the base model the adapter was trained on."""
     from rankopt.config import Config, ModelConfig
 
     if isinstance(meta.get("config"), dict):
         try:
             cfg = Config.model_validate(meta["config"])
-            return cfg.model, cfg.task.type == "regression"
+            return cfg.model, cfg.task.type
         except Exception:  # noqa: BLE001 - a config from another rankopt version: use the adapter's base
             pass
     base = adapter_config.get("base_model_name_or_path")
     if not base:
         raise RankoptError("the adapter names no base model (base_model_name_or_path); cannot export it")
-    return ModelConfig(name=base), False
+    return ModelConfig(name=base), "causal_lm" if adapter_config.get("task_type") == "CAUSAL_LM" else "classification"
 
 
 def export(out: str | Path, *, study: str | None = None, storage: str | None = None,
@@ -252,10 +252,10 @@ def export(out: str | Path, *, study: str | None = None, storage: str | None = N
         folder, run = fetch_adapter(client, source.run_id, Path(tmp))
         _describe(source, run)
         adapter_config, state, meta = read_adapter(folder)
-        model_cfg, regression = _model_source(meta, adapter_config)
+        model_cfg, task_type = _model_source(meta, adapter_config)
         num_labels = meta.get("num_labels") or head_num_labels(state, adapter_config.get("modules_to_save") or [])
         tokenizer = load_tokenizer(model_cfg.name, model_cfg.trust_remote_code)
-        model = _merged_model(model_cfg, regression, num_labels, adapter_config, state) if merge else None
+        model = _merged_model(model_cfg, task_type, num_labels, adapter_config, state) if merge else None
         ranks = _ranks_in_model_order(state, meta)
         metrics = run.data.metrics
         adapter_params = int(metrics["adapter_params"]) if "adapter_params" in metrics else None
@@ -280,15 +280,15 @@ def export(out: str | Path, *, study: str | None = None, storage: str | None = N
                         metric=meta.get("metric"), ranks=ranks, adapter_params=adapter_params, registered=registered)
 
 
-def _merged_model(model_cfg, regression: bool, num_labels: int | None, adapter_config: dict[str, Any],
+def _merged_model(model_cfg, task_type: str, num_labels: int | None, adapter_config: dict[str, Any],
                   state: dict):
     """The base model (loaded by rankopt.modeling) with the adapter folded into its weights."""
     from rankopt.peft_format import merge_adapter
     from rankopt.modeling import load_pretrained
 
-    if num_labels is None:
+    if num_labels is None and task_type != "causal_lm":
         raise RankoptError("cannot tell the number of labels of this adapter's head; export without --merge")
-    return merge_adapter(load_pretrained(model_cfg, num_labels, regression), adapter_config, state)
+    return merge_adapter(load_pretrained(model_cfg, num_labels or 0, task_type), adapter_config, state)
 
 
 def _ranks_in_model_order(state: dict, meta: dict[str, Any]) -> dict[str, int]:
@@ -309,7 +309,8 @@ def _card(source: Source, meta: dict[str, Any], adapter_config: dict[str, Any], 
     return model_card(title=f"{task} ({origin})", base_model=adapter_config.get("base_model_name_or_path", "?"),
                       ranks=ranks, metric_name=meta.get("metric_name"), metric=meta.get("metric"),
                       found_by=_card_rows(source, adapter_params, trainable), how=_provenance(source),
-                      command=command, merged=merged, num_labels=num_labels, folder_name=str(out))
+                      command=command, merged=merged, num_labels=num_labels, folder_name=str(out),
+                      task_type=adapter_config.get("task_type") or "SEQ_CLS")
 
 
 def _card_rows(source: Source, adapter_params: int | None, trainable: float | None) -> list[tuple[str, str]]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 HIGHER_IS_BETTER = {"accuracy": True, "f1": True, "matthews": True, "pearson": True, "spearman": True,
-                    "loss": False}
+                    "loss": False, "perplexity": False}
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -30,6 +32,14 @@ def regression_metrics(predictions: np.ndarray, labels: np.ndarray) -> dict[str,
         "pearson": float(stats.pearsonr(predictions, labels)[0]),
         "spearman": float(stats.spearmanr(predictions, labels)[0]),
     }
+
+
+def language_model_metrics(mean_token_loss: float) -> dict[str, float]:
+    """Validation loss (mean negative log-likelihood per response token) and perplexity = exp(loss)."""
+    if math.isnan(mean_token_loss):
+        return {"loss": math.nan, "perplexity": math.nan}
+    perplexity = math.exp(mean_token_loss) if mean_token_loss < 700 else math.inf
+    return {"loss": mean_token_loss, "perplexity": perplexity}
 
 
 def compute(task_type: str, outputs: np.ndarray, labels: np.ndarray) -> dict[str, float]:

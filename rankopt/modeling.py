@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from torch import nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from rankopt.config import ModelConfig
 from rankopt.errors import RankoptError
@@ -56,15 +56,19 @@ def check_safetensors(path: str) -> None:
 
 
 @lru_cache(maxsize=4)
-def _load(path: str, num_labels: int, regression: bool, trust_remote_code: bool) -> nn.Module:
+def _load(path: str, task_type: str, num_labels: int, trust_remote_code: bool) -> nn.Module:
     logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
     check_safetensors(path)
     # safetensors only (never unpickle weights); remote code only when the preset says model.trust_remote_code
-    kwargs = {"num_labels": num_labels, "trust_remote_code": trust_remote_code, "use_safetensors": True}
-    if regression:
-        kwargs["problem_type"] = "regression"
+    kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
+    auto = AutoModelForCausalLM
+    if task_type != "causal_lm":
+        auto = AutoModelForSequenceClassification
+        kwargs["num_labels"] = num_labels
+        if task_type == "regression":
+            kwargs["problem_type"] = "regression"
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+        model = auto.from_pretrained(path, **kwargs)
     except OSError as exc:
         reason = str(exc).splitlines()[0]
         raise RankoptError(f"cannot load model '{path}' ({reason}); pass a local folder or a reachable hub id "
@@ -74,10 +78,15 @@ def _load(path: str, num_labels: int, regression: bool, trust_remote_code: bool)
     return model.eval()
 
 
-def load_pretrained(cfg: ModelConfig, num_labels: int, regression: bool) -> nn.Module:
-    """A fresh copy of the pretrained classifier (the base weights are loaded once per process)."""
+def load_pretrained(cfg: ModelConfig, num_labels: int, task_type: str = "classification") -> nn.Module:
+    """A fresh copy of the pretrained model for ``task_type`` (the base weights are loaded once per process).
+
+    Classification and regression get a sequence-classification head with ``num_labels``
+    outputs; ``causal_lm`` gets the model's own language-model head.
+    """
     path = resolve_model_path(cfg.name)
-    return copy.deepcopy(_load(path, num_labels, regression, cfg.trust_remote_code))
+    return copy.deepcopy(_load(path, task_type, num_labels if task_type != "causal_lm" else 0,
+                               cfg.trust_remote_code))
 
 
 @lru_cache(maxsize=4)

@@ -45,13 +45,18 @@ def peft_state_dict(adapted: AdaptedModel) -> dict[str, torch.Tensor]:
     return state
 
 
-def peft_config(adapted: AdaptedModel, base_model: str, task_type: str = "SEQ_CLS") -> dict[str, Any]:
+def peft_task_type(model: nn.Module) -> str:
+    """PEFT's task type for a model: ``CAUSAL_LM`` for a language model, else ``SEQ_CLS``."""
+    return "CAUSAL_LM" if type(model).__name__.endswith("ForCausalLM") else "SEQ_CLS"
+
+
+def peft_config(adapted: AdaptedModel, base_model: str, task_type: str | None = None) -> dict[str, Any]:
     """``adapter_config.json`` with full module paths in target_modules, rank_pattern, alpha_pattern."""
     ranks = adapted.ranks()
     default_r = Counter(ranks.values()).most_common(1)[0][0]
     return {
         "peft_type": "LORA",
-        "task_type": task_type,
+        "task_type": task_type or peft_task_type(adapted.model),
         "base_model_name_or_path": base_model,
         "r": default_r,
         "lora_alpha": default_r,
@@ -95,12 +100,12 @@ def atomic_folder(out: Path, force: bool = False):
 
 
 def write_adapter_files(adapted: AdaptedModel, folder: Path, base_model: str, meta: dict[str, Any] | None = None,
-                        task_type: str = "SEQ_CLS") -> None:
+                        task_type: str | None = None) -> None:
     """Write ``adapter_config.json``, ``adapter_model.safetensors`` and ``rankopt.json`` into ``folder``."""
     folder = Path(folder)
     meta = dict(meta or {})
     num_labels = getattr(getattr(adapted.model, "config", None), "num_labels", None)
-    if num_labels is not None:
+    if num_labels is not None and adapted.head_names:
         meta.setdefault("num_labels", num_labels)  # what the base model's head needs on reload
     save_file(peft_state_dict(adapted), str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     (folder / "adapter_config.json").write_text(json.dumps(peft_config(adapted, base_model, task_type), indent=2))
@@ -195,11 +200,11 @@ def merge_adapter(model: nn.Module, config: dict[str, Any], state: dict[str, tor
 
 def model_card(*, title: str, base_model: str, ranks: dict[str, int], metric_name: str | None,
                metric: float | None, found_by: list[tuple[str, str]], how: str, command: str, merged: bool,
-               num_labels: int | None = None, folder_name: str = "DIR") -> str:
+               num_labels: int | None = None, folder_name: str = "DIR", task_type: str = "SEQ_CLS") -> str:
     """README.md for an exported folder: what it is, how good, how it was found, rank per layer, how to load."""
     total = sum(ranks.values())
     lines = ["---", f"library_name: {'transformers' if merged else 'peft'}", f"base_model: {base_model}",
-             "pipeline_tag: text-classification", "tags: [rankopt, lora, adaptive-rank]", "---", "",
+             f"pipeline_tag: {'text-generation' if task_type == 'CAUSAL_LM' else 'text-classification'}", "tags: [rankopt, lora, adaptive-rank]", "---", "",
              f"# {title}", ""]
     kind = ("A fine-tuned model: a LoRA adapter with a different rank per layer, folded into the weights "
             "of") if merged else "A LoRA adapter with a different rank per layer for"
@@ -214,15 +219,17 @@ def model_card(*, title: str, base_model: str, ranks: dict[str, int], metric_nam
     lines += ["## Rank allocation", "", "| layer | rank |", "|---|---:|"]
     lines += [f"| `{name}` | {rank} |" for name, rank in ranks.items()]
     lines += [f"| **total** | **{total}** |", "", "## Use", "", "```python"]
-    labels = f", num_labels={num_labels}" if num_labels else ""
+    causal = task_type == "CAUSAL_LM"
+    labels = f", num_labels={num_labels}" if num_labels and not causal else ""
+    auto = "AutoModelForCausalLM" if causal else "AutoModelForSequenceClassification"
     if merged:
-        lines += ["from transformers import AutoModelForSequenceClassification, AutoTokenizer",
-                  f'model = AutoModelForSequenceClassification.from_pretrained("{folder_name}")',
+        lines += [f"from transformers import {auto}, AutoTokenizer",
+                  f'model = {auto}.from_pretrained("{folder_name}")',
                   f'tokenizer = AutoTokenizer.from_pretrained("{folder_name}")']
     else:
         lines += ["from peft import PeftModel",
-                  "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
-                  f'base = AutoModelForSequenceClassification.from_pretrained("{base_model}"{labels})',
+                  f"from transformers import {auto}, AutoTokenizer",
+                  f'base = {auto}.from_pretrained("{base_model}"{labels})',
                   f'model = PeftModel.from_pretrained(base, "{folder_name}")',
                   f'tokenizer = AutoTokenizer.from_pretrained("{folder_name}")']
     lines += ["```", ""]

@@ -22,7 +22,12 @@ from rankopt.config import Config, Distribution, SearchConfig, build_config
 from rankopt.errors import RankoptError
 from rankopt.events import Callback, TrainResult
 
-OBJECTIVE_DIRECTIONS = {"metric": "maximize", "params": "minimize"}
+def objective_directions(cfg: Config) -> list[str]:
+    """Optuna directions of the preset's objectives: the task metric's own (loss: down), params down."""
+    from rankopt.metrics import HIGHER_IS_BETTER
+
+    metric = "maximize" if HIGHER_IS_BETTER[cfg.task.metric] else "minimize"
+    return [metric if o == "metric" else "minimize" for o in cfg.search.objectives]
 
 
 def default_storage(out: Path) -> str:
@@ -157,7 +162,8 @@ def best_trials(study: optuna.Study) -> list[TrialSummary]:
         return []
     if len(study.directions) == 1:
         return [summarize(study.best_trial)]
-    return sorted((summarize(t) for t in study.best_trials), key=lambda s: -(s.metric or -math.inf))
+    sign = -1.0 if study.directions[0] == optuna.study.StudyDirection.MAXIMIZE else 1.0
+    return sorted((summarize(t) for t in study.best_trials), key=lambda s: sign * (s.metric or -sign * math.inf))
 
 
 def trial_config(base: Config, values: dict[str, Any]) -> Config:

@@ -51,6 +51,15 @@ def evaluate(adapted: AdaptedModel, data: TaskData, task_type: str, batch_size: 
     was_training = model.training
     model.eval()
     loader = DataLoader(data.eval, batch_size=batch_size, shuffle=False, collate_fn=data.collator)
+    try:
+        if task_type == "causal_lm":
+            return _language_model_metrics(model, loader, device)
+        return _prediction_metrics(model, loader, task_type, device)
+    finally:
+        model.train(was_training)
+
+
+def _prediction_metrics(model, loader: DataLoader, task_type: str, device: str) -> dict[str, float]:
     outputs, labels, losses, count = [], [], 0.0, 0
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
@@ -60,10 +69,24 @@ def evaluate(adapted: AdaptedModel, data: TaskData, task_type: str, batch_size: 
         count += n
         outputs.append(out.logits.float().cpu().numpy())
         labels.append(batch["labels"].cpu().numpy())
-    model.train(was_training)
     result = task_metrics.compute(task_type, np.concatenate(outputs), np.concatenate(labels))
     result["loss"] = losses / max(count, 1)
     return result
+
+
+def _language_model_metrics(model, loader: DataLoader, device: str) -> dict[str, float]:
+    """Mean loss per response token over the whole split (not per batch), and its perplexity.
+
+    Logits are never collected: a vocabulary-sized output per token would not fit in memory.
+    """
+    total, tokens = 0.0, 0
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        n = int((batch["labels"][:, 1:] != -100).sum())  # the model predicts token t+1 from tokens <= t
+        if n:
+            total += float(model(**batch).loss) * n
+            tokens += n
+    return task_metrics.language_model_metrics(total / tokens if tokens else float("nan"))
 
 
 class Stepper:

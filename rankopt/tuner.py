@@ -18,8 +18,8 @@ from rankopt.config import Config
 from rankopt.errors import RankoptError
 from rankopt.events import Callback
 from rankopt.modeling import resolve_model_path
-from rankopt.search import (OBJECTIVE_DIRECTIONS, ReportToTrial, TuneResult, best_trials, default_storage,
-                            make_pruner, make_sampler, suggest, trial_config)
+from rankopt.search import (ReportToTrial, TuneResult, best_trials, default_storage, make_pruner, make_sampler,
+                            objective_directions, suggest, trial_config)
 from rankopt.studies import (CONFIG_ATTR, LIMIT_ATTR, StaleTrialHandler, open_storage, retried_from,
                              tally)
 from rankopt.trainer import train_adapted
@@ -135,7 +135,7 @@ def open_study(cfg: Config, study_name: str, storage: str, *, storage_obj=None,
     ``distributed``: one of several workers; each samples with its own random seed (and TPE
     with the constant-liar strategy), so that concurrent workers do not propose the same trial.
     """
-    directions = [OBJECTIVE_DIRECTIONS[o] for o in cfg.search.objectives]
+    directions = objective_directions(cfg)
     if storage_obj is None:
         storage_obj = open_storage(storage, cfg.search, StaleTrialHandler(cfg.search))
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage_obj)}

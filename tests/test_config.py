@@ -155,10 +155,10 @@ def test_task_consistency(pairs, fragment):
 
 def test_missing_required_key():
     raw = load_config("demo").model_dump()
-    del raw["task"]["text_columns"]
+    del raw["model"]["name"]
     with pytest.raises(RankoptError) as excinfo:
         build_config(raw)
-    assert_one_line_error(excinfo, "missing config key 'task.text_columns'")
+    assert_one_line_error(excinfo, "missing config key 'model.name'")
 
 
 def test_data_folder_must_exist(tmp_path):

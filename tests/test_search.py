@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from rankopt.config import Config, Distribution, SearchConfig
 from rankopt.errors import RankoptError
-from rankopt.search import (OBJECTIVE_DIRECTIONS, ReportToTrial, TrialSummary, best_trials, default_storage,
+from rankopt.search import (ReportToTrial, TrialSummary, best_trials, default_storage,
                             make_pruner, make_sampler, suggest, summarize, trial_config)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -187,7 +187,7 @@ def _add(study: optuna.Study, number_values: list, state=TrialState.COMPLETE, **
 
 
 def test_best_trial_of_one_objective():
-    study = optuna.create_study(direction=OBJECTIVE_DIRECTIONS["metric"])
+    study = optuna.create_study(direction="maximize")
     _add(study, [0.7], total_rank=24, ranks=json.dumps({"a": 1, "b": 3, "c": 2}), trainable_params=99,
          mlflow_run_id="r0")
     _add(study, [0.9], total_rank=12, ranks=json.dumps({"a": 6, "b": 1, "c": 2}), mlflow_run_id="r1")
@@ -200,7 +200,7 @@ def test_best_trial_of_one_objective():
 
 
 def test_pareto_set_of_two_objectives_best_metric_first():
-    study = optuna.create_study(directions=[OBJECTIVE_DIRECTIONS["metric"], OBJECTIVE_DIRECTIONS["params"]])
+    study = optuna.create_study(directions=["maximize", "minimize"])
     points = [(0.80, 1000.0), (0.90, 3000.0), (0.70, 500.0), (0.75, 2000.0), (0.85, 3000.0)]
     for values in points:
         _add(study, list(values))
