@@ -1,0 +1,233 @@
+"""The overhead benchmark on a GPU: a randomly initialised ~1.1B-parameter decoder in bf16, rankopt vs PEFT.
+
+A Llama-shaped causal LM (TinyLlama's shape: hidden 2048, 22 layers, FFN 5632, 32 heads with
+4 key/value heads, vocabulary 32000: 1.1B parameters) drawn at random from one seed, so
+nothing is downloaded. Every run starts from a copy of the same weights, adapts the same
+154 linears (q, k, v, o, gate, up, down) and trains on the same random token batches with
+next-token loss (``labels = input_ids``), through the same AdamW + schedule + clipping:
+
+* ``rankopt adaptive, budget R`` (controller on, budget kept at R per layer: like for like),
+  ``rankopt adaptive, budget R->R/2``, ``rankopt fixed r=R`` (controller off);
+* ``PEFT LoRA r=R`` (alpha 2R, the baseline of every ratio), ``PEFT AdaLoRA 1.5R->R``.
+
+Each method as it ships: rankopt's adapters take the base's dtype (bf16); PEFT, by default
+(``autocast_adapter_dtype=True``), keeps its adapter weights in fp32 on a bf16 base. The
+adapter dtype is shown in the table.
+
+Time: the runs alternate step by step in one process (who goes first rotates), CUDA
+synchronised around every step; median and mean over the timed steps. Memory: each run
+alone first (only the shared base weights resident), built, stepped ``--memory-steps``
+times on a schedule compressed to that length (so reallocations happen), its peak
+``torch.cuda.max_memory_allocated`` above what was allocated before it was built: its copy
+of the weights, adapters, optimizer state, controller state and activations.
+
+    python benchmarks/gpu_overhead.py                          # ~3 min on one H100/H200
+    python benchmarks/gpu_overhead.py --tiny --device cpu --steps 2 --warmup 1 --memory-steps 2  # smoke (CPU)
+
+Without a CUDA GPU (and without ``--device cpu``) it exits with code 2 and says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overhead_vs_peft import PeftStepper, adalora_init  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RUNS = {
+    "adaptive": "rankopt adaptive, budget {r}",
+    "adaptive-prune": "rankopt adaptive, budget {r}->{half}",
+    "fixed": "rankopt fixed r={r}",
+    "lora": "PEFT LoRA r={r}",
+    "adalora": "PEFT AdaLoRA {init}->{r}",
+}
+SHAPES = {  # hidden, layers, intermediate, heads, kv heads, vocab
+    "1b": (2048, 22, 5632, 32, 4, 32000),
+    "tiny": (64, 2, 128, 4, 2, 256),
+}
+
+
+def build_base(args: argparse.Namespace, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The random decoder, built directly in ``dtype`` on ``device``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, layers, inter, heads, kv, vocab = SHAPES["tiny" if args.tiny else "1b"]
+    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=args.layers or layers, intermediate_size=inter,
+                         num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
+                         max_position_embeddings=max(args.seq, 2048), attn_implementation="sdpa")
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model
+
+
+def rankopt_config(args: argparse.Namespace, key: str, total: int, device: str):
+    from rankopt.config import build_config
+
+    r = args.rank
+    controller = {"enabled": key != "fixed", "target_rank": r // 2 if key == "adaptive-prune" else r,
+                  "min_rank": 1, "max_rank": 2 * r, "warmup": 0.1, "final": 0.2, "interval": 10}
+    raw = {"task": {"name": "gpu-overhead", "builtin": "chatterbot", "text_columns": ["text"]},  # not loaded
+           "model": {"name": "random-llama", "target_modules": TARGETS},
+           "adapter": {"init_rank": r, "alpha": 2 * r},
+           "training": {"steps": total, "batch_size": args.batch, "eval_every": total, "lr": args.lr,
+                        "device": device, "seed": 0},
+           "controller": controller}
+    return build_config(raw)
+
+
+def build_run(args: argparse.Namespace, key: str, base: torch.nn.Module, total: int, device: str):
+    """(stepper, model, adapter dtype) for run ``key`` on a copy of ``base``."""
+    model = copy.deepcopy(base)
+    model.train()
+    if key in ("adaptive", "adaptive-prune", "fixed"):
+        from rankopt.adapters import adapt
+        from rankopt.trainer import Stepper
+
+        cfg = rankopt_config(args, key, total, device)
+        adapted = adapt(model, TARGETS, cfg.adapter.init_rank, cfg.adapter.alpha, seed=0)
+        dtype = next(iter(adapted.adapters.values())).lora_P.dtype
+        return Stepper(cfg, adapted), model, dtype
+    from peft import AdaLoraConfig, LoraConfig, get_peft_model
+
+    r = args.rank
+    common = {"task_type": "CAUSAL_LM", "target_modules": TARGETS, "lora_dropout": 0.0}
+    if key == "lora":
+        config = LoraConfig(r=r, lora_alpha=2 * r, **common)
+    else:
+        init = adalora_init(r)
+        config = AdaLoraConfig(init_r=init, target_r=r, lora_alpha=2 * init, total_step=total,
+                               tinit=round(0.1 * total), tfinal=round(0.2 * total), deltaT=10, **common)
+    torch.manual_seed(0)
+    peft = get_peft_model(model, config)
+    dtype = next(p.dtype for n, p in peft.named_parameters() if "lora_A" in n)
+    stepper = PeftStepper(peft, args.lr, 0.0, "linear", total, 0.06, 1.0, adalora=key == "adalora", device=device)
+    return stepper, peft, dtype
+
+
+def make_batches(n: int, vocab: int, batch: int, seq: int, device: str) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (batch, seq), generator=g)
+        out.append({k: v.to(device) for k, v in
+                    {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}.items()})
+    return out
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure_memory(args, base, device: str, vocab: int) -> dict[str, float]:
+    """Peak GiB each run adds on top of the shared base weights, each run alone."""
+    out = {}
+    batches = make_batches(args.memory_steps, vocab, args.batch, args.seq, device)
+    for key in RUNS:
+        gc.collect()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        stepper, model, _ = build_run(args, key, base, args.memory_steps, device)
+        for batch in batches:
+            stepper.step(batch)
+        sync(device)
+        out[key] = (torch.cuda.max_memory_allocated() - before) / 2**30
+        del stepper, model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
+def time_runs(args, base, device: str, vocab: int) -> tuple[dict[str, dict], dict[str, str]]:
+    total = args.steps + args.warmup
+    built = {key: build_run(args, key, base, total, device) for key in RUNS}
+    dtypes = {key: str(b[2]).removeprefix("torch.") for key, b in built.items()}
+    times: dict[str, list[float]] = {key: [] for key in RUNS}
+    keys = list(RUNS)
+    for i, batch in enumerate(make_batches(total, vocab, args.batch, args.seq, device)):
+        for key in keys[i % len(keys):] + keys[:i % len(keys)]:  # rotate who goes first
+            sync(device)
+            t0 = time.perf_counter()
+            built[key][0].step(batch)
+            sync(device)
+            if i >= args.warmup:
+                times[key].append(time.perf_counter() - t0)
+    timing = {key: {"median_s": statistics.median(ts), "mean_s": statistics.fmean(ts)} for key, ts in times.items()}
+    return timing, dtypes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda", help="cuda, cuda:K, or cpu (with --tiny, for a smoke run)")
+    ap.add_argument("--tiny", action="store_true", help="a 2-layer hidden-64 decoder instead of the 1.1B one")
+    ap.add_argument("--layers", type=int, default=None, help="override the number of decoder layers")
+    ap.add_argument("--steps", type=int, default=30, help="timed steps per run")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    ap.add_argument("--memory-steps", type=int, default=20, help="steps per memory run (0: skip; CUDA only)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=1024)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    args = ap.parse_args()
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        print("error: no CUDA GPU visible to torch here; the GPU benchmark (issue 5, item 5) was not run. "
+              "For a CPU smoke run: --tiny --device cpu", file=sys.stderr)
+        sys.exit(2)
+    if not cuda and not args.tiny:
+        print("error: the 1.1B model is for a GPU; on the CPU pass --tiny", file=sys.stderr)
+        sys.exit(2)
+    if args.steps + args.warmup < 2 or args.memory_steps == 1:
+        ap.error("runs need at least 2 steps (AdaLoRA fixes its budget at its last step)")
+    if cuda:
+        torch.cuda.set_device(torch.device(args.device))
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    base = build_base(args, args.device, dtype)
+    vocab = base.config.vocab_size
+    n_params = sum(p.numel() for p in base.parameters())
+    memory = measure_memory(args, base, args.device, vocab) if cuda and args.memory_steps > 0 else {}
+    timing, dtypes = time_runs(args, base, args.device, vocab)
+    names = {k: v.format(r=args.rank, half=args.rank // 2, init=adalora_init(args.rank)) for k, v in RUNS.items()}
+    rows = []
+    for key, t in timing.items():
+        row = {"run": names[key], "adapter_dtype": dtypes[key], **t,
+               "median_ratio": t["median_s"] / timing["lora"]["median_s"],
+               "mean_ratio": t["mean_s"] / timing["lora"]["mean_s"]}
+        if key in memory:
+            row.update(peak_gib=memory[key], peak_ratio=memory[key] / memory["lora"])
+        rows.append(row)
+    device_name = torch.cuda.get_device_name(args.device) if cuda else (platform.processor() or platform.machine())
+    print(f"# GPU overhead: random Llama-shaped decoder, {n_params / 1e9:.2f}B params, {args.dtype}, batch "
+          f"{args.batch} x seq {args.seq}, rank {args.rank} on {len(TARGETS)} projections per layer, {args.steps} "
+          f"timed steps (+{args.warmup}) interleaved; {device_name}, torch {torch.__version__}")
+    print("| run | adapter dtype | median step (s) | mean step (s) | median / LoRA | mean / LoRA | peak (GiB) | "
+          "peak / LoRA |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        peak = f"{r['peak_gib']:.2f} | {r['peak_ratio']:.3f}" if "peak_gib" in r else "— | —"
+        print(f"| {r['run']} | {r['adapter_dtype']} | {r['median_s']:.4f} | {r['mean_s']:.4f} | "
+              f"{r['median_ratio']:.3f} | {r['mean_ratio']:.3f} | {peak} |")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

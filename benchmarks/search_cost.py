@@ -1,0 +1,268 @@
+"""Search cost: rankopt tune's sampler + pruner vs random search vs the full grid, on one recorded grid.
+
+Tuning the budget (``controller.target_rank``) and ``training.lr`` of one task costs many
+fine-tunes, so the comparison is made tabular, as in HPO benchmarks:
+
+1. **Record.** Every point of a grid (default 4 budgets x 4 learning rates on the ``demo``
+   preset, 120 steps, an evaluation every 20) is trained once for real at a fixed seed, and
+   its whole evaluation curve (step -> metric) and wall time go to a JSON file. Finished
+   points are skipped, so an interrupted recording resumes.
+2. **Replay.** Real Optuna studies search the same grid as a categorical space, with the
+   sampler and pruner ``rankopt tune`` builds from the preset (``rankopt.search.make_sampler``
+   / ``make_pruner``: TPE + median pruner for demo), TPE without pruning, random sampling +
+   the same pruner, and random without pruning. A trial reports its recorded curve point by
+   point through ``trial.report`` / ``should_prune``, exactly as ``rankopt.search.ReportToTrial``
+   does during training (the final evaluation can be pruned too), and returns the final
+   metric. Its compute is the training steps run: a pruned trial costs the steps up to the
+   evaluation that stopped it. A point drawn twice is paid twice, as a real study would.
+
+Training is deterministic at a fixed seed, so a replayed trial is what rerunning it would
+give; ``--verify`` checks that by training the grid's best point again and comparing curves.
+Each search is repeated over ``--reps`` sampler seeds. Reported: the mean best metric after
+equal trial counts, and the compute to first get within ``--tolerance`` points of the grid's
+best (median over repetitions, in steps and as a share of the full grid's compute, with the
+share of repetitions that got there within ``--max-trials``).
+
+    python benchmarks/search_cost.py --verify      # ~20 min on 2 CPU cores (the grid), then ~1 min of replay
+    python benchmarks/search_cost.py --replay-only # the tables again from the JSON
+    python benchmarks/search_cost.py --preset tiny.yml --budgets 1 2 --lrs 5e-3 1e-2 --steps 4 --eval-every 2 \\
+        --reps 3 --trial-counts 2 4 --max-trials 6 --out /tmp/grid.json --verify   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import optuna
+import torch
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "search_cost_grid.json"
+KEYS = ("controller.target_rank", "training.lr")
+
+
+def setup_of(args: argparse.Namespace) -> dict:
+    """What the recorded curves depend on; a file recorded under another setup is not reused."""
+    return {"preset": args.preset, "set": list(args.set), "data": args.data, "steps": args.steps,
+            "eval_every": args.eval_every, "seed": args.seed}
+
+
+def point_config(args: argparse.Namespace, budget: float, lr: float):
+    from rankopt.api import resolve_config
+    from rankopt.config import parse_overrides
+
+    over = {**parse_overrides(args.set), "training.steps": args.steps, "training.eval_every": args.eval_every,
+            "training.seed": args.seed, KEYS[0]: budget, KEYS[1]: lr}
+    return resolve_config(args.preset, over, data_dir=args.data)
+
+
+def train_point(args: argparse.Namespace, budget: float, lr: float) -> dict:
+    """One real fine-tune of a grid point, untracked: its evaluation curve, final rank and wall time."""
+    from rankopt.api import train
+
+    cfg = point_config(args, budget, lr)
+    try:
+        result = train(cfg, track=False)
+    except Exception as exc:  # a diverged run is a data point too: the worst metric
+        print(f"  budget={budget:g} lr={lr:g} failed: {exc}", file=sys.stderr)
+        return {"budget": budget, "lr": lr, "metric_name": cfg.task.metric, "failed": str(exc)[:500],
+                "curve": [[step, -math.inf] for step in eval_steps(args.steps, args.eval_every)],
+                "seconds": None, "total_rank": None}
+    curve = [[step, metrics[cfg.task.metric]] for step, metrics in result.eval_history]
+    return {"budget": budget, "lr": lr, "metric_name": cfg.task.metric, "curve": curve,
+            "seconds": round(result.seconds, 2), "total_rank": result.total_rank}
+
+
+def eval_steps(steps: int, every: int) -> list[int]:
+    return [s for s in range(1, steps + 1) if s % every == 0 or s == steps]
+
+
+def load_grid(path: Path, setup: dict) -> list[dict]:
+    if not path.is_file():
+        return []
+    saved = json.loads(path.read_text())
+    if saved["setup"] != setup:
+        raise SystemExit(f"error: {path} was recorded with {saved['setup']}, not {setup}; pass another --out")
+    return saved["points"]
+
+
+def save_grid(path: Path, setup: dict, points: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"setup": setup, "points": points}, indent=1))
+    tmp.replace(path)
+
+
+def record_grid(args: argparse.Namespace) -> list[dict]:
+    setup = setup_of(args)
+    points = load_grid(args.out, setup)
+    done = {(p["budget"], p["lr"]) for p in points}
+    for budget in args.budgets:
+        for lr in args.lrs:
+            if (budget, lr) in done:
+                continue
+            if args.replay_only:
+                raise SystemExit(f"error: {args.out} has no point budget={budget:g} lr={lr:g}; run without "
+                                 "--replay-only to record it")
+            point = train_point(args, budget, lr)
+            points.append(point)
+            save_grid(args.out, setup, points)
+            print(f"budget={budget:g} lr={lr:g}: {point['metric_name']}={point['curve'][-1][1]:.4f} "
+                  f"total rank {point['total_rank']} ({point['seconds']} s)", flush=True)
+    wanted = {(b, lr) for b in args.budgets for lr in args.lrs}
+    return [p for p in points if (p["budget"], p["lr"]) in wanted]
+
+
+def verify(args: argparse.Namespace, best: dict) -> bool:
+    """Train the grid's best point again; replay is sound only if the curve comes out the same."""
+    again = train_point(args, best["budget"], best["lr"])
+    diff = max(abs(a[1] - b[1]) for a, b in zip(best["curve"], again["curve"]))
+    same = [a[0] for a in best["curve"]] == [b[0] for b in again["curve"]] and diff == 0
+    print(f"verify: budget={best['budget']:g} lr={best['lr']:g} retrained: "
+          f"{'identical curve' if same else f'curves differ (max |diff| {100 * diff:.3f} points)'} "
+          f"({again['seconds']} s)", flush=True)
+    return same
+
+
+def run_search(points: dict[tuple, list], args: argparse.Namespace, search, seed: int) -> list[dict]:
+    """One Optuna study over the recorded grid; per trial: the steps it ran and the best metric so far."""
+    from rankopt.config import Distribution
+    from rankopt.search import make_pruner, make_sampler, suggest
+
+    space = {KEYS[0]: Distribution(type="categorical", choices=list(args.budgets)),
+             KEYS[1]: Distribution(type="categorical", choices=list(args.lrs))}
+    study = optuna.create_study(direction="maximize", sampler=make_sampler(search, seed, 1),
+                                pruner=make_pruner(search, args.eval_every))
+    log: list[dict] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        values = suggest(trial, space)
+        curve = points[values[KEYS[0]], values[KEYS[1]]]
+        for step, metric in curve:
+            trial.report(metric, step)
+            if trial.should_prune():
+                log.append({"steps": step, "value": None})
+                raise optuna.TrialPruned()
+        log.append({"steps": curve[-1][0], "value": curve[-1][1]})
+        return curve[-1][1]
+
+    study.optimize(objective, n_trials=args.max_trials)
+    best, spent = -math.inf, 0
+    for entry in log:
+        spent += entry["steps"]
+        if entry["value"] is not None:
+            best = max(best, entry["value"])
+        entry.update(spent=spent, best=best)
+    best_params = study.best_trial.params if any(e["value"] is not None for e in log) else {}
+    log[-1]["best_point"] = (best_params.get(KEYS[0]), best_params.get(KEYS[1]))
+    return log
+
+
+def searches(own) -> dict[str, object]:
+    """The preset's sampler + pruner (built as rankopt tune builds them), then without pruning, then random."""
+    combos = dict.fromkeys([(own.sampler, own.pruner), (own.sampler, "none"), ("random", own.pruner),
+                            ("random", "none")])
+    out = {}
+    for i, (sampler, pruner) in enumerate(combos):
+        name = f"{sampler} + {pruner} pruner" if pruner != "none" else f"{sampler}, no pruner"
+        out["rankopt tune: " + name if i == 0 else name] = own.model_copy(update={"sampler": sampler,
+                                                                                 "pruner": pruner})
+    return out
+
+
+def summarize(args: argparse.Namespace, grid: list[dict]) -> tuple[list[dict], dict]:
+    curves = {(p["budget"], p["lr"]): p["curve"] for p in grid}
+    best_point = max(grid, key=lambda p: p["curve"][-1][1])
+    grid_best = best_point["curve"][-1][1]
+    grid_steps = sum(p["curve"][-1][0] for p in grid)
+    goal = grid_best - args.tolerance / 100
+    search_cfg = point_config(args, args.budgets[0], args.lrs[0]).search
+    rows = []
+    for name, search in searches(search_cfg).items():
+        logs = [run_search(curves, args, search, seed) for seed in range(args.reps)]
+        row = {"search": name, "reps": args.reps}
+        for k in args.trial_counts:
+            bests = [100 * log[min(k, len(log)) - 1]["best"] for log in logs]
+            finite = [b for b in bests if math.isfinite(b)]
+            row[f"best@{k}"] = statistics.fmean(finite) if finite else None
+            row[f"sd@{k}"] = statistics.stdev(finite) if len(finite) > 1 else 0.0
+        reach = [next((e["spent"] for e in log if e["best"] >= goal), math.inf) for log in logs]
+        row["reached"] = sum(math.isfinite(r) for r in reach) / len(reach)
+        row["median_steps"] = statistics.median(reach)
+        row["share_of_grid"] = row["median_steps"] / grid_steps
+        row["modal_best_point"] = collections.Counter(log[-1]["best_point"] for log in logs).most_common(1)[0][0]
+        rows.append(row)
+    grid_row = {"search": f"full grid ({len(grid)} runs)", "reps": 1, "reached": 1.0, "median_steps": grid_steps,
+                "share_of_grid": 1.0, "modal_best_point": (best_point["budget"], best_point["lr"]),
+                **{f"best@{k}": 100 * grid_best for k in args.trial_counts},
+                **{f"sd@{k}": 0.0 for k in args.trial_counts}}
+    info = {"grid_best": grid_best, "grid_steps": grid_steps, "best_point": best_point,
+            "grid_seconds": sum(p["seconds"] or 0 for p in grid), "metric": best_point["metric_name"]}
+    return [grid_row, *rows], info
+
+
+def print_tables(args: argparse.Namespace, grid: list[dict], rows: list[dict], info: dict) -> None:
+    metric = info["metric"]
+    print(f"\n# grid: {args.preset}, {args.steps} steps, eval every {args.eval_every}, seed {args.seed}; "
+          f"{metric} x 100 (final evaluation)")
+    print("| budget \\ lr | " + " | ".join(f"{lr:g}" for lr in args.lrs) + " |")
+    print("|---|" + "---|" * len(args.lrs))
+    final = {(p["budget"], p["lr"]): 100 * p["curve"][-1][1] for p in grid}
+    for b in args.budgets:
+        print(f"| {b:g} | " + " | ".join(f"{final[b, lr]:.1f}" for lr in args.lrs) + " |")
+    bp = info["best_point"]
+    print(f"\nGrid best: budget {bp['budget']:g}, lr {bp['lr']:g}: {100 * info['grid_best']:.1f}; full grid "
+          f"{info['grid_steps']} steps, {info['grid_seconds'] / 60:.1f} min of training.")
+    print(f"\n# search cost: {args.reps} sampler seeds per search, up to {args.max_trials} trials each; target: within "
+          f"{args.tolerance:g} points of the grid's best ({100 * info['grid_best']:.1f}); torch "
+          f"{torch.__version__}, optuna {optuna.__version__}")
+    head = " | ".join(f"best after {k} trials" for k in args.trial_counts)
+    print(f"| search | {head} | steps to target (median) | % of grid | reached | best point found most often |")
+    print("|---|" + "---|" * len(args.trial_counts) + "---|---|---|---|")
+    for r in rows:
+        bests = " | ".join("—" if r[f"best@{k}"] is None else f"{r[f'best@{k}']:.1f} ± {r[f'sd@{k}']:.1f}"
+                           for k in args.trial_counts)
+        steps = "not reached" if math.isinf(r["median_steps"]) else f"{r['median_steps']:.0f}"
+        share = "—" if math.isinf(r["median_steps"]) else f"{100 * r['share_of_grid']:.0f} %"
+        budget, lr = r["modal_best_point"]
+        point = "—" if budget is None else f"{budget:g} / {lr:g}"
+        print(f"| {r['search']} | {bests} | {steps} | {share} | {100 * r['reached']:.0f} % | {point} |")
+    print(json.dumps({"rows": rows, "grid_best": info["grid_best"], "grid_steps": info["grid_steps"]},
+                     default=str))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="demo", help="preset name or .yml")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="preset overrides")
+    ap.add_argument("--data", default=None, help="data folder for the preset (as rankopt train --data)")
+    ap.add_argument("--budgets", nargs="+", type=float, default=[1.0, 2.0, 4.0, 8.0], help="controller.target_rank")
+    ap.add_argument("--lrs", nargs="+", type=float, default=[5e-4, 1e-3, 2e-3, 4e-3], help="training.lr")
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--eval-every", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0, help="training seed of every grid point")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON of recorded curves (resumable)")
+    ap.add_argument("--replay-only", action="store_true", help="train nothing; the grid must be recorded")
+    ap.add_argument("--verify", action="store_true", help="retrain the best point and compare its curve")
+    ap.add_argument("--reps", type=int, default=30, help="sampler seeds per search")
+    ap.add_argument("--trial-counts", nargs="+", type=int, default=[8, 16], help="report the best after these")
+    ap.add_argument("--max-trials", type=int, default=32, help="trials per search (points may repeat)")
+    ap.add_argument("--tolerance", type=float, default=0.5, help="points below the grid's best that count")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    grid = record_grid(args)
+    rows, info = summarize(args, grid)
+    print_tables(args, grid, rows, info)
+    if args.verify and not verify(args, info["best_point"]):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

