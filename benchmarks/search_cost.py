@@ -21,7 +21,9 @@ give; ``--verify`` checks that by training the grid's best point again and compa
 Each search is repeated over ``--reps`` sampler seeds. Reported: the mean best metric after
 equal trial counts, and the compute to first get within ``--tolerance`` points of the grid's
 best (median over repetitions, in steps and as a share of the full grid's compute, with the
-share of repetitions that got there within ``--max-trials``).
+share of repetitions that got there within ``--max-trials``). Metrics in [0, 1] count in points
+(x 100); a minimised metric (loss, perplexity of a causal-LM preset) in its own unit, and the
+studies then minimise.
 
     python benchmarks/search_cost.py --verify      # ~20 min on 2 CPU cores (the grid), then ~1 min of replay
     python benchmarks/search_cost.py --replay-only # the tables again from the JSON
@@ -44,6 +46,17 @@ import torch
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "search_cost_grid.json"
 KEYS = ("controller.target_rank", "training.lr")
+
+
+def higher_is_better(metric: str) -> bool:
+    from rankopt.metrics import HIGHER_IS_BETTER
+
+    return HIGHER_IS_BETTER.get(metric, True)
+
+
+def display_scale(metric: str) -> float:
+    """Scores in [0, 1] (accuracy, f1, ...) are shown and compared in points (x 100); losses as they are."""
+    return 100.0 if higher_is_better(metric) else 1.0
 
 
 def setup_of(args: argparse.Namespace) -> dict:
@@ -71,7 +84,8 @@ def train_point(args: argparse.Namespace, budget: float, lr: float) -> dict:
     except Exception as exc:  # a diverged run is a data point too: the worst metric
         print(f"  budget={budget:g} lr={lr:g} failed: {exc}", file=sys.stderr)
         return {"budget": budget, "lr": lr, "metric_name": cfg.task.metric, "failed": str(exc)[:500],
-                "curve": [[step, -math.inf] for step in eval_steps(args.steps, args.eval_every)],
+                "curve": [[step, -math.inf if higher_is_better(cfg.task.metric) else math.inf]
+                          for step in eval_steps(args.steps, args.eval_every)],
                 "seconds": None, "total_rank": None}
     curve = [[step, metrics[cfg.task.metric]] for step, metrics in result.eval_history]
     return {"budget": budget, "lr": lr, "metric_name": cfg.task.metric, "curve": curve,
@@ -123,20 +137,22 @@ def verify(args: argparse.Namespace, best: dict) -> bool:
     again = train_point(args, best["budget"], best["lr"])
     diff = max(abs(a[1] - b[1]) for a, b in zip(best["curve"], again["curve"]))
     same = [a[0] for a in best["curve"]] == [b[0] for b in again["curve"]] and diff == 0
+    shown = diff * display_scale(best["metric_name"])
     print(f"verify: budget={best['budget']:g} lr={best['lr']:g} retrained: "
-          f"{'identical curve' if same else f'curves differ (max |diff| {100 * diff:.3f} points)'} "
+          f"{'identical curve' if same else f'curves differ (max |diff| {shown:.4g})'} "
           f"({again['seconds']} s)", flush=True)
     return same
 
 
-def run_search(points: dict[tuple, list], args: argparse.Namespace, search, seed: int) -> list[dict]:
+def run_search(points: dict[tuple, list], args: argparse.Namespace, search, seed: int,
+               higher: bool = True) -> list[dict]:
     """One Optuna study over the recorded grid; per trial: the steps it ran and the best metric so far."""
     from rankopt.config import Distribution
     from rankopt.search import make_pruner, make_sampler, suggest
 
     space = {KEYS[0]: Distribution(type="categorical", choices=list(args.budgets)),
              KEYS[1]: Distribution(type="categorical", choices=list(args.lrs))}
-    study = optuna.create_study(direction="maximize", sampler=make_sampler(search, seed, 1),
+    study = optuna.create_study(direction="maximize" if higher else "minimize", sampler=make_sampler(search, seed, 1),
                                 pruner=make_pruner(search, args.eval_every))
     log: list[dict] = []
 
@@ -152,11 +168,12 @@ def run_search(points: dict[tuple, list], args: argparse.Namespace, search, seed
         return curve[-1][1]
 
     study.optimize(objective, n_trials=args.max_trials)
-    best, spent = -math.inf, 0
+    sign = 1 if higher else -1
+    best, spent = -sign * math.inf, 0
     for entry in log:
         spent += entry["steps"]
-        if entry["value"] is not None:
-            best = max(best, entry["value"])
+        if entry["value"] is not None and sign * entry["value"] > sign * best:
+            best = entry["value"]
         entry.update(spent=spent, best=best)
     best_params = study.best_trial.params if any(e["value"] is not None for e in log) else {}
     log[-1]["best_point"] = (best_params.get(KEYS[0]), best_params.get(KEYS[1]))
@@ -176,22 +193,25 @@ def searches(own) -> dict[str, object]:
 
 
 def summarize(args: argparse.Namespace, grid: list[dict]) -> tuple[list[dict], dict]:
+    """One row per search (plus the full grid): best after equal trial counts, compute to the target."""
+    metric = grid[0]["metric_name"]
+    higher, scale = higher_is_better(metric), display_scale(metric)
+    sign = 1 if higher else -1
     curves = {(p["budget"], p["lr"]): p["curve"] for p in grid}
-    best_point = max(grid, key=lambda p: p["curve"][-1][1])
+    best_point = max(grid, key=lambda p: sign * p["curve"][-1][1])
     grid_best = best_point["curve"][-1][1]
     grid_steps = sum(p["curve"][-1][0] for p in grid)
-    goal = grid_best - args.tolerance / 100
+    goal = grid_best - sign * args.tolerance / scale
     search_cfg = point_config(args, args.budgets[0], args.lrs[0]).search
     rows = []
     for name, search in searches(search_cfg).items():
-        logs = [run_search(curves, args, search, seed) for seed in range(args.reps)]
+        logs = [run_search(curves, args, search, seed, higher) for seed in range(args.reps)]
         row = {"search": name, "reps": args.reps}
         for k in args.trial_counts:
-            bests = [100 * log[min(k, len(log)) - 1]["best"] for log in logs]
-            finite = [b for b in bests if math.isfinite(b)]
+            finite = [scale * b for b in (log[min(k, len(log)) - 1]["best"] for log in logs) if math.isfinite(b)]
             row[f"best@{k}"] = statistics.fmean(finite) if finite else None
             row[f"sd@{k}"] = statistics.stdev(finite) if len(finite) > 1 else 0.0
-        reach = [next((e["spent"] for e in log if e["best"] >= goal), math.inf) for log in logs]
+        reach = [next((e["spent"] for e in log if sign * e["best"] >= sign * goal), math.inf) for log in logs]
         row["reached"] = sum(math.isfinite(r) for r in reach) / len(reach)
         row["median_steps"] = statistics.median(reach)
         row["share_of_grid"] = row["median_steps"] / grid_steps
@@ -199,28 +219,31 @@ def summarize(args: argparse.Namespace, grid: list[dict]) -> tuple[list[dict], d
         rows.append(row)
     grid_row = {"search": f"full grid ({len(grid)} runs)", "reps": 1, "reached": 1.0, "median_steps": grid_steps,
                 "share_of_grid": 1.0, "modal_best_point": (best_point["budget"], best_point["lr"]),
-                **{f"best@{k}": 100 * grid_best for k in args.trial_counts},
+                **{f"best@{k}": scale * grid_best for k in args.trial_counts},
                 **{f"sd@{k}": 0.0 for k in args.trial_counts}}
-    info = {"grid_best": grid_best, "grid_steps": grid_steps, "best_point": best_point,
-            "grid_seconds": sum(p["seconds"] or 0 for p in grid), "metric": best_point["metric_name"]}
+    info = {"grid_best": grid_best, "grid_steps": grid_steps, "best_point": best_point, "scale": scale,
+            "grid_seconds": sum(p["seconds"] or 0 for p in grid), "metric": metric}
     return [grid_row, *rows], info
 
 
 def print_tables(args: argparse.Namespace, grid: list[dict], rows: list[dict], info: dict) -> None:
-    metric = info["metric"]
+    metric, scale = info["metric"], info["scale"]
+    shown = f"{metric} x 100" if scale == 100 else metric
+    unit = "points" if scale == 100 else metric
     print(f"\n# grid: {args.preset}, {args.steps} steps, eval every {args.eval_every}, seed {args.seed}; "
-          f"{metric} x 100 (final evaluation)")
+          f"{shown} (final evaluation)")
     print("| budget \\ lr | " + " | ".join(f"{lr:g}" for lr in args.lrs) + " |")
     print("|---|" + "---|" * len(args.lrs))
-    final = {(p["budget"], p["lr"]): 100 * p["curve"][-1][1] for p in grid}
+    final = {(p["budget"], p["lr"]): scale * p["curve"][-1][1] for p in grid}
     for b in args.budgets:
         print(f"| {b:g} | " + " | ".join(f"{final[b, lr]:.1f}" for lr in args.lrs) + " |")
     bp = info["best_point"]
-    print(f"\nGrid best: budget {bp['budget']:g}, lr {bp['lr']:g}: {100 * info['grid_best']:.1f}; full grid "
+    best = scale * info["grid_best"]
+    print(f"\nGrid best: budget {bp['budget']:g}, lr {bp['lr']:g}: {best:.1f}; full grid "
           f"{info['grid_steps']} steps, {info['grid_seconds'] / 60:.1f} min of training.")
     print(f"\n# search cost: {args.reps} sampler seeds per search, up to {args.max_trials} trials each; target: within "
-          f"{args.tolerance:g} points of the grid's best ({100 * info['grid_best']:.1f}); torch "
-          f"{torch.__version__}, optuna {optuna.__version__}")
+          f"{args.tolerance:g} {unit} of the grid's best ({best:.1f}); torch {torch.__version__}, "
+          f"optuna {optuna.__version__}")
     head = " | ".join(f"best after {k} trials" for k in args.trial_counts)
     print(f"| search | {head} | steps to target (median) | % of grid | reached | best point found most often |")
     print("|---|" + "---|" * len(args.trial_counts) + "---|---|---|---|")
