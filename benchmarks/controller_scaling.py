@@ -26,7 +26,7 @@ presets), the update still every step. Each
 figure is the median of ``--repeats`` runs (fwd+bwd: ``--fwd-repeats``) after one untimed run.
 A last line times a dense ``torch.linalg.svd`` of the smallest shape's ΔW, for contrast.
 
-    python benchmarks/controller_scaling.py                     # ~10 min on 2 CPU cores, 6 GB RAM
+    python benchmarks/controller_scaling.py                     # ~7 min on 2 CPU cores, ~3 GB RAM
     python benchmarks/controller_scaling.py --shapes 64x96 --ranks 2 4 --tokens 32 --repeats 2  # smoke
 """
 

@@ -31,7 +31,7 @@ controller). Where the counter cannot be reset (not Linux), ``ru_maxrss`` is use
 peaks may hide in it; the output says so. torch has no allocator statistics on CPU, and
 tracemalloc does not see torch's allocations.
 
-    python benchmarks/overhead_vs_peft.py --steps 60 --warmup 5     # ~8 min on 2 CPU cores
+    python benchmarks/overhead_vs_peft.py --steps 60 --warmup 5     # ~9 min on 2 CPU cores
     python benchmarks/overhead_vs_peft.py --steps 2 --warmup 1 --batch 2 --seq 16 --memory-steps 2  # smoke
 """
 
