@@ -12,7 +12,7 @@ fine-tunes, so the comparison is made tabular, as in HPO benchmarks:
    / ``make_pruner``: TPE + median pruner for demo), TPE without pruning, random sampling +
    the same pruner, and random without pruning. A trial reports its recorded curve point by
    point through ``trial.report`` / ``should_prune``, exactly as ``rankopt.search.ReportToTrial``
-   does during training (the final evaluation can be pruned too), and returns the final
+   does during training (the final evaluation is reported but never pruned), and returns the final
    metric. Its compute is the training steps run: a pruned trial costs the steps up to the
    evaluation that stopped it. A point drawn twice is paid twice, as a real study would.
 
@@ -161,7 +161,7 @@ def run_search(points: dict[tuple, list], args: argparse.Namespace, search, seed
         curve = points[values[KEYS[0]], values[KEYS[1]]]
         for step, metric in curve:
             trial.report(metric, step)
-            if trial.should_prune():
+            if step != curve[-1][0] and trial.should_prune():
                 log.append({"steps": step, "value": None})
                 raise optuna.TrialPruned()
         log.append({"steps": curve[-1][0], "value": curve[-1][1]})

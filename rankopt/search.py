@@ -89,10 +89,14 @@ def suggest(trial: optuna.Trial, space: dict[str, Distribution]) -> dict[str, An
 
 
 class ReportToTrial(Callback):
-    """Feeds each evaluation to Optuna and stops the run when the pruner says so."""
+    """Feeds each evaluation to Optuna and stops the run when the pruner says so.
 
-    def __init__(self, trial: optuna.Trial, metric: str, can_prune: bool):
-        self.trial, self.metric, self.can_prune = trial, metric, can_prune
+    The evaluation at ``final_step`` is reported but never pruned: the run has been paid for in
+    full by then, and a finished trial belongs among the complete ones.
+    """
+
+    def __init__(self, trial: optuna.Trial, metric: str, can_prune: bool, final_step: int | None = None):
+        self.trial, self.metric, self.can_prune, self.final_step = trial, metric, can_prune, final_step
 
     def on_train_start(self, info: dict[str, Any]) -> None:
         # a retried trial resumed from a checkpoint: the pruner sees the evaluations made before it
@@ -104,7 +108,7 @@ class ReportToTrial(Callback):
         if not self.can_prune:
             return
         self.trial.report(metrics[self.metric], step)
-        if self.trial.should_prune():
+        if step != self.final_step and self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at step {step} with {self.metric}={metrics[self.metric]:.4f}")
 
 

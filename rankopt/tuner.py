@@ -78,7 +78,8 @@ class Objective:
         checkpoint = None
         if self.checkpoints is not None and self.checkpoints.every > 0:
             checkpoint = self.checkpoints.for_trial(trial.number if retry_of is None else retry_of, cfg.model_dump())
-        callbacks: list[Callback] = [ReportToTrial(trial, cfg.task.metric, can_prune=len(self.objectives) == 1)]
+        callbacks: list[Callback] = [ReportToTrial(trial, cfg.task.metric, can_prune=len(self.objectives) == 1,
+                                                    final_step=cfg.training.steps)]
         callbacks += self.callbacks_for_trial(trial, cfg)
         run_id = None
         if self.tracker is not None:

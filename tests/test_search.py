@@ -166,6 +166,24 @@ def test_report_to_trial_prunes_a_bad_trial():
     assert study.trials[1].state == TrialState.PRUNED
 
 
+def test_report_to_trial_never_prunes_the_final_evaluation():
+    """A run that reached its last step is complete: a bad final score is a bad result, not a pruned trial."""
+    study = optuna.create_study(direction="minimize", pruner=optuna.pruners.MedianPruner(n_startup_trials=0))
+    good = study.ask()
+    for step in (5, 10):
+        ReportToTrial(good, "loss", can_prune=True, final_step=10).on_eval(step, {"loss": 0.3})
+    study.tell(good, 0.3)
+    early = study.ask()
+    with pytest.raises(optuna.TrialPruned):  # lower loss is better: 2.0 at step 5 is pruned
+        ReportToTrial(early, "loss", can_prune=True, final_step=10).on_eval(5, {"loss": 2.0})
+    study.tell(early, state=TrialState.PRUNED)
+    finished = study.ask()
+    ReportToTrial(finished, "loss", can_prune=True, final_step=10).on_eval(10, {"loss": 2.0})
+    assert finished.should_prune()  # what the pruner alone would have done at the last step
+    study.tell(finished, 2.0)
+    assert study.trials[2].state == TrialState.COMPLETE
+
+
 def test_report_to_trial_is_silent_for_two_objectives():
     """Optuna cannot prune on two objectives (report raises there), so nothing is reported."""
     study = optuna.create_study(directions=["maximize", "minimize"])
