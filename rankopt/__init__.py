@@ -5,7 +5,8 @@ Public names are imported on first use, so ``rankopt --help`` does not pay for t
 
 from importlib import import_module
 
-__all__ = ["Callback", "Config", "RankEvent", "RankoptError", "TrainResult", "export", "load_config", "report", "train", "tune"]
+__all__ = ["Callback", "Config", "RankControllerCallback", "RankEvent", "RankoptError", "TrainResult", "adapt",
+           "export", "load_config", "report", "save_adapter", "train", "tune"]
 __version__ = "0.1.0"
 
 _HOME = {
@@ -13,6 +14,9 @@ _HOME = {
     "tune": "rankopt.tuner",
     "export": "rankopt.exporting",
     "report": "rankopt.reporting",
+    "adapt": "rankopt.adapters.model",
+    "save_adapter": "rankopt.peft_format",
+    "RankControllerCallback": "rankopt.hf_callback",
     "Config": "rankopt.config",
     "load_config": "rankopt.config",
     "RankoptError": "rankopt.errors",
