@@ -97,9 +97,10 @@ def allocate(scores: list[torch.Tensor], budget: int, min_rank: int, max_rank: i
     # candidates: (score, is_new, layer, tiebreak)
     pool: list[tuple[float, int, int, int]] = []
     for layer, (s, idx) in enumerate(zip(scores, order)):
+        values, ranked = s.float().tolist(), idx.tolist()  # Python numbers: element-wise tensor reads are slow
         for pos in range(forced[layer], min(ranks[layer], max_rank)):
-            pool.append((float(s[idx[pos]]), 0, layer, pos))
-        weakest = float(s.min()) if ranks[layer] else -math.inf
+            pool.append((values[ranked[pos]], 0, layer, pos))
+        weakest = min(values) if ranks[layer] else -math.inf
         # a layer below min_rank already grows to it (below); only the room above that competes
         for k in range(max(0, max_rank - max(ranks[layer], min_rank))):
             pool.append((weakest if k < max_grow else -math.inf, 1, layer, k))

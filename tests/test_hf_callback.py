@@ -1,6 +1,13 @@
 """The rank controller attached to a plain transformers Trainer."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import datasets
+import pytest
 import torch
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
@@ -31,3 +38,19 @@ def test_trainer_callback_reallocates_to_budget_and_keeps_optimizer_consistent(t
     for p in adapted.adapter_parameters():
         state = trainer.optimizer.state[p]
         assert state["exp_avg"].shape == p.shape and state["exp_avg_sq"].shape == p.shape
+
+
+@pytest.mark.integration
+def test_example_script_trains_in_a_trainer_and_peft_reloads_its_adapter(tmp_path):
+    """examples/trainer_callback.py on the real MiniLM: final budget met, PEFT reproduces the logits."""
+    script = Path(__file__).resolve().parents[1] / "examples" / "trainer_callback.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, str(script), "--steps", "20", "--target-rank", "3", "--out", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert figures["total_rank"] == 3 * figures["layers"] == 108
+    assert figures["reallocations"] >= 1
+    assert figures["peft_max_abs_logit_gap"] < 1e-4
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] and config["modules_to_save"] == ["classifier"]

@@ -136,10 +136,13 @@ class SVDLinear(nn.Module):
 def take_components(t: torch.Tensor, source: torch.Tensor, dim: int) -> torch.Tensor:
     """Slices of ``t`` along ``dim`` at indices ``source``; zeros where source is -1 (new)."""
     src = source.to(t.device)
+    new = src < 0
+    if not bool(new.any()):  # pruning only: a plain gather
+        return t.index_select(dim, src)
     out = t.index_select(dim, src.clamp(min=0))
     mask_shape = [1] * t.dim()
     mask_shape[dim] = -1
-    return out * (src >= 0).view(mask_shape).to(t.dtype)
+    return out * (~new).view(mask_shape).to(t.dtype)
 
 
 def _orthonormal_columns(n: int, k: int, generator: torch.Generator | None) -> torch.Tensor:
