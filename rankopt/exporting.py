@@ -61,7 +61,7 @@ class ExportResult:
         return self.source.notes
 
 
-def _require_sqlite_file(url: str, what: str, flag: str) -> None:
+def require_sqlite_file(url: str, what: str, flag: str) -> None:
     """Opening a missing SQLite file would create it: refuse instead, so bad input writes nothing."""
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///"):])
@@ -70,7 +70,7 @@ def _require_sqlite_file(url: str, what: str, flag: str) -> None:
                                "(default: under runs/)")
 
 
-def _runs_folder(storage: str | None) -> Path:
+def runs_folder(storage: str | None) -> Path:
     """The ``--out`` folder of the tuning job: beside a SQLite study storage, else ``runs``."""
     if storage and storage.startswith("sqlite:///"):
         return Path(storage[len("sqlite:///"):]).parent
@@ -80,7 +80,7 @@ def _runs_folder(storage: str | None) -> Path:
 def load_study(name: str, storage: str):
     import optuna
 
-    _require_sqlite_file(storage, "Optuna storage", "--storage")
+    require_sqlite_file(storage, "Optuna storage", "--storage")
     try:
         names = optuna.get_all_study_names(storage)
     except Exception as exc:  # noqa: BLE001 - bad URL, missing driver, unreachable server
@@ -147,13 +147,13 @@ def find_source(*, study: str | None = None, storage: str | None = None, trackin
         raise RankoptError("--trial and --max-params choose within a study; they do not go with --run-id")
     if trial is not None and max_params is not None:
         raise RankoptError("pass --trial or --max-params, not both")
-    uri = tracking_uri or default_tracking_uri(_runs_folder(storage))
+    uri = tracking_uri or default_tracking_uri(runs_folder(storage))
     if run_id is not None:
-        _require_sqlite_file(uri, "MLflow tracking store", "--tracking-uri")
+        require_sqlite_file(uri, "MLflow tracking store", "--tracking-uri")
         return Source(run_id=run_id, tracking_uri=uri)
-    found = load_study(study, storage or default_storage(_runs_folder(None)))
+    found = load_study(study, storage or default_storage(runs_folder(None)))
     chosen, notes, reason = select_trial(found, trial, max_params)
-    _require_sqlite_file(uri, "MLflow tracking store", "--tracking-uri")
+    require_sqlite_file(uri, "MLflow tracking store", "--tracking-uri")
     mlflow_run = chosen.user_attrs.get("mlflow_run_id")
     if not mlflow_run:
         raise RankoptError(f"trial {chosen.number} of study '{study}' has no MLflow run (tracking was off); "

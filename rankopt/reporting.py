@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rankopt.errors import RankoptError
-from rankopt.exporting import _require_sqlite_file, _runs_folder, load_study, select_trial
+from rankopt.exporting import require_sqlite_file, runs_folder, load_study, select_trial
 from rankopt.urls import mask_url
 
 HTML_NAME = "report.html"
@@ -76,12 +76,12 @@ def report(study: str, storage: str | None = None, tracking_uri: str | None = No
     from rankopt.search import default_storage
     from rankopt.tracking import default_tracking_uri
 
-    out = Path(out) if out is not None else _runs_folder(storage) / "reports" / _folder_name(study)
+    out = Path(out) if out is not None else runs_folder(storage) / "reports" / _folder_name(study)
     if out.exists() and not force:
         raise RankoptError(f"{out} already exists; choose another --out or pass --force to replace it")
-    found = load_study(study, storage or default_storage(_runs_folder(None)))
+    found = load_study(study, storage or default_storage(runs_folder(None)))
     best, _, _ = select_trial(found)
-    uri = tracking_uri or default_tracking_uri(_runs_folder(storage))
+    uri = tracking_uri or default_tracking_uri(runs_folder(storage))
     notes: list[str] = []
     client, parent = _tracking(found, best, uri, notes)
     history = _rank_history(client, best, notes)
@@ -113,7 +113,7 @@ def _tracking(study, best, uri: str, notes: list[str]):
         notes.append(f"study '{study.study_name}' has no MLflow runs (tuned without tracking): the report has "
                      "no rank heatmap and is not logged")
         return None, None
-    _require_sqlite_file(uri, "MLflow tracking store", "--tracking-uri")
+    require_sqlite_file(uri, "MLflow tracking store", "--tracking-uri")
     tracking.check_reachable(uri)
     client = tracking.client_for(uri)
     if parent:
