@@ -153,7 +153,7 @@ def run_search(points: dict[tuple, list], args: argparse.Namespace, search, seed
     space = {KEYS[0]: Distribution(type="categorical", choices=list(args.budgets)),
              KEYS[1]: Distribution(type="categorical", choices=list(args.lrs))}
     study = optuna.create_study(direction="maximize" if higher else "minimize", sampler=make_sampler(search, seed, 1),
-                                pruner=make_pruner(search, args.eval_every))
+                                pruner=make_pruner(search, args.eval_every, args.steps))
     log: list[dict] = []
 
     def objective(trial: optuna.Trial) -> float:

@@ -173,6 +173,8 @@ class SearchConfig(_Section):
                                                           min_length=1, max_length=2)
     n_trials: int = Field(20, ge=0)
     startup_trials: int = Field(2, ge=0, description="trials before the pruner may stop one")
+    prune_after: float = Field(0.25, ge=0, lt=1, description="fraction of a trial's steps before it may be "
+                               "pruned: earlier evaluations fall in the learning-rate warmup and say little")
     space: dict[str, Distribution] = Field(default_factory=dict)
     heartbeat_interval: int = Field(60, ge=1, description="seconds between a running trial's heartbeats")
     grace_period: int = Field(180, ge=2, description="seconds without heartbeat before a trial counts as lost")

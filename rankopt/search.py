@@ -62,15 +62,21 @@ def make_sampler(search: SearchConfig, seed: int, n_objectives: int,
     raise RankoptError(f"unknown sampler {name!r}")
 
 
-def make_pruner(search: SearchConfig, eval_steps: int) -> optuna.pruners.BasePruner:
-    """Optuna's own pruners, by name; the first ``startup_trials`` trials always run to the end."""
+def make_pruner(search: SearchConfig, eval_steps: int, total_steps: int | None = None) -> optuna.pruners.BasePruner:
+    """Optuna's own pruners, by name; the first ``startup_trials`` trials always run to the end.
+
+    With ``total_steps``, no trial is stopped before ``search.prune_after`` of its steps: at the
+    first evaluations every run is still near chance (the learning-rate warmup), and a median
+    taken there stops good configurations on noise.
+    """
     name = search.pruner
+    warmup = int(search.prune_after * total_steps) if total_steps else 0
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=search.startup_trials, n_warmup_steps=0)
+        return optuna.pruners.MedianPruner(n_startup_trials=search.startup_trials, n_warmup_steps=warmup)
     if name == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=eval_steps)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(eval_steps, warmup))
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=eval_steps)
+        return optuna.pruners.HyperbandPruner(min_resource=max(eval_steps, warmup))
     return optuna.pruners.NopPruner()
 
 

@@ -153,7 +153,7 @@ def open_study(cfg: Config, study_name: str, storage: str, *, storage_obj=None,
     study = optuna.create_study(storage=storage_obj, study_name=study_name, directions=directions,
                                 load_if_exists=True,
                                 sampler=make_sampler(cfg.search, seed, len(directions), constant_liar=distributed),
-                                pruner=make_pruner(cfg.search, eval_every))
+                                pruner=make_pruner(cfg.search, eval_every, cfg.training.steps))
     study.set_user_attr("objectives", list(cfg.search.objectives))
     return study
 

@@ -97,6 +97,19 @@ def test_median_pruner_waits_for_startup_trials(startup):
     assert pruned is (startup == 0)
 
 
+def test_median_pruner_waits_for_prune_after_of_the_steps():
+    """Near-chance early evaluations never stop a trial; from ``prune_after`` x steps on they can."""
+    pruner = make_pruner(SearchConfig(pruner="median", startup_trials=0, prune_after=0.25), eval_steps=5,
+                         total_steps=40)
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    _run(study, {5: 0.30, 10: 0.9, 20: 0.95})
+    trial = study.ask()
+    trial.report(0.29, 5)  # a hair below the median at the first evaluation: noise, not a verdict
+    assert not trial.should_prune()
+    trial.report(0.2, 10)  # step 10 = 25 % of 40: the pruner may act
+    assert trial.should_prune()
+
+
 def test_successive_halving_first_rung_is_one_evaluation():
     """``min_resource`` is the evaluation interval: the first rung is the first evaluation."""
     pruner = make_pruner(SearchConfig(pruner="successive_halving"), eval_steps=5)
