@@ -12,6 +12,7 @@ so an interrupted benchmark resumes where it stopped.
     python benchmarks/quality_vs_peft.py --tasks rte --budgets 2 --seeds 0 --lrs 2e-3 --steps 4 \\
         --train-samples 64 --eval-samples 32 --out /tmp/q.jsonl   # smoke run
     python benchmarks/quality_vs_peft.py --summary              # table + paired tests from the JSONL
+    python benchmarks/quality_vs_peft.py --summary --tasks sst2 stsb   # only these tasks
 """
 
 from __future__ import annotations
@@ -110,11 +111,11 @@ def run_all(args: argparse.Namespace) -> None:
                     ensure(method, task, budget, lr, seed)
 
 
-def summarize(path: Path, seeds: list[int]) -> str:
+def summarize(path: Path, seeds: list[int], tasks: list[str]) -> str:
     """Markdown table: mean +- std over seeds at each method's picked learning rate, paired t-tests per task."""
     from scipy import stats
 
-    results = load_results(path)
+    results = [r for r in load_results(path) if r["task"] in tasks]
     steps = max((r["steps"] for r in results), default=0)
     results = [r for r in results if r["steps"] == steps]
     cells: dict[tuple, dict] = {}
@@ -179,11 +180,11 @@ def main() -> None:
     ap.add_argument("--summary", action="store_true", help="print the table from --out and exit")
     args = ap.parse_args()
     if args.summary:
-        print(summarize(args.out, args.seeds))
+        print(summarize(args.out, args.seeds, args.tasks))
         return
     torch.set_num_threads(args.threads)
     run_all(args)
-    print(summarize(args.out, args.seeds))
+    print(summarize(args.out, args.seeds, args.tasks))
 
 
 if __name__ == "__main__":
