@@ -69,6 +69,18 @@ def tokenize_rows(tokenizer, rows: list[dict]) -> datasets.Dataset:
     return datasets.Dataset.from_dict({**enc, "labels": [r["label"] for r in rows]})
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: one thread is ~10x faster than two fighting.
+
+    Modules that train use it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def vocab_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("vocab") / "vocab.txt"

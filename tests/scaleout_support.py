@@ -19,20 +19,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 SECRET = "pw-S3cr3t-do-not-show"  # trust auth ignores it; it must never appear in output or MLflow
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models on a shared 2-core machine: one thread is ~10x faster than two fighting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _admin():

@@ -22,16 +22,10 @@ from rankopt.cli import app
 from rankopt.config import Config, load_config
 from rankopt.data import prompt_response_ids
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 COLOURS = "red green blue black white".split()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

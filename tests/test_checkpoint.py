@@ -13,13 +13,14 @@ import optuna
 import pytest
 import torch
 from conftest import make_tiny_adapted
-from scaleout_support import one_torch_thread  # noqa: F401
 
 from rankopt.checkpoint import CheckpointStore, TrialCheckpoint, fingerprint, named_trainables
 from rankopt.config import Config
 from rankopt.events import Callback
 from rankopt.studies import StaleTrialHandler
 from rankopt.trainer import train_adapted
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Losses(Callback):

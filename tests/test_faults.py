@@ -17,12 +17,14 @@ import optuna
 import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from scaleout_support import (MlflowServer, one_torch_thread, pg_databases, slow_worker_script,  # noqa: F401
+from scaleout_support import (MlflowServer, pg_databases, slow_worker_script,  # noqa: F401
                               spawn, study_preset)
 
 from rankopt.events import Callback
 from rankopt.resilient import CREATE_TAG, ResilientClient, TrackingUnavailable, is_transient
 from rankopt.urls import sqlalchemy_url
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 DOWN = MlflowException("API request to http://h:5000/api/2.0/mlflow/runs/log-batch failed with exception "
                        "HTTPConnectionPool(host='h', port=5000): Max retries exceeded (Connection refused)")

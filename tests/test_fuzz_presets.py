@@ -12,10 +12,12 @@ import subprocess
 
 import pytest
 import yaml
-from scaleout_support import SECRET, _admin, cli_env, one_torch_thread, rankopt_cmd  # noqa: F401
+from scaleout_support import SECRET, _admin, cli_env, rankopt_cmd  # noqa: F401
 from typer.testing import CliRunner
 
 from rankopt.cli import app
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MALFORMED = {
     "unclosed-bracket": "task: [unclosed\n",

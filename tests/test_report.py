@@ -17,7 +17,6 @@ from types import SimpleNamespace
 
 import optuna
 import pytest
-import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -26,18 +25,11 @@ from rankopt.events import Callback
 from rankopt.reporting import _folder_name, layer_type, non_dominated, report
 from rankopt.search import default_storage
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 BUDGETS = (1.0, 3.0, 2.0, 4.0)  # controller.target_rank of trials 0-3; trial 3 is pruned
 PNG = b"\x89PNG\r\n\x1a\n"
 SCREENSHOT_COPY = Path("/tmp/rankopt_report.png")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CI box has 2 shared cores; torch's default threads would make every step wait on the other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class _PruneAtSecondEval(Callback):

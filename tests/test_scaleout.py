@@ -12,13 +12,15 @@ import sys
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
-from scaleout_support import (SECRET, MlflowServer, cli_env, one_torch_thread, pg_databases,  # noqa: F401
+from scaleout_support import (SECRET, MlflowServer, cli_env, pg_databases,  # noqa: F401
                               rankopt_cmd, spawn, study_preset)
 
 from rankopt.errors import RankoptError
 from rankopt.studies import Decision, StudyLock, Tally, TrialLimit, tally
 from rankopt.urls import sqlalchemy_url
 from rankopt.worker import worker_config
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _runs(uri: str, experiment: str = "tiny"):

@@ -26,6 +26,8 @@ from rankopt.search import default_storage
 from rankopt.tracking import default_tracking_uri
 from rankopt.tuner import Objective, _mask, open_study, tune
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 # ---------------------------------------------------------------------------------------------
@@ -92,15 +94,6 @@ def tiny_preset(model_dir: Path, data_dir: Path, search: dict | None = None) -> 
 def tiny_files(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("tiny_tune")
     return write_tiny_model(root / "model"), write_tiny_data(root / "data")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The CI box has 2 shared cores; torch's default threads would make every step wait on the other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_config(tiny_files, search: dict | None = None) -> Config:

@@ -6,9 +6,7 @@ test skips with the reason when one is missing.
 
 from __future__ import annotations
 
-import json
 import os
-import random
 import re
 import shutil
 import signal
@@ -20,54 +18,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from rankopt.cli import app
 from rankopt.ui import exposure_note, server_command, url
+from test_export import make_tiny_project  # the same tiny project: random BERT, sentiment jsonl, 3-trial preset
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SCREENSHOT_COPY = Path("/tmp/rankopt_ui.png")
-POSITIVE = "good great fine lovely superb nice".split()
-NEGATIVE = "bad awful poor dull ugly boring".split()
-
-
-def make_tiny_project(root: Path) -> Path:
-    """A 2-layer random BERT, a jsonl sentiment task and a 3-trial preset (as in test_export.py)."""
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
-
-    words = ["the", "film", "was", "and", *POSITIVE, *NEGATIVE]
-    model_dir, data_dir = root / "model", root / "data"
-    model_dir.mkdir(parents=True)
-    data_dir.mkdir()
-    (model_dir / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    BertTokenizer(vocab_file=str(model_dir / "vocab.txt")).save_pretrained(model_dir)
-    torch.manual_seed(0)
-    BertForSequenceClassification(BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=2,
-                                             num_attention_heads=4, intermediate_size=48,
-                                             max_position_embeddings=32, num_labels=2)).save_pretrained(model_dir)
-    rng = random.Random(0)
-    for split, n in (("train", 64), ("validation", 32)):
-        pairs = [rng.sample(POSITIVE if i % 2 else NEGATIVE, 2) for i in range(n)]
-        rows = [json.dumps({"sentence": f"the film was {a} and {b}", "label": i % 2}) for i, (a, b) in enumerate(pairs)]
-        (data_dir / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
-    preset = root / "tiny.yml"
-    preset.write_text(f"""
-task: {{name: tiny, data_dir: {data_dir}, text_columns: [sentence], metric: accuracy, max_length: 16}}
-model: {{name: {model_dir}}}
-adapter: {{init_rank: 4, alpha: 8}}
-training: {{steps: 12, batch_size: 8, eval_every: 6, lr: 1.0e-2, seed: 0}}
-controller: {{target_rank: 2.0, min_rank: 1, max_rank: 6, warmup: 0.1, final: 0.2, interval: 2}}
-search:
-  sampler: random
-  pruner: none
-  n_trials: 3
-  space:
-    controller.target_rank: {{type: float, low: 1.0, high: 4.0}}
-""")
-    return preset
-
-
 def test_ui_refuses_a_folder_without_a_store(tmp_path):
     result = CliRunner().invoke(app, ["ui", "--out", str(tmp_path), "--port", "5999"])
     assert result.exit_code == 2
