@@ -42,7 +42,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead_vs_peft import PeftStepper, adalora_init  # noqa: E402
+from overhead_vs_peft import adalora_init  # noqa: E402
+from peft_baselines import PeftStepper  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RUNS = {

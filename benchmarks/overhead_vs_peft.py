@@ -78,35 +78,6 @@ def make_batches(n: int, vocab: int, seq: int, batch: int, num_labels: int, seed
              "labels": torch.randint(0, num_labels, (batch,), generator=g)} for _ in range(n)]
 
 
-class PeftStepper:
-    """rankopt's step order around a PEFT model: forward, backward, clip, optimizer, lr, [AdaLoRA], zero grad."""
-
-    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, schedule: str, steps: int,
-                 warmup_ratio: float, max_grad_norm: float, adalora: bool, device: str = "cpu"):
-        from rankopt.optim import build_optimizer, build_scheduler
-
-        self.model, self.adalora, self.device, self.max_grad_norm = model, adalora, device, max_grad_norm
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.params, lr, weight_decay)
-        self.scheduler = build_scheduler(self.optimizer, schedule, steps, warmup_ratio)
-        self.done = 0
-
-    def step(self, batch: dict) -> float:
-        step = self.done + 1
-        batch = {k: v.to(self.device) for k, v in batch.items()}
-        loss = self.model(**batch).loss  # AdaLoRA adds its orthogonality penalty inside forward
-        loss_value = loss.item()  # the same host sync as rankopt's Stepper
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        if self.adalora:
-            self.model.base_model.update_and_allocate(step)  # reads the gradients: before zero_grad
-        self.optimizer.zero_grad(set_to_none=True)
-        self.done = step
-        return loss_value
-
-
 def run_config(args: argparse.Namespace, key: str, total: int):
     from rankopt.api import resolve_config
     from rankopt.config import parse_overrides
@@ -134,7 +105,7 @@ def build_stepper(args: argparse.Namespace, key: str, total: int):
         adapted = build_model(cfg, num_labels=2)
         adapted.model.train()
         return Stepper(cfg, adapted), adapted.model
-    from peft_baselines import peft_model
+    from peft_baselines import PeftStepper, peft_model
 
     method = "peft_lora" if key == "lora" else "peft_adalora"
     model = peft_model(cfg, load_base(cfg, 2), method, args.rank, adalora_init(args.rank))

@@ -7,6 +7,7 @@ optimizer, schedule and gradient clipping, so the adapters are the only differen
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import torch
@@ -49,23 +50,41 @@ def effective_adapter_params(model: nn.Module, method: str) -> int:
     return total
 
 
+class PeftStepper:
+    """rankopt's step order around a PEFT model: forward, backward, clip, optimizer, lr, [AdaLoRA], zero grad."""
+
+    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, schedule: str, steps: int,
+                 warmup_ratio: float, max_grad_norm: float, adalora: bool, device: str = "cpu"):
+        self.model, self.adalora, self.device, self.max_grad_norm = model, adalora, device, max_grad_norm
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(self.params, lr, weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, schedule, steps, warmup_ratio)
+        self.done = 0
+
+    def step(self, batch: dict) -> float:
+        step = self.done + 1
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        loss = self.model(**batch).loss  # AdaLoRA adds its orthogonality penalty inside forward
+        loss_value = loss.item()  # the same host sync as rankopt's Stepper
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.adalora:
+            self.model.base_model.update_and_allocate(step)  # reads the gradients: before zero_grad
+        self.optimizer.zero_grad(set_to_none=True)
+        self.done = step
+        return loss_value
+
+
 def train_peft(cfg: Config, model: nn.Module, data: TaskData, method: str) -> dict[str, float]:
     """rankopt's loop (same batches, AdamW, schedule, clipping) around a PEFT model; returns the final metrics."""
     t = cfg.training
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, t.lr, t.weight_decay)
-    scheduler = build_scheduler(optimizer, t.scheduler, t.steps, t.warmup_ratio)
+    stepper = PeftStepper(model, t.lr, t.weight_decay, t.scheduler, t.steps, t.warmup_ratio, t.max_grad_norm,
+                          adalora=method == "peft_adalora")
     batches = seeded_batches(data, t.batch_size, t.seed)
-    for step in range(1, t.steps + 1):
-        loss = model(**next(batches)).loss  # AdaLoRA adds its orthogonality penalty inside forward
-        if not torch.isfinite(loss):
+    for _ in range(t.steps):
+        if not math.isfinite(stepper.step(next(batches))):
             return {cfg.task.metric: float("nan")}
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        if method == "peft_adalora":
-            model.base_model.update_and_allocate(step)
-        optimizer.zero_grad(set_to_none=True)
     return evaluate(SimpleNamespace(model=model), data, cfg.task.type, t.eval_batch_size)
