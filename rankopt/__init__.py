@@ -15,7 +15,7 @@ _HOME = {
     "export": "rankopt.exporting",
     "report": "rankopt.reporting",
     "adapt": "rankopt.adapters.model",
-    "save_adapter": "rankopt.peft_format",
+    "save_adapter": "rankopt.adapters.peft_format",
     "RankControllerCallback": "rankopt.hf_callback",
     "Config": "rankopt.config",
     "load_config": "rankopt.config",

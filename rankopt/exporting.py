@@ -8,7 +8,7 @@
 
 Both get the base model's tokenizer, a model card (``README.md``) and ``rankopt.json``. Every
 check a user can fail runs before anything is written; the folder appears whole or not at all
-(:func:`rankopt.peft_format.atomic_folder`). ``register`` also logs the folder on the source run and
+(:func:`rankopt.adapters.peft_format.atomic_folder`). ``register`` also logs the folder on the source run and
 makes it a version of a model in the MLflow Model Registry.
 """
 
@@ -235,7 +235,7 @@ def export(out: str | Path, *, study: str | None = None, storage: str | None = N
         >>> export("sst2-merged", study="sst2", trial=3, merge=True, register="sst2-lora")  # doctest: +SKIP
     """
     from rankopt import tracking
-    from rankopt.peft_format import atomic_folder, head_num_labels, read_adapter
+    from rankopt.adapters.peft_format import atomic_folder, head_num_labels, read_adapter
     from rankopt.modeling import load_tokenizer
 
     out = Path(out)
@@ -283,7 +283,7 @@ def export(out: str | Path, *, study: str | None = None, storage: str | None = N
 def _merged_model(model_cfg, task_type: str, num_labels: int | None, adapter_config: dict[str, Any],
                   state: dict):
     """The base model (loaded by rankopt.modeling) with the adapter folded into its weights."""
-    from rankopt.peft_format import merge_adapter
+    from rankopt.adapters.peft_format import merge_adapter
     from rankopt.modeling import load_pretrained
 
     if num_labels is None and task_type != "causal_lm":
@@ -292,7 +292,7 @@ def _merged_model(model_cfg, task_type: str, num_labels: int | None, adapter_con
 
 
 def _ranks_in_model_order(state: dict, meta: dict[str, Any]) -> dict[str, int]:
-    from rankopt.peft_format import adapter_ranks
+    from rankopt.adapters.peft_format import adapter_ranks
 
     ranks = adapter_ranks(state)
     order = [n for n in (meta.get("ranks") or {}) if n in ranks]  # rankopt wrote them in the model's order
@@ -302,7 +302,7 @@ def _ranks_in_model_order(state: dict, meta: dict[str, Any]) -> dict[str, int]:
 def _card(source: Source, meta: dict[str, Any], adapter_config: dict[str, Any], ranks: dict[str, int],
           num_labels: int | None, adapter_params: int | None, trainable: float | None, command: str,
           merged: bool, out: Path) -> str:
-    from rankopt.peft_format import model_card
+    from rankopt.adapters.peft_format import model_card
 
     task = (meta.get("config") or {}).get("task", {}).get("name", "rankopt")
     origin = f"study {source.study}, trial {source.trial}" if source.study else f"run {source.run_id[:8]}"

@@ -87,7 +87,7 @@ def report(study: str, storage: str | None = None, tracking_uri: str | None = No
     history = _rank_history(client, best, notes)
     rows = [_row(t, found) for t in found.trials]
     counts = {s: sum(r.state == s for r in rows) for s in ("complete", "pruned", "failed", "running", "waiting")}
-    from rankopt.peft_format import atomic_folder
+    from rankopt.adapters.peft_format import atomic_folder
 
     with atomic_folder(out, force=force) as dest:
         figures = _figures(found, rows, best.number, history, dest, notes)

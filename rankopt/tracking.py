@@ -150,7 +150,7 @@ class MLflowLogger(Callback):
         self._metrics(values, event.step)
 
     def on_train_end(self, result: TrainResult) -> None:
-        from rankopt.peft_format import write_adapter_files
+        from rankopt.adapters.peft_format import write_adapter_files
         from rankopt.plots import rank_heatmap
 
         self._metrics({"final_metric": result.metric, "final_total_rank": result.total_rank,

@@ -147,7 +147,7 @@ def test_adapter_loads_in_peft_as_causal_lm(trained, decoder_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from rankopt.peft_format import save_adapter
+    from rankopt.adapters.peft_format import save_adapter
 
     folder = save_adapter(trained.result.adapted, tmp_path / "adapter", base_model=str(decoder_dir))
     config = json.loads((folder / "adapter_config.json").read_text())
