@@ -15,7 +15,7 @@ from peft import AdaLoraConfig, LoraConfig, get_peft_model
 from torch import nn
 
 from rankopt.config import Config
-from rankopt.data import TaskData
+from rankopt.tasks.data import TaskData
 from rankopt.optim import build_optimizer, build_scheduler
 from rankopt.trainer import evaluate, seeded_batches
 

@@ -49,7 +49,7 @@ KEYS = ("controller.target_rank", "training.lr")
 
 
 def higher_is_better(metric: str) -> bool:
-    from rankopt.metrics import HIGHER_IS_BETTER
+    from rankopt.tasks.metrics import HIGHER_IS_BETTER
 
     return HIGHER_IS_BETTER.get(metric, True)
 

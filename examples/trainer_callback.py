@@ -25,8 +25,8 @@ from transformers import (AutoModelForSequenceClassification, AutoTokenizer, Dat
                           TrainingArguments)
 
 import rankopt
-from rankopt.demo_data import chatterbot_splits
-from rankopt.modeling import resolve_model_path
+from rankopt.tasks.demo_data import chatterbot_splits
+from rankopt.tasks.modeling import resolve_model_path
 
 TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 

@@ -11,9 +11,9 @@ from torch import nn
 
 from rankopt.adapters.model import AdaptedModel, adapt, find_head
 from rankopt.config import Config, build_config, combine_overrides, load_config
-from rankopt.data import TaskData, prepare
+from rankopt.tasks.data import TaskData, prepare
 from rankopt.events import Callback, TrainResult
-from rankopt.modeling import load_pretrained, load_tokenizer, resolve_model_path
+from rankopt.tasks.modeling import load_pretrained, load_tokenizer, resolve_model_path
 from rankopt.trainer import train_adapted
 
 

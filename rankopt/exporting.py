@@ -236,7 +236,7 @@ def export(out: str | Path, *, study: str | None = None, storage: str | None = N
     """
     from rankopt import tracking
     from rankopt.adapters.peft_format import atomic_folder, head_num_labels, read_adapter
-    from rankopt.modeling import load_tokenizer
+    from rankopt.tasks.modeling import load_tokenizer
 
     out = Path(out)
     if out.exists() and not force:
@@ -282,9 +282,9 @@ def export(out: str | Path, *, study: str | None = None, storage: str | None = N
 
 def _merged_model(model_cfg, task_type: str, num_labels: int | None, adapter_config: dict[str, Any],
                   state: dict):
-    """The base model (loaded by rankopt.modeling) with the adapter folded into its weights."""
+    """The base model (loaded by rankopt.tasks.modeling) with the adapter folded into its weights."""
     from rankopt.adapters.peft_format import merge_adapter
-    from rankopt.modeling import load_pretrained
+    from rankopt.tasks.modeling import load_pretrained
 
     if num_labels is None and task_type != "causal_lm":
         raise RankoptError("cannot tell the number of labels of this adapter's head; export without --merge")

@@ -4,7 +4,7 @@ One trial = one fine-tune whose config is the preset plus the trial's suggestion
 keys). The trial objective turns the trainer's ``on_eval`` events into ``trial.report`` /
 ``should_prune``; tracking is a separate listener. The data is tokenized and the base
 weights are loaded once per process (see :func:`rankopt.api.prepare_data`,
-:func:`rankopt.modeling.load_pretrained`), not once per trial.
+:func:`rankopt.tasks.modeling.load_pretrained`), not once per trial.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from rankopt.events import Callback, TrainResult
 
 def objective_directions(cfg: Config) -> list[str]:
     """Optuna directions of the preset's objectives: the task metric's own (loss: down), params down."""
-    from rankopt.metrics import HIGHER_IS_BETTER
+    from rankopt.tasks.metrics import HIGHER_IS_BETTER
 
     metric = "maximize" if HIGHER_IS_BETTER[cfg.task.metric] else "minimize"
     return [metric if o == "metric" else "minimize" for o in cfg.search.objectives]

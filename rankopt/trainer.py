@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from rankopt import metrics as task_metrics
+from rankopt.tasks import metrics as task_metrics
 from rankopt.adapters.model import AdaptedModel, orthogonality_penalty
 from rankopt.config import Config
 from rankopt.controller import BudgetSchedule, RankController
-from rankopt.data import TaskData
+from rankopt.tasks.data import TaskData
 from rankopt.errors import TrainingDiverged
 from rankopt.events import Callback, CallbackList, RankEvent, TrainResult, tensor_lists
 from rankopt.optim import apply_resizes, build_optimizer, build_scheduler

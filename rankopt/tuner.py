@@ -17,7 +17,7 @@ from rankopt.api import build_model, prepare_data, resolve_config
 from rankopt.config import Config
 from rankopt.errors import RankoptError
 from rankopt.events import Callback
-from rankopt.modeling import resolve_model_path
+from rankopt.tasks.modeling import resolve_model_path
 from rankopt.search import (ReportToTrial, TuneResult, best_trials, default_storage, make_pruner, make_sampler,
                             objective_directions, suggest, trial_config)
 from rankopt.studies import (CONFIG_ATTR, LIMIT_ATTR, StaleTrialHandler, open_storage, retried_from,

