@@ -23,7 +23,7 @@ import time
 import torch
 
 from rankopt.api import build_model, resolve_config
-from rankopt.trainer import Stepper
+from rankopt.training.trainer import Stepper
 
 
 def make_batches(n: int, vocab: int, seq: int, batch: int, num_labels: int, seed: int = 0) -> list[dict]:

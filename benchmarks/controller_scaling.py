@@ -3,7 +3,7 @@
 For each shape (out x in) and rank r, one :class:`~rankopt.adapters.layer.SVDLinear` (fp32,
 CPU) around an ``nn.Linear`` of that shape, with an AdamW that has taken one step (so Adam's
 moments exist and must be carried), and random gradients on P, lam, Q. Through the real code
-paths (a one-layer :class:`~rankopt.controller.RankController`, :func:`~rankopt.optim.apply_resizes`):
+paths (a one-layer :class:`~rankopt.controller.RankController`, :func:`~rankopt.training.optim.apply_resizes`):
 
 * ``update``: ``controller.after_backward``, the sensitivity EMA (every step until the last
   reallocation);
@@ -44,7 +44,7 @@ from torch import nn
 
 from rankopt.adapters.layer import SVDLinear
 from rankopt.controller import BudgetSchedule, RankController
-from rankopt.optim import apply_resizes, build_optimizer
+from rankopt.training.optim import apply_resizes, build_optimizer
 
 SHAPES = ["768x768", "4096x4096", "8192x28672"]
 

@@ -99,7 +99,7 @@ def build_run(args: argparse.Namespace, key: str, base: torch.nn.Module, total: 
     model.train()
     if key in ("adaptive", "adaptive-prune", "fixed"):
         from rankopt.adapters import adapt
-        from rankopt.trainer import Stepper
+        from rankopt.training.trainer import Stepper
 
         cfg = rankopt_config(args, key, total, device)
         adapted = adapt(model, TARGETS, cfg.adapter.init_rank, cfg.adapter.alpha, seed=0)

@@ -2,7 +2,7 @@
 
 Five runs on all-MiniLM-L6-v2 (the demo preset), batch 16, sequence 128 (synthetic token ids,
 no padding), the same 36 target linears, the same seeded head (``rankopt.api.load_base``), the
-same AdamW + linear schedule + clipping (``rankopt.optim``):
+same AdamW + linear schedule + clipping (``rankopt.training.optim``):
 
 * ``rankopt adaptive, budget 8``: SVD adapters from rank 8, controller on, budget kept at 8 per
   layer. Same rank as PEFT LoRA r=8 all run long, so this is the like-for-like row for the
@@ -98,7 +98,7 @@ def run_config(args: argparse.Namespace, key: str, total: int):
 def build_stepper(args: argparse.Namespace, key: str, total: int):
     """The run ``key`` ready to step: its model built from the same base weights and head."""
     from rankopt.api import build_model, load_base
-    from rankopt.trainer import Stepper
+    from rankopt.training.trainer import Stepper
 
     cfg = run_config(args, key, total)
     if key in ("adaptive", "adaptive-prune", "fixed"):

@@ -16,8 +16,8 @@ from torch import nn
 
 from rankopt.config import Config
 from rankopt.tasks.data import TaskData
-from rankopt.optim import build_optimizer, build_scheduler
-from rankopt.trainer import evaluate, seeded_batches
+from rankopt.training.optim import build_optimizer, build_scheduler
+from rankopt.training.trainer import evaluate, seeded_batches
 
 def peft_model(cfg: Config, base: nn.Module, method: str, rank: int, init_rank: int) -> nn.Module:
     """``base`` wrapped by PEFT: fixed-rank LoRA at ``rank``, or AdaLoRA from ``init_rank`` down to ``rank``.

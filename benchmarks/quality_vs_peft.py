@@ -47,7 +47,7 @@ def run_config(task: str, budget: int, lr: float, seed: int, args: argparse.Name
 
 def run_one(method: str, task: str, budget: int, lr: float, seed: int, args: argparse.Namespace) -> dict:
     from rankopt.api import build_model, load_base, prepare_data
-    from rankopt.trainer import train_adapted
+    from rankopt.training.trainer import train_adapted
 
     cfg = run_config(task, budget, lr, seed, args)
     data = prepare_data(cfg)

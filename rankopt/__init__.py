@@ -16,13 +16,13 @@ _HOME = {
     "report": "rankopt.reporting",
     "adapt": "rankopt.adapters.model",
     "save_adapter": "rankopt.adapters.peft_format",
-    "RankControllerCallback": "rankopt.hf_callback",
+    "RankControllerCallback": "rankopt.training.hf_callback",
     "Config": "rankopt.config",
     "load_config": "rankopt.config",
     "RankoptError": "rankopt.errors",
-    "Callback": "rankopt.events",
-    "RankEvent": "rankopt.events",
-    "TrainResult": "rankopt.events",
+    "Callback": "rankopt.training.events",
+    "RankEvent": "rankopt.training.events",
+    "TrainResult": "rankopt.training.events",
 }
 
 

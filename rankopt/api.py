@@ -12,9 +12,9 @@ from torch import nn
 from rankopt.adapters.model import AdaptedModel, adapt, find_head
 from rankopt.config import Config, build_config, combine_overrides, load_config
 from rankopt.tasks.data import TaskData, prepare
-from rankopt.events import Callback, TrainResult
+from rankopt.training.events import Callback, TrainResult
 from rankopt.tasks.modeling import load_pretrained, load_tokenizer, resolve_model_path
-from rankopt.trainer import train_adapted
+from rankopt.training.trainer import train_adapted
 
 
 def resolve_config(preset: str | Config, overrides: dict[str, Any] | list[str] | None = None,

@@ -71,7 +71,7 @@ def train(preset: Annotated[str, typer.Argument(help="preset name (see search_sp
     """Fine-tune once with the preset's values, adapting ranks during training."""
     from rankopt.api import resolve_config
     from rankopt.api import train as train_api
-    from rankopt.progress import ProgressBar
+    from rankopt.training.progress import ProgressBar
 
     try:
         _quiet_libraries()
@@ -98,7 +98,7 @@ def tune(preset: Annotated[str, typer.Argument(help="preset name (see search_spa
          tracking_uri: UriOpt = None, data: DataOpt = None, set_: SetOpt = None, out: OutOpt = "runs") -> None:
     """Search the rank budget (and the preset's other knobs) with Optuna; rerun to resume."""
     from rankopt.api import resolve_config
-    from rankopt.progress import TrialProgress, print_tune_result
+    from rankopt.training.progress import TrialProgress, print_tune_result
     from rankopt.tuner import tune as tune_api
 
     try:
@@ -215,7 +215,7 @@ def worker(preset: Annotated[Optional[str], typer.Argument(help="preset to creat
            checkpoint_dir: Annotated[Optional[str], typer.Option("--checkpoint-dir", help="trial checkpoints; shared storage for workers on several machines (default: OUT/checkpoints)")] = None,
            data: DataOpt = None, set_: SetOpt = None, out: OutOpt = "runs") -> None:
     """Join a study in a shared database and take trials until its trial limit is reached."""
-    from rankopt.progress import TrialProgress
+    from rankopt.training.progress import TrialProgress
     from rankopt.urls import mask_text
     from rankopt.worker import run_worker
 

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rankopt.events import RankEvent  # noqa: E402
+from rankopt.training.events import RankEvent  # noqa: E402
 
 
 def short_layer_name(name: str) -> str:

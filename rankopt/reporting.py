@@ -129,7 +129,7 @@ def _tracking(study, best, uri: str, notes: list[str]):
 
 def _rank_history(client, best, notes: list[str]):
     """The best trial's rank allocations (a list of RankEvent), or None when its run has none."""
-    from rankopt.events import RankEvent
+    from rankopt.training.events import RankEvent
 
     run_id = best.user_attrs.get("mlflow_run_id")
     if client is None or not run_id:

@@ -5,7 +5,7 @@
   machine died) is failed by the next worker that looks, and :class:`StaleTrialHandler`
   closes its MLflow run as KILLED and queues a retry (Optuna's retry callback: a WAITING copy
   with the same parameters, up to ``search.max_retry`` times). The retry resumes from the
-  lost trial's last checkpoint (:mod:`rankopt.checkpoint`).
+  lost trial's last checkpoint (:mod:`rankopt.training.checkpoint`).
 * **The trial limit.** A study remembers its limit (user attribute ``trial_limit``). A trial
   counts once it is *settled*: COMPLETE, PRUNED, or FAIL for good. A FAIL that was retried
   does not count (its retry does); a FAIL raised by the objective (divergence, a bad config)

@@ -1,6 +1,6 @@
 """MLflow: where runs go, and a callback that logs a training run's events to one run.
 
-Training code never imports this module; it only emits events (:mod:`rankopt.events`).
+Training code never imports this module; it only emits events (:mod:`rankopt.training.events`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from rankopt.events import Callback, RankEvent, TrainResult
+from rankopt.training.events import Callback, RankEvent, TrainResult
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3 opens 'genai' experiments on traces otherwise
 

@@ -16,13 +16,13 @@ import optuna
 from rankopt.api import build_model, prepare_data, resolve_config
 from rankopt.config import Config
 from rankopt.errors import RankoptError
-from rankopt.events import Callback
+from rankopt.training.events import Callback
 from rankopt.tasks.modeling import resolve_model_path
 from rankopt.search import (ReportToTrial, TuneResult, best_trials, default_storage, make_pruner, make_sampler,
                             objective_directions, suggest, trial_config)
 from rankopt.studies import (CONFIG_ATTR, LIMIT_ATTR, StaleTrialHandler, open_storage, retried_from,
                              tally)
-from rankopt.trainer import train_adapted
+from rankopt.training.trainer import train_adapted
 from rankopt.urls import mask_text
 from rankopt.urls import mask_url as _mask  # noqa: F401 - kept importable from here
 
@@ -46,7 +46,7 @@ class _RecordResume(Callback):
 class Objective:
     """One trial: suggest, build the trial's config, train, report; record why it ended.
 
-    With ``checkpoints`` (a :class:`rankopt.checkpoint.CheckpointStore`) the trial saves its
+    With ``checkpoints`` (a :class:`rankopt.training.checkpoint.CheckpointStore`) the trial saves its
     state every ``search.checkpoint_every`` evaluations, and a retry of a lost trial resumes
     from the lost one's last checkpoint.
     """
@@ -218,7 +218,7 @@ def tune(preset: str | Config, overrides: dict[str, Any] | list[str] | None = No
         study.set_user_attr("mlflow_parent_run_id", parent)
         on_stale.tracker = tracker
         close_orphan_runs(study, tracker)
-    from rankopt.checkpoint import CheckpointStore
+    from rankopt.training.checkpoint import CheckpointStore
 
     checkpoints = CheckpointStore(out / "checkpoints", name, cfg.search.checkpoint_every)
     objective = Objective(cfg, tracker, callbacks_for_trial, checkpoints=checkpoints)

@@ -122,7 +122,7 @@ def run_worker(study_name: str, storage: str, preset: str | None = None, overrid
                 study.set_user_attr(LIMIT_ATTR, cfg.search.n_trials)
             tracker = _start_tracking(study, cfg, tracking_uri, out) if track else None
         on_stale.tracker = tracker
-        from rankopt.checkpoint import CheckpointStore
+        from rankopt.training.checkpoint import CheckpointStore
 
         checkpoints = CheckpointStore(Path(checkpoint_dir) if checkpoint_dir else out / "checkpoints", study_name,
                                       cfg.search.checkpoint_every)

@@ -160,7 +160,7 @@ SLOW_WORKER = '''\
 import sys
 import time
 
-import rankopt.trainer as trainer
+import rankopt.training.trainer as trainer
 
 _step = trainer.Stepper.step
 

@@ -115,7 +115,7 @@ def test_missing_response_column_names_the_setting(decoder_dir, tmp_path):
 def trained(decoder_dir, colour_data):
     import rankopt
     from rankopt.api import build_model, prepare_data
-    from rankopt.trainer import evaluate
+    from rankopt.training.trainer import evaluate
 
     cfg = colour_config(decoder_dir, colour_data)
     data = prepare_data(cfg)
@@ -136,7 +136,7 @@ def test_training_lowers_the_response_loss_and_prunes_to_the_budget(trained):
 
 def test_evaluation_loss_is_per_response_token(trained):
     """The split's loss is the token-weighted mean, whatever the batch size."""
-    from rankopt.trainer import evaluate
+    from rankopt.training.trainer import evaluate
 
     by_16 = evaluate(trained.result.adapted, trained.data, "causal_lm", 16)["loss"]
     by_7 = evaluate(trained.result.adapted, trained.data, "causal_lm", 7)["loss"]

@@ -14,11 +14,11 @@ import pytest
 import torch
 from conftest import make_tiny_adapted
 
-from rankopt.checkpoint import CheckpointStore, TrialCheckpoint, fingerprint, named_trainables
+from rankopt.training.checkpoint import CheckpointStore, TrialCheckpoint, fingerprint, named_trainables
 from rankopt.config import Config
-from rankopt.events import Callback
+from rankopt.training.events import Callback
 from rankopt.studies import StaleTrialHandler
-from rankopt.trainer import train_adapted
+from rankopt.training.trainer import train_adapted
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

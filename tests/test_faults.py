@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from scaleout_support import (MlflowServer, pg_databases, slow_worker_script,  # noqa: F401
                               spawn, study_preset)
 
-from rankopt.events import Callback
+from rankopt.training.events import Callback
 from rankopt.resilient import CREATE_TAG, ResilientClient, TrackingUnavailable, is_transient
 from rankopt.urls import sqlalchemy_url
 

@@ -12,7 +12,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
 
 from rankopt.adapters import adapt
-from rankopt.hf_callback import RankControllerCallback
+from rankopt.training.hf_callback import RankControllerCallback
 
 
 def test_trainer_callback_reallocates_to_budget_and_keeps_optimizer_consistent(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 
 from rankopt.api import build_model, prepare_data, resolve_config, train
 from rankopt.config import preset_names
-from rankopt.trainer import evaluate
+from rankopt.training.trainer import evaluate
 
 SST2 = Path(__file__).resolve().parents[1].parent / "shared/data/glue/sst2"
 

@@ -9,7 +9,7 @@ import torch
 
 from conftest import make_tiny_adapted
 from rankopt.adapters.model import orthogonality_penalty
-from rankopt.optim import apply_resizes, build_optimizer, build_scheduler
+from rankopt.training.optim import apply_resizes, build_optimizer, build_scheduler
 
 
 def batch(seed: int = 0, n: int = 6, length: int = 10) -> dict:

@@ -21,7 +21,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from rankopt.cli import app
-from rankopt.events import Callback
+from rankopt.training.events import Callback
 from rankopt.reporting import _folder_name, layer_type, non_dominated, report
 from rankopt.search import default_storage
 

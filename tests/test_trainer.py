@@ -10,8 +10,8 @@ from rankopt.api import train
 from rankopt.config import build_config
 from rankopt.controller import BudgetSchedule
 from rankopt.errors import RankoptError, TrainingDiverged
-from rankopt.events import Callback
-from rankopt.trainer import build_controller, evaluate, train_adapted
+from rankopt.training.events import Callback
+from rankopt.training.trainer import build_controller, evaluate, train_adapted
 
 
 class Recorder(Callback):

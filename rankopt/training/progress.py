@@ -7,7 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from rankopt.events import Callback, RankEvent, TrainResult
+from rankopt.training.events import Callback, RankEvent, TrainResult
 
 
 class ProgressBar(Callback):

@@ -21,8 +21,8 @@ from rankopt.config import Config
 from rankopt.controller import BudgetSchedule, RankController
 from rankopt.tasks.data import TaskData
 from rankopt.errors import TrainingDiverged
-from rankopt.events import Callback, CallbackList, RankEvent, TrainResult, tensor_lists
-from rankopt.optim import apply_resizes, build_optimizer, build_scheduler
+from rankopt.training.events import Callback, CallbackList, RankEvent, TrainResult, tensor_lists
+from rankopt.training.optim import apply_resizes, build_optimizer, build_scheduler
 
 
 def seeded_batches(data: TaskData, batch_size: int, seed: int) -> Iterator[dict]:
@@ -140,7 +140,7 @@ def train_adapted(cfg: Config, adapted: AdaptedModel, data: TaskData,
                   callbacks: list[Callback] | None = None, checkpointer=None) -> TrainResult:
     """Fine-tune ``adapted`` on ``data`` for ``cfg.training.steps`` steps; returns the final evaluation.
 
-    ``checkpointer`` (a :class:`rankopt.checkpoint.TrialCheckpoint`) resumes from its last
+    ``checkpointer`` (a :class:`rankopt.training.checkpoint.TrialCheckpoint`) resumes from its last
     checkpoint when it has one, and saves a new one after evaluations; the resumed run then
     goes on exactly as the uninterrupted one would have.
     """

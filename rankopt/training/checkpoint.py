@@ -35,8 +35,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from rankopt.events import RankEvent
-from rankopt.optim import apply_resizes
+from rankopt.training.events import RankEvent
+from rankopt.training.optim import apply_resizes
 
 log = logging.getLogger(__name__)
 FORMAT = 1
@@ -108,7 +108,7 @@ def restore(stepper, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> 
     """Put a captured state back into a freshly built stepper; returns the evaluation history.
 
     Layers are first resized to the saved ranks (the optimizer follows through
-    :func:`rankopt.optim.apply_resizes`), then every tensor is copied in.
+    :func:`rankopt.training.optim.apply_resizes`), then every tensor is copied in.
     """
     adapted, opt = stepper.adapted, stepper.optimizer
     scratch = torch.Generator().manual_seed(0)  # new components are overwritten below

@@ -21,8 +21,8 @@ from rankopt.adapters.model import AdaptedModel
 from rankopt.config import ControllerConfig
 from rankopt.controller import BudgetSchedule, RankController
 from rankopt.errors import RankoptError
-from rankopt.events import RankEvent, tensor_lists
-from rankopt.optim import apply_resizes
+from rankopt.training.events import RankEvent, tensor_lists
+from rankopt.training.optim import apply_resizes
 
 
 class RankControllerCallback(TrainerCallback):

@@ -1,0 +1,10 @@
+"""One fine-tune, from a built model to a result.
+
+:mod:`.trainer` is the loop (steps, evaluation, the controller's reallocations), :mod:`.optim` the
+AdamW state that follows resized tensors, :mod:`.checkpoint` exact save and resume, :mod:`.events`
+the callbacks the loop reports through (so it never imports Optuna or MLflow), :mod:`.progress`
+the terminal progress bars, :mod:`.hf_callback` the same controller inside a ``transformers.Trainer``,
+:mod:`.setup` the model and data a run starts from. It may import :mod:`rankopt.adapters`,
+:mod:`rankopt.controller`, :mod:`rankopt.tasks`, :mod:`rankopt.config`, :mod:`rankopt.devices` and
+:mod:`rankopt.errors`; never tracking, search or outputs.
+"""
