@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from rankopt.api import build_model, resolve_config
+from rankopt.training.setup import build_model
+from rankopt.config import resolve_config
 from rankopt.training.trainer import Stepper
 
 

@@ -1,7 +1,7 @@
 """Step time and peak memory of rankopt vs PEFT LoRA and PEFT AdaLoRA on the same model and batches.
 
 Five runs on all-MiniLM-L6-v2 (the demo preset), batch 16, sequence 128 (synthetic token ids,
-no padding), the same 36 target linears, the same seeded head (``rankopt.api.load_base``), the
+no padding), the same 36 target linears, the same seeded head (``rankopt.training.setup.load_base``), the
 same AdamW + linear schedule + clipping (``rankopt.training.optim``):
 
 * ``rankopt adaptive, budget 8``: SVD adapters from rank 8, controller on, budget kept at 8 per
@@ -79,7 +79,7 @@ def make_batches(n: int, vocab: int, seq: int, batch: int, num_labels: int, seed
 
 
 def run_config(args: argparse.Namespace, key: str, total: int):
-    from rankopt.api import resolve_config
+    from rankopt.config import resolve_config
     from rankopt.config import parse_overrides
 
     r = args.rank
@@ -97,7 +97,7 @@ def run_config(args: argparse.Namespace, key: str, total: int):
 
 def build_stepper(args: argparse.Namespace, key: str, total: int):
     """The run ``key`` ready to step: its model built from the same base weights and head."""
-    from rankopt.api import build_model, load_base
+    from rankopt.training.setup import build_model, load_base
     from rankopt.training.trainer import Stepper
 
     cfg = run_config(args, key, total)

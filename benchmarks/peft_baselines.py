@@ -1,7 +1,7 @@
 """PEFT LoRA and AdaLoRA on the same model, data and loop as a rankopt run: the benchmarks' baselines.
 
 A baseline starts from the same pretrained weights and the same seeded task head as rankopt
-(``rankopt.api.load_base``), sees the same batches in the same order, and uses the same
+(``rankopt.training.setup.load_base``), sees the same batches in the same order, and uses the same
 optimizer, schedule and gradient clipping, so the adapters are the only difference.
 """
 

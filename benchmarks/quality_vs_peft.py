@@ -32,7 +32,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "quality_vs_peft.jso
 
 
 def run_config(task: str, budget: int, lr: float, seed: int, args: argparse.Namespace):
-    from rankopt.api import resolve_config
+    from rankopt.config import resolve_config
 
     init = 2 * budget
     overrides = {
@@ -46,7 +46,7 @@ def run_config(task: str, budget: int, lr: float, seed: int, args: argparse.Name
 
 
 def run_one(method: str, task: str, budget: int, lr: float, seed: int, args: argparse.Namespace) -> dict:
-    from rankopt.api import build_model, load_base, prepare_data
+    from rankopt.training.setup import build_model, load_base, prepare_data
     from rankopt.training.trainer import train_adapted
 
     cfg = run_config(task, budget, lr, seed, args)

@@ -66,7 +66,7 @@ def setup_of(args: argparse.Namespace) -> dict:
 
 
 def point_config(args: argparse.Namespace, budget: float, lr: float):
-    from rankopt.api import resolve_config
+    from rankopt.config import resolve_config
     from rankopt.config import parse_overrides
 
     over = {**parse_overrides(args.set), "training.steps": args.steps, "training.eval_every": args.eval_every,

@@ -69,7 +69,7 @@ def _fail(message: str) -> None:
 def train(preset: Annotated[str, typer.Argument(help="preset name (see search_spaces/) or a .yml path")],
           set_: SetOpt = None, data: DataOpt = None, tracking_uri: UriOpt = None, out: OutOpt = "runs") -> None:
     """Fine-tune once with the preset's values, adapting ranks during training."""
-    from rankopt.api import resolve_config
+    from rankopt.config import resolve_config
     from rankopt.api import train as train_api
     from rankopt.training.progress import ProgressBar
 
@@ -97,7 +97,7 @@ def tune(preset: Annotated[str, typer.Argument(help="preset name (see search_spa
          storage: Annotated[Optional[str], typer.Option("--storage", help="Optuna RDB URL (default: SQLite under --out)")] = None,
          tracking_uri: UriOpt = None, data: DataOpt = None, set_: SetOpt = None, out: OutOpt = "runs") -> None:
     """Search the rank budget (and the preset's other knobs) with Optuna; rerun to resume."""
-    from rankopt.api import resolve_config
+    from rankopt.config import resolve_config
     from rankopt.training.progress import TrialProgress, print_tune_result
     from rankopt.tuner import tune as tune_api
 

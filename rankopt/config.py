@@ -338,3 +338,13 @@ def combine_overrides(overrides: dict[str, Any] | list[str] | None, data_dir: st
         combined.update({"task.data_dir": str(Path(data_dir).resolve()), "task.dataset": None,
                          "task.subset": None, "task.builtin": None})
     return combined
+
+
+def resolve_config(preset: str | Config, overrides: dict[str, Any] | list[str] | None = None,
+                   data_dir: str | None = None) -> Config:
+    """A validated config from a preset name/path or a Config, with ``--set`` overrides and ``--data``."""
+    if not isinstance(preset, Config):
+        return load_config(preset, overrides, data_dir)
+    if not overrides and not data_dir:
+        return preset
+    return build_config(preset.model_dump(), combine_overrides(overrides, data_dir))

@@ -3,7 +3,7 @@
 One trial = one fine-tune whose config is the preset plus the trial's suggestions (dotted
 keys). The trial objective turns the trainer's ``on_eval`` events into ``trial.report`` /
 ``should_prune``; tracking is a separate listener. The data is tokenized and the base
-weights are loaded once per process (see :func:`rankopt.api.prepare_data`,
+weights are loaded once per process (see :func:`rankopt.training.setup.prepare_data`,
 :func:`rankopt.tasks.modeling.load_pretrained`), not once per trial.
 """
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import optuna
 
-from rankopt.api import build_model, prepare_data, resolve_config
-from rankopt.config import Config
+from rankopt.training.setup import build_model, prepare_data
+from rankopt.config import Config, resolve_config
 from rankopt.errors import RankoptError
 from rankopt.training.events import Callback
 from rankopt.tasks.modeling import resolve_model_path

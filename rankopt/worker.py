@@ -18,8 +18,8 @@ from typing import Any
 
 import optuna
 
-from rankopt.api import build_model, prepare_data, resolve_config
-from rankopt.config import Config, build_config, parse_overrides
+from rankopt.training.setup import build_model, prepare_data
+from rankopt.config import Config, build_config, parse_overrides, resolve_config
 from rankopt.devices import check_device
 from rankopt.errors import RankoptError
 from rankopt.studies import (CONFIG_ATTR, LIMIT_ATTR, PARENT_CLOSED_ATTR, Decision, StaleTrialHandler, StudyLock,

@@ -101,7 +101,7 @@ def test_causal_lm_config_is_checked():
 
 
 def test_missing_response_column_names_the_setting(decoder_dir, tmp_path):
-    from rankopt.api import prepare_data
+    from rankopt.training.setup import prepare_data
     from rankopt.errors import RankoptError
 
     (tmp_path / "train.jsonl").write_text('{"prompt": "a", "answer": "b"}\n')
@@ -114,7 +114,7 @@ def test_missing_response_column_names_the_setting(decoder_dir, tmp_path):
 @pytest.fixture(scope="module")
 def trained(decoder_dir, colour_data):
     import rankopt
-    from rankopt.api import build_model, prepare_data
+    from rankopt.training.setup import build_model, prepare_data
     from rankopt.training.trainer import evaluate
 
     cfg = colour_config(decoder_dir, colour_data)

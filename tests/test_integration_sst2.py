@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from rankopt.api import build_model, prepare_data, resolve_config, train
+from rankopt.training.setup import build_model, prepare_data
+from rankopt.config import resolve_config
+from rankopt.api import train
 from rankopt.config import preset_names
 from rankopt.training.trainer import evaluate
 
