@@ -194,8 +194,8 @@ def non_dominated(points: list[tuple[int, float, float]], maximize: bool = True)
 
 def _figures(study, rows: list[TrialRow], best: int, history, folder: Path, notes: list[str]) -> list[str]:
     """Draw the report's PNGs into ``folder``; returns their file names in page order."""
-    from rankopt import study_plots
-    from rankopt.plots import rank_heatmap
+    from rankopt.figures import study_plots
+    from rankopt.figures.rank_plots import rank_heatmap
 
     metric = _metric_name(study)
     complete = [r for r in rows if r.state == "complete"]

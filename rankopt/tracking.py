@@ -151,7 +151,7 @@ class MLflowLogger(Callback):
 
     def on_train_end(self, result: TrainResult) -> None:
         from rankopt.adapters.peft_format import write_adapter_files
-        from rankopt.plots import rank_heatmap
+        from rankopt.figures.rank_plots import rank_heatmap
 
         self._metrics({"final_metric": result.metric, "final_total_rank": result.total_rank,
                        "trainable_params": result.trainable_params, "adapter_params": result.adapter_params,
@@ -222,7 +222,7 @@ class StudyTracker:
         self.client.set_terminated(run_id, status)
 
     def end_study(self, study, status: str = "FINISHED") -> None:
-        from rankopt.study_plots import study_figures
+        from rankopt.figures.study_plots import study_figures
 
         run_id = self.parent_run_id
         if run_id is None:
