@@ -30,20 +30,20 @@ def train(preset: str | Config, overrides: dict[str, Any] | list[str] | None = N
     callbacks = list(callbacks or [])
     if not track:
         return train_adapted(cfg, adapted, data, callbacks)
-    from rankopt import tracking
+    from rankopt.tracking import mlflow_runs
 
     if tracking_uri:
-        tracking.check_reachable(tracking_uri)  # a wrong or dead URI fails here, before anything is written
+        mlflow_runs.check_reachable(tracking_uri)  # a wrong or dead URI fails here, before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    uri = tracking_uri or tracking.default_tracking_uri(out)
-    client = tracking.client_for(uri)
-    exp_id = tracking.ensure_experiment(client, cfg.task.name, out / "mlartifacts" if not tracking_uri else None)
+    uri = tracking_uri or mlflow_runs.default_tracking_uri(out)
+    client = mlflow_runs.client_for(uri)
+    exp_id = mlflow_runs.ensure_experiment(client, cfg.task.name, out / "mlartifacts" if not tracking_uri else None)
     run = client.create_run(exp_id, run_name=run_name, tags={"rankopt.kind": "train", "rankopt.task": cfg.task.name})
     run_id = run.info.run_id
-    tracking.log_params(client, run_id, cfg.model_dump(exclude={"search"}))
+    mlflow_runs.log_params(client, run_id, cfg.model_dump(exclude={"search"}))
     base = resolve_model_path(cfg.model.name)
-    logger = tracking.MLflowLogger(client, run_id, base_model=cfg.model.name if base == cfg.model.name else base,
+    logger = mlflow_runs.MLflowLogger(client, run_id, base_model=cfg.model.name if base == cfg.model.name else base,
                                    meta={"config": cfg.model_dump()})
     try:
         result = train_adapted(cfg, adapted, data, [*callbacks, logger])

@@ -183,7 +183,7 @@ def ui(port: Annotated[int, typer.Option("--port", help="port to serve on")] = 5
        host: Annotated[str, typer.Option("--host", help="interface to bind; 0.0.0.0 exposes the UI to the network")] = "127.0.0.1",
        out: OutOpt = "runs", tracking_uri: UriOpt = None) -> None:
     """Serve the MLflow UI for the runs under --out, to compare trials (Ctrl+C stops it)."""
-    from rankopt import ui as ui_api
+    from rankopt.tracking import ui as ui_api
 
     try:
         ui_api.server_command(out, tracking_uri, host, port)
@@ -216,7 +216,7 @@ def worker(preset: Annotated[Optional[str], typer.Argument(help="preset to creat
            data: DataOpt = None, set_: SetOpt = None, out: OutOpt = "runs") -> None:
     """Join a study in a shared database and take trials until its trial limit is reached."""
     from rankopt.training.progress import TrialProgress
-    from rankopt.urls import mask_text
+    from rankopt.tracking.urls import mask_text
     from rankopt.worker import run_worker
 
     try:
@@ -255,7 +255,7 @@ def _show_rankopt_warnings() -> None:
     """rankopt's own warnings (MLflow outages, lost trials) go to stderr as 'warning: ...' lines."""
     import logging
 
-    from rankopt.urls import mask_text
+    from rankopt.tracking.urls import mask_text
 
     class _Stderr(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:

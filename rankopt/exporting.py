@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from rankopt.errors import RankoptError
-from rankopt.urls import mask_url
+from rankopt.tracking.urls import mask_url
 
 ADAPTER_ARTIFACTS = ("adapter", "best_adapter")  # a trial's own adapter; a study parent's copy of the best
 
@@ -139,7 +139,7 @@ def find_source(*, study: str | None = None, storage: str | None = None, trackin
                 trial: int | None = None, run_id: str | None = None, max_params: int | None = None) -> Source:
     """Resolve the CLI's choice (study + trial, or a run id) to an MLflow run."""
     from rankopt.search import default_storage
-    from rankopt.tracking import default_tracking_uri
+    from rankopt.tracking.mlflow_runs import default_tracking_uri
 
     if (study is None) == (run_id is None):
         raise RankoptError("pass --study NAME (its best trial, or --trial N) or --run-id ID, exactly one of them")
@@ -234,7 +234,7 @@ def export(out: str | Path, *, study: str | None = None, storage: str | None = N
         >>> export("best-sst2", study="sst2")  # doctest: +SKIP
         >>> export("sst2-merged", study="sst2", trial=3, merge=True, register="sst2-lora")  # doctest: +SKIP
     """
-    from rankopt import tracking
+    from rankopt.tracking import mlflow_runs
     from rankopt.adapters.peft_format import atomic_folder, head_num_labels, read_adapter
     from rankopt.tasks.modeling import load_tokenizer
 
@@ -247,7 +247,7 @@ def export(out: str | Path, *, study: str | None = None, storage: str | None = N
                                   run_id=run_id, max_params=max_params, merge=merge, force=force, register=register)
     source = find_source(study=study, storage=storage, tracking_uri=tracking_uri, trial=trial, run_id=run_id,
                          max_params=max_params)
-    client = tracking.client_for(source.tracking_uri)
+    client = mlflow_runs.client_for(source.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         folder, run = fetch_adapter(client, source.run_id, Path(tmp))
         _describe(source, run)

@@ -23,7 +23,7 @@ from typing import Any
 
 from rankopt.errors import RankoptError
 from rankopt.exporting import require_sqlite_file, runs_folder, load_study, select_trial
-from rankopt.urls import mask_url
+from rankopt.tracking.urls import mask_url
 
 HTML_NAME = "report.html"
 FIGURES = {  # file -> caption, in page order
@@ -74,7 +74,7 @@ def report(study: str, storage: str | None = None, tracking_uri: str | None = No
         PosixPath('runs/reports/demo/report.html')
     """
     from rankopt.search import default_storage
-    from rankopt.tracking import default_tracking_uri
+    from rankopt.tracking.mlflow_runs import default_tracking_uri
 
     out = Path(out) if out is not None else runs_folder(storage) / "reports" / _folder_name(study)
     if out.exists() and not force:
@@ -106,7 +106,7 @@ def _folder_name(study: str) -> str:
 
 def _tracking(study, best, uri: str, notes: list[str]):
     """(client, parent run id), both None when the study was tuned without MLflow; checks the store answers."""
-    from rankopt import tracking
+    from rankopt.tracking import mlflow_runs
 
     parent = study.user_attrs.get("mlflow_parent_run_id")
     if not parent and not best.user_attrs.get("mlflow_run_id"):
@@ -114,8 +114,8 @@ def _tracking(study, best, uri: str, notes: list[str]):
                      "no rank heatmap and is not logged")
         return None, None
     require_sqlite_file(uri, "MLflow tracking store", "--tracking-uri")
-    tracking.check_reachable(uri)
-    client = tracking.client_for(uri)
+    mlflow_runs.check_reachable(uri)
+    client = mlflow_runs.client_for(uri)
     if parent:
         try:
             client.get_run(parent)

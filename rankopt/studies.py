@@ -32,7 +32,7 @@ from optuna.trial import TrialState
 
 from rankopt.config import SearchConfig
 from rankopt.errors import RankoptError
-from rankopt.urls import check_storage_url, mask_text, mask_url, sqlalchemy_url
+from rankopt.tracking.urls import check_storage_url, mask_text, mask_url, sqlalchemy_url
 
 log = logging.getLogger(__name__)
 CONFIG_ATTR, LIMIT_ATTR = "config", "trial_limit"

@@ -23,8 +23,8 @@ from rankopt.search import (ReportToTrial, TuneResult, best_trials, default_stor
 from rankopt.studies import (CONFIG_ATTR, LIMIT_ATTR, StaleTrialHandler, open_storage, retried_from,
                              tally)
 from rankopt.training.trainer import train_adapted
-from rankopt.urls import mask_text
-from rankopt.urls import mask_url as _mask  # noqa: F401 - kept importable from here
+from rankopt.tracking.urls import mask_text
+from rankopt.tracking.urls import mask_url as _mask  # noqa: F401 - kept importable from here
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class Objective:
         callbacks += self.callbacks_for_trial(trial, cfg)
         run_id = None
         if self.tracker is not None:
-            from rankopt.tracking import MLflowLogger
+            from rankopt.tracking.mlflow_runs import MLflowLogger
 
             tags = {"optuna.retry_of": str(retry_of)} if retry_of is not None else None
             run_id = self.tracker.start_trial(trial.number, cfg.model_dump(exclude={"search"}), values, tags=tags)
@@ -196,9 +196,9 @@ def tune(preset: str | Config, overrides: dict[str, Any] | list[str] | None = No
     on_stale = StaleTrialHandler(cfg.search)
     storage_obj = open_storage(storage, cfg.search, on_stale) if storage else None
     if track and tracking_uri:
-        from rankopt import tracking
+        from rankopt.tracking import mlflow_runs
 
-        tracking.check_reachable(tracking_uri)
+        mlflow_runs.check_reachable(tracking_uri)
     out.mkdir(parents=True, exist_ok=True)
     url = storage or default_storage(out)
     study = open_study(cfg, name, url, storage_obj=storage_obj or open_storage(url, cfg.search, on_stale))
@@ -206,13 +206,13 @@ def tune(preset: str | Config, overrides: dict[str, Any] | list[str] | None = No
     remember_for_workers(study, cfg, trials)
     tracker = None
     if track:
-        from rankopt import tracking
+        from rankopt.tracking import mlflow_runs
         from rankopt.studies import close_orphan_runs
 
-        client = tracking.client_for(tracking_uri or tracking.default_tracking_uri(out))
-        exp_id = tracking.ensure_experiment(client, cfg.task.name, out / "mlartifacts" if not tracking_uri else None)
+        client = mlflow_runs.client_for(tracking_uri or mlflow_runs.default_tracking_uri(out))
+        exp_id = mlflow_runs.ensure_experiment(client, cfg.task.name, out / "mlartifacts" if not tracking_uri else None)
         base = resolve_model_path(cfg.model.name)
-        tracker = tracking.StudyTracker(client, exp_id, name, base_model=base)
+        tracker = mlflow_runs.StudyTracker(client, exp_id, name, base_model=base)
         parent = tracker.start_study(study.user_attrs.get("mlflow_parent_run_id"),
                                      {"study": name, "preset": cfg.task.name, **cfg.model_dump(include={"search"})})
         study.set_user_attr("mlflow_parent_run_id", parent)

@@ -25,7 +25,7 @@ from rankopt.errors import RankoptError
 from rankopt.studies import (CONFIG_ATTR, LIMIT_ATTR, PARENT_CLOSED_ATTR, Decision, StaleTrialHandler, StudyLock,
                              Tally, TrialLimit, close_orphan_runs, open_storage, tally)
 from rankopt.tuner import Objective, open_study
-from rankopt.urls import check_storage_url, check_tracking_uri, mask_url
+from rankopt.tracking.urls import check_storage_url, check_tracking_uri, mask_url
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +105,9 @@ def run_worker(study_name: str, storage: str, preset: str | None = None, overrid
     data = prepare_data(cfg)  # fail on bad data or model before anything is written
     build_model(cfg, data.num_labels)
     if track and tracking_uri:
-        from rankopt import tracking
+        from rankopt.tracking import mlflow_runs
 
-        tracking.check_reachable(tracking_uri)
+        mlflow_runs.check_reachable(tracking_uri)
     on_stale = StaleTrialHandler(cfg.search)
     storage_obj = open_storage(storage, cfg.search, on_stale)
     out = Path(out)
@@ -133,12 +133,12 @@ def run_worker(study_name: str, storage: str, preset: str | None = None, overrid
 
 
 def _start_tracking(study: optuna.Study, cfg: Config, tracking_uri: str | None, out: Path):
-    from rankopt import tracking
+    from rankopt.tracking import mlflow_runs
     from rankopt.tasks.modeling import resolve_model_path
 
-    client = tracking.client_for(tracking_uri or tracking.default_tracking_uri(out))
-    exp_id = tracking.ensure_experiment(client, cfg.task.name, out / "mlartifacts" if not tracking_uri else None)
-    tracker = tracking.StudyTracker(client, exp_id, study.study_name, base_model=resolve_model_path(cfg.model.name))
+    client = mlflow_runs.client_for(tracking_uri or mlflow_runs.default_tracking_uri(out))
+    exp_id = mlflow_runs.ensure_experiment(client, cfg.task.name, out / "mlartifacts" if not tracking_uri else None)
+    tracker = mlflow_runs.StudyTracker(client, exp_id, study.study_name, base_model=resolve_model_path(cfg.model.name))
     parent = tracker.start_study(study.user_attrs.get("mlflow_parent_run_id"),
                                  {"study": study.study_name, "preset": cfg.task.name,
                                   **cfg.model_dump(include={"search"})})

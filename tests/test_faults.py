@@ -21,8 +21,8 @@ from scaleout_support import (MlflowServer, pg_databases, slow_worker_script,  #
                               spawn, study_preset)
 
 from rankopt.training.events import Callback
-from rankopt.resilient import CREATE_TAG, ResilientClient, TrackingUnavailable, is_transient
-from rankopt.urls import sqlalchemy_url
+from rankopt.tracking.resilient import CREATE_TAG, ResilientClient, TrackingUnavailable, is_transient
+from rankopt.tracking.urls import sqlalchemy_url
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -17,7 +17,7 @@ from scaleout_support import (SECRET, MlflowServer, cli_env, pg_databases,  # no
 
 from rankopt.errors import RankoptError
 from rankopt.studies import Decision, StudyLock, Tally, TrialLimit, tally
-from rankopt.urls import sqlalchemy_url
+from rankopt.tracking.urls import sqlalchemy_url
 from rankopt.worker import worker_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -23,7 +23,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 from rankopt.config import Config
 from rankopt.errors import RankoptError
 from rankopt.search import default_storage
-from rankopt.tracking import default_tracking_uri
+from rankopt.tracking.mlflow_runs import default_tracking_uri
 from rankopt.tuner import Objective, _mask, open_study, tune
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -21,7 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from rankopt.cli import app
-from rankopt.ui import exposure_note, server_command, url
+from rankopt.tracking.ui import exposure_note, server_command, url
 from test_export import make_tiny_project  # the same tiny project: random BERT, sentiment jsonl, 3-trial preset
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"

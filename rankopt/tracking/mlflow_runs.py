@@ -33,11 +33,11 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def client_for(uri: str):
-    """An MLflow client for ``uri`` that waits out server outages (:mod:`rankopt.resilient`)."""
+    """An MLflow client for ``uri`` that waits out server outages (:mod:`rankopt.tracking.resilient`)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from rankopt.resilient import ResilientClient
+    from rankopt.tracking.resilient import ResilientClient
 
     # MLflow prints "View run at <tracking URI>" on every run end: noise, and it would show a password in the URI
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
@@ -45,7 +45,7 @@ def client_for(uri: str):
         # fail fast per request: the resilient layer does the retrying, with backoff and a warning
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    from rankopt.urls import sqlalchemy_url
+    from rankopt.tracking.urls import sqlalchemy_url
 
     mlflow.set_tracking_uri(sqlalchemy_url(uri))
     return ResilientClient(MlflowClient(tracking_uri=sqlalchemy_url(uri)), uri)
@@ -61,7 +61,7 @@ def check_reachable(uri: str) -> None:
     from mlflow.tracking import MlflowClient
 
     from rankopt.errors import RankoptError
-    from rankopt.urls import check_tracking_uri, mask_text, mask_url, sqlalchemy_url
+    from rankopt.tracking.urls import check_tracking_uri, mask_text, mask_url, sqlalchemy_url
 
     check_tracking_uri(uri)
     if uri.startswith(("sqlite:", "file:")):
@@ -213,7 +213,7 @@ class StudyTracker:
 
     def end_trial(self, run_id: str, state: str, reason: str | None = None, status: str | None = None) -> None:
         """``state``: complete, pruned, failed; interrupted runs end as KILLED (or pass ``status``)."""
-        from rankopt.urls import mask_text
+        from rankopt.tracking.urls import mask_text
 
         self.client.set_tag(run_id, "optuna.state", state)
         if reason:

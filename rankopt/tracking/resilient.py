@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rankopt.errors import RankoptError
-from rankopt.urls import mask_text, mask_url
+from rankopt.tracking.urls import mask_text, mask_url
 
 log = logging.getLogger("rankopt.tracking")
 

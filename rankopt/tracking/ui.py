@@ -3,7 +3,7 @@
 ``rankopt ui`` runs ``mlflow server`` with the SQLite store and artifact folder that
 ``rankopt train`` / ``tune`` write under ``--out``. MLflow 3.17's UI opens every experiment
 in its GenAI view unless the browser has switched to "Model training" (the
-``mlflow.experimentKind`` tag that :func:`rankopt.tracking.ensure_experiment` sets is not
+``mlflow.experimentKind`` tag that :func:`rankopt.tracking.mlflow_runs.ensure_experiment` sets is not
 enough there), so the printed links carry ``?workflowType=machine_learning`` and open each
 experiment's runs table, where a study is a parent run with one row per trial.
 """
@@ -26,7 +26,7 @@ VIEW = "workflowType=machine_learning"
 def server_command(out: str | Path = "runs", tracking_uri: str | None = None, host: str = "127.0.0.1",
                    port: int = 5000) -> list[str]:
     """The ``mlflow server`` command line for the store under ``out`` (or ``tracking_uri``)."""
-    from rankopt.tracking import default_tracking_uri
+    from rankopt.tracking.mlflow_runs import default_tracking_uri
 
     out = Path(out)
     if tracking_uri is None:
@@ -35,7 +35,7 @@ def server_command(out: str | Path = "runs", tracking_uri: str | None = None, ho
                                f"with --out {out} first, or pass --tracking-uri")
         tracking_uri = default_tracking_uri(out)
     elif tracking_uri.startswith(("http://", "https://", "databricks")):
-        from rankopt.urls import mask_url
+        from rankopt.tracking.urls import mask_url
 
         raise RankoptError(f"{mask_url(tracking_uri)} is already a tracking server: open it in a browser instead")
     if not 0 < port < 65536:
@@ -63,7 +63,7 @@ def url(host: str, port: int, experiment_id: str | None = None) -> str:
 
 def experiment_links(out: str | Path, tracking_uri: str | None, host: str, port: int) -> list[tuple[str, str]]:
     """(name, link) for each experiment in the store, the empty 'Default' one left out."""
-    from rankopt.tracking import client_for, default_tracking_uri
+    from rankopt.tracking.mlflow_runs import client_for, default_tracking_uri
 
     client = client_for(tracking_uri or default_tracking_uri(Path(out)))
     try:
