@@ -8,10 +8,10 @@ fine-tunes, so the comparison is made tabular, as in HPO benchmarks:
    its whole evaluation curve (step -> metric) and wall time go to a JSON file. Finished
    points are skipped, so an interrupted recording resumes.
 2. **Replay.** Real Optuna studies search the same grid as a categorical space, with the
-   sampler and pruner ``rankopt tune`` builds from the preset (``rankopt.search.make_sampler``
+   sampler and pruner ``rankopt tune`` builds from the preset (``rankopt.search.trials.make_sampler``
    / ``make_pruner``: TPE + median pruner for demo), TPE without pruning, random sampling +
    the same pruner, and random without pruning. A trial reports its recorded curve point by
-   point through ``trial.report`` / ``should_prune``, exactly as ``rankopt.search.ReportToTrial``
+   point through ``trial.report`` / ``should_prune``, exactly as ``rankopt.search.trials.ReportToTrial``
    does during training (the final evaluation is reported but never pruned), and returns the final
    metric. Its compute is the training steps run: a pruned trial costs the steps up to the
    evaluation that stopped it. A point drawn twice is paid twice, as a real study would.
@@ -148,7 +148,7 @@ def run_search(points: dict[tuple, list], args: argparse.Namespace, search, seed
                higher: bool = True) -> list[dict]:
     """One Optuna study over the recorded grid; per trial: the steps it ran and the best metric so far."""
     from rankopt.config import Distribution
-    from rankopt.search import make_pruner, make_sampler, suggest
+    from rankopt.search.trials import make_pruner, make_sampler, suggest
 
     space = {KEYS[0]: Distribution(type="categorical", choices=list(args.budgets)),
              KEYS[1]: Distribution(type="categorical", choices=list(args.lrs))}

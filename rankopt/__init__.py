@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 _HOME = {
     "train": "rankopt.api",
-    "tune": "rankopt.tuner",
+    "tune": "rankopt.search.tuner",
     "export": "rankopt.exporting",
     "report": "rankopt.reporting",
     "adapt": "rankopt.adapters.model",

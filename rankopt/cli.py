@@ -99,7 +99,7 @@ def tune(preset: Annotated[str, typer.Argument(help="preset name (see search_spa
     """Search the rank budget (and the preset's other knobs) with Optuna; rerun to resume."""
     from rankopt.config import resolve_config
     from rankopt.training.progress import TrialProgress, print_tune_result
-    from rankopt.tuner import tune as tune_api
+    from rankopt.search.tuner import tune as tune_api
 
     try:
         _quiet_libraries()
@@ -217,7 +217,7 @@ def worker(preset: Annotated[Optional[str], typer.Argument(help="preset to creat
     """Join a study in a shared database and take trials until its trial limit is reached."""
     from rankopt.training.progress import TrialProgress
     from rankopt.tracking.urls import mask_text
-    from rankopt.worker import run_worker
+    from rankopt.search.worker import run_worker
 
     try:
         _quiet_libraries()

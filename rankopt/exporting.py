@@ -138,7 +138,7 @@ def select_trial(study, number: int | None = None, max_params: int | None = None
 def find_source(*, study: str | None = None, storage: str | None = None, tracking_uri: str | None = None,
                 trial: int | None = None, run_id: str | None = None, max_params: int | None = None) -> Source:
     """Resolve the CLI's choice (study + trial, or a run id) to an MLflow run."""
-    from rankopt.search import default_storage
+    from rankopt.search.trials import default_storage
     from rankopt.tracking.mlflow_runs import default_tracking_uri
 
     if (study is None) == (run_id is None):

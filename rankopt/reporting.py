@@ -73,7 +73,7 @@ def report(study: str, storage: str | None = None, tracking_uri: str | None = No
         >>> rankopt.report("demo").html  # doctest: +SKIP
         PosixPath('runs/reports/demo/report.html')
     """
-    from rankopt.search import default_storage
+    from rankopt.search.trials import default_storage
     from rankopt.tracking.mlflow_runs import default_tracking_uri
 
     out = Path(out) if out is not None else runs_folder(storage) / "reports" / _folder_name(study)

@@ -17,7 +17,7 @@ from conftest import make_tiny_adapted
 from rankopt.training.checkpoint import CheckpointStore, TrialCheckpoint, fingerprint, named_trainables
 from rankopt.config import Config
 from rankopt.training.events import Callback
-from rankopt.studies import StaleTrialHandler
+from rankopt.search.studies import StaleTrialHandler
 from rankopt.training.trainer import train_adapted
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -107,7 +107,7 @@ def test_device_does_not_change_the_fingerprint(cfg):
 
 def test_retried_trial_resumes_at_the_checkpointed_step(cfg, tmp_path):
     """A trial is interrupted after its first checkpoint; its retry starts there, not at step 0."""
-    from rankopt.tuner import Objective
+    from rankopt.search.tuner import Objective
 
     base = cfg.model_copy(deep=True)
     base.search.space = {"training.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}

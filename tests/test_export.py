@@ -67,7 +67,7 @@ search:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from rankopt.tuner import tune
+    from rankopt.search.tuner import tune
 
     root = tmp_path_factory.mktemp("tiny")
     preset = make_tiny_project(root)

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from rankopt.cli import app
 from rankopt.training.events import Callback
 from rankopt.reporting import _folder_name, layer_type, non_dominated, report
-from rankopt.search import default_storage
+from rankopt.search.trials import default_storage
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -47,7 +47,7 @@ class _PruneAtSecondEval(Callback):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, tiny_model_dir, tiny_data_dir):
     from rankopt.config import Config
-    from rankopt.tuner import tune
+    from rankopt.search.tuner import tune
 
     out = tmp_path_factory.mktemp("report") / "runs"
     out.mkdir()

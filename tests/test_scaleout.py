@@ -16,9 +16,9 @@ from scaleout_support import (SECRET, MlflowServer, cli_env, pg_databases,  # no
                               rankopt_cmd, spawn, study_preset)
 
 from rankopt.errors import RankoptError
-from rankopt.studies import Decision, StudyLock, Tally, TrialLimit, tally
+from rankopt.search.studies import Decision, StudyLock, Tally, TrialLimit, tally
 from rankopt.tracking.urls import sqlalchemy_url
-from rankopt.worker import worker_config
+from rankopt.search.worker import worker_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -86,7 +86,7 @@ def test_workers_stop_exactly_at_the_limit(tmp_path):
 
 def test_a_retried_failure_does_not_count_toward_the_limit(tmp_path):
     from rankopt.config import SearchConfig
-    from rankopt.studies import StaleTrialHandler
+    from rankopt.search.studies import StaleTrialHandler
 
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}")
     limit = TrialLimit(2)
@@ -116,7 +116,7 @@ def test_study_lock_excludes_a_second_holder(tmp_path):
 
 def test_postgres_lock_is_released_when_its_holder_dies(tmp_path):
     with pg_databases(1) as (url,):
-        holder = subprocess.Popen([sys.executable, "-c", f"from rankopt.studies import StudyLock; import time; "
+        holder = subprocess.Popen([sys.executable, "-c", f"from rankopt.search.studies import StudyLock; import time; "
                                    f"StudyLock({url!r}, 's').acquire(); print('held', flush=True); time.sleep(60)"],
                                   stdout=subprocess.PIPE, text=True, env=cli_env())
         assert holder.stdout.readline().strip() == "held"
@@ -160,7 +160,7 @@ def test_missing_gpu_is_a_user_error(device):
 
 
 def test_worker_without_preset_needs_an_existing_study(tmp_path):
-    from rankopt.worker import run_worker
+    from rankopt.search.worker import run_worker
 
     with pytest.raises(RankoptError, match="no study 'nope'.*pass a PRESET"):
         run_worker("nope", f"sqlite:///{tmp_path / 'o.db'}", out=tmp_path / "out")

@@ -1,5 +1,5 @@
 """Tuning jobs on a tiny random BERT: the trial objective (through Optuna's ``FixedTrial``) and
-whole studies through :func:`rankopt.tuner.tune`, with real SQLite stores for Optuna and MLflow.
+whole studies through :func:`rankopt.search.tuner.tune`, with real SQLite stores for Optuna and MLflow.
 
 A trial here is 20 steps on 64 rows and takes well under a second on one CPU thread; the
 slow part of each study is MLflow creating its database.
@@ -22,9 +22,9 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 
 from rankopt.config import Config
 from rankopt.errors import RankoptError
-from rankopt.search import default_storage
+from rankopt.search.trials import default_storage
 from rankopt.tracking.mlflow_runs import default_tracking_uri
-from rankopt.tuner import Objective, _mask, open_study, tune
+from rankopt.search.tuner import Objective, _mask, open_study, tune
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -121,7 +121,7 @@ def _show_metric_columns(driver, names: list[str]) -> None:
 def test_ui_shows_every_trial_with_its_metric(tmp_path):
     from selenium.webdriver.common.by import By
 
-    from rankopt.tuner import tune
+    from rankopt.search.tuner import tune
 
     driver = _browser()  # skips before any work when there is no browser
     out = tmp_path / "runs"

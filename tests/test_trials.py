@@ -1,4 +1,4 @@
-"""rankopt.search without any training: samplers and pruners by name, the search space, the
+"""rankopt.search.trials without any training: samplers and pruners by name, the search space, the
 report / prune bridge, and how best trials are picked, driven through Optuna's own
 ``study.ask()`` / ``trial.report()`` / ``study.tell()`` and ``FixedTrial``.
 """
@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from rankopt.config import Config, Distribution, SearchConfig
 from rankopt.errors import RankoptError
-from rankopt.search import (ReportToTrial, TrialSummary, best_trials, default_storage,
+from rankopt.search.trials import (ReportToTrial, TrialSummary, best_trials, default_storage,
                             make_pruner, make_sampler, suggest, summarize, trial_config)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

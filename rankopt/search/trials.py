@@ -22,6 +22,7 @@ from rankopt.config import Config, Distribution, SearchConfig, build_config
 from rankopt.errors import RankoptError
 from rankopt.training.events import Callback, TrainResult
 
+
 def objective_directions(cfg: Config) -> list[str]:
     """Optuna directions of the preset's objectives: the task metric's own (loss: down), params down."""
     from rankopt.tasks.metrics import HIGHER_IS_BETTER

@@ -3,7 +3,7 @@
 Start as many as there are GPUs (or machines), all with the same ``--study`` and ``--storage``.
 The first one (or ``rankopt tune PRESET --trials 0``) creates the study and stores the
 resolved config and the trial limit in it, so the others need no preset. Each loop turn,
-under the study lock (:class:`rankopt.studies.StudyLock`): fail trials whose worker stopped
+under the study lock (:class:`rankopt.search.studies.StudyLock`): fail trials whose worker stopped
 sending heartbeats (they come back as retries), count, then take a trial, wait, or stop.
 """
 
@@ -22,9 +22,9 @@ from rankopt.training.setup import build_model, prepare_data
 from rankopt.config import Config, build_config, parse_overrides, resolve_config
 from rankopt.devices import check_device
 from rankopt.errors import RankoptError
-from rankopt.studies import (CONFIG_ATTR, LIMIT_ATTR, PARENT_CLOSED_ATTR, Decision, StaleTrialHandler, StudyLock,
+from rankopt.search.studies import (CONFIG_ATTR, LIMIT_ATTR, PARENT_CLOSED_ATTR, Decision, StaleTrialHandler, StudyLock,
                              Tally, TrialLimit, close_orphan_runs, open_storage, tally)
-from rankopt.tuner import Objective, open_study
+from rankopt.search.tuner import Objective, open_study
 from rankopt.tracking.urls import check_storage_url, check_tracking_uri, mask_url
 
 log = logging.getLogger(__name__)

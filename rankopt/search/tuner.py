@@ -18,9 +18,9 @@ from rankopt.config import Config, resolve_config
 from rankopt.errors import RankoptError
 from rankopt.training.events import Callback
 from rankopt.tasks.modeling import resolve_model_path
-from rankopt.search import (ReportToTrial, TuneResult, best_trials, default_storage, make_pruner, make_sampler,
+from rankopt.search.trials import (ReportToTrial, TuneResult, best_trials, default_storage, make_pruner, make_sampler,
                             objective_directions, suggest, trial_config)
-from rankopt.studies import (CONFIG_ATTR, LIMIT_ATTR, StaleTrialHandler, open_storage, retried_from,
+from rankopt.search.studies import (CONFIG_ATTR, LIMIT_ATTR, StaleTrialHandler, open_storage, retried_from,
                              tally)
 from rankopt.training.trainer import train_adapted
 from rankopt.tracking.urls import mask_text
@@ -207,7 +207,7 @@ def tune(preset: str | Config, overrides: dict[str, Any] | list[str] | None = No
     tracker = None
     if track:
         from rankopt.tracking import mlflow_runs
-        from rankopt.studies import close_orphan_runs
+        from rankopt.search.studies import close_orphan_runs
 
         client = mlflow_runs.client_for(tracking_uri or mlflow_runs.default_tracking_uri(out))
         exp_id = mlflow_runs.ensure_experiment(client, cfg.task.name, out / "mlartifacts" if not tracking_uri else None)
