@@ -12,8 +12,8 @@ __version__ = "0.1.0"
 _HOME = {
     "train": "rankopt.api",
     "tune": "rankopt.search.tuner",
-    "export": "rankopt.exporting",
-    "report": "rankopt.reporting",
+    "export": "rankopt.outputs.export",
+    "report": "rankopt.outputs.report",
     "adapt": "rankopt.adapters.model",
     "save_adapter": "rankopt.adapters.peft_format",
     "RankControllerCallback": "rankopt.training.hf_callback",

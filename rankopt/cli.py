@@ -135,7 +135,7 @@ def export(out: Annotated[str, typer.Option("--out", help="folder to write (must
            max_params: Annotated[Optional[int], typer.Option("--max-params", help="best trial with at most P adapter params (Pareto front for two objectives)")] = None,
            register: Annotated[Optional[str], typer.Option("--register", help="also register it in the MLflow Model Registry under NAME")] = None) -> None:
     """Write a tuned adapter as a PEFT folder (or a merged model), with tokenizer and model card."""
-    from rankopt.exporting import export as export_api
+    from rankopt.outputs.export import export as export_api
 
     try:
         _quiet_libraries()
@@ -163,7 +163,7 @@ def report(study: Annotated[str, typer.Option("--study", help="study to report o
            out: Annotated[Optional[str], typer.Option("--out", help="folder to write (default: reports/STUDY beside the study storage; must not exist, unless --force)")] = None,
            force: Annotated[bool, typer.Option("--force", help="replace an existing --out folder")] = False) -> None:
     """Write a study's HTML report (figures inlined, PNGs beside it) and log it to the study's MLflow run."""
-    from rankopt.reporting import report as report_api
+    from rankopt.outputs.report import report as report_api
 
     try:
         _quiet_libraries()

@@ -10,7 +10,7 @@ def test_every_public_name_resolves():
 
 def test_jobs_are_the_cli_backends():
     from rankopt.api import train
-    from rankopt.exporting import export
+    from rankopt.outputs.export import export
     from rankopt.search.tuner import tune
 
     assert rankopt.train is train and rankopt.tune is tune and rankopt.export is export

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from rankopt.cli import app
 from rankopt.errors import RankoptError
-from rankopt.exporting import export, select_trial
+from rankopt.outputs.export import export, select_trial
 
 REPO = Path(__file__).resolve().parents[1]
 SST2 = REPO.parent / "shared" / "data" / "glue" / "sst2"
@@ -177,7 +177,7 @@ def _fail_on_second_copy(monkeypatch):
     """Make the export die midway: the first adapter file is copied, the second raises."""
     import shutil
 
-    import rankopt.exporting
+    import rankopt.outputs.export
 
     real, calls = shutil.copyfile, []
 
@@ -187,7 +187,7 @@ def _fail_on_second_copy(monkeypatch):
             raise OSError(28, "No space left on device")
         return real(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(rankopt.exporting, "shutil", SimpleNamespace(copyfile=copyfile))
+    monkeypatch.setattr(rankopt.outputs.export, "shutil", SimpleNamespace(copyfile=copyfile))
     return calls
 
 
@@ -201,12 +201,12 @@ def test_interrupted_export_leaves_no_folder(tiny, tmp_path, monkeypatch):
 
 
 def test_failing_last_step_leaves_no_folder(tiny, tmp_path, monkeypatch):
-    import rankopt.exporting
+    import rankopt.outputs.export
 
     def fail(*args, **kwargs):
         raise RuntimeError("registry down")
 
-    monkeypatch.setattr(rankopt.exporting, "register_folder", fail)  # runs after every file is written
+    monkeypatch.setattr(rankopt.outputs.export, "register_folder", fail)  # runs after every file is written
     out = tmp_path / "adapter"
     with pytest.raises(RuntimeError, match="registry down"):
         export(out, study="tiny", storage=tiny.storage, register="never")

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from rankopt.cli import app
 from rankopt.training.events import Callback
-from rankopt.reporting import _folder_name, layer_type, non_dominated, report
+from rankopt.outputs.report import _folder_name, layer_type, non_dominated, report
 from rankopt.search.trials import default_storage
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -7,7 +7,7 @@ The task head goes in as a whole module (PEFT's ``modules_to_save``). rankopt's 
 
 The way back needs no PEFT: :func:`read_adapter` loads such a folder and :func:`merge_adapter`
 folds it into a plain model (W += alpha / r * B @ A, head weights copied), for ``--merge``.
-Choosing which run to export and writing the whole folder is :mod:`rankopt.exporting`.
+Choosing which run to export and writing the whole folder is :mod:`rankopt.outputs.export`.
 """
 
 from __future__ import annotations

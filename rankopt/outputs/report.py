@@ -1,6 +1,6 @@
 """A study's report: one self-contained HTML page with its figures, for people who never open MLflow.
 
-    study (storage) -> best trial (:func:`rankopt.exporting.select_trial`) -> its run's
+    study (storage) -> best trial (:func:`rankopt.outputs.export.select_trial`) -> its run's
     ``rank_history.json`` (MLflow) -> five PNGs -> ``report.html`` with each PNG inlined as a
     ``data:`` URI -> the out folder (written whole or not at all) -> artifacts ``report/`` of the
     study's parent MLflow run
@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rankopt.errors import RankoptError
-from rankopt.exporting import require_sqlite_file, runs_folder, load_study, select_trial
+from rankopt.outputs.export import require_sqlite_file, runs_folder, load_study, select_trial
 from rankopt.tracking.urls import mask_url
 
 HTML_NAME = "report.html"

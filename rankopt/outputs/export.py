@@ -230,7 +230,7 @@ def export(out: str | Path, *, study: str | None = None, storage: str | None = N
     """Write the chosen trial's adapter (or merged model) to ``out``, with tokenizer, card and rankopt.json.
 
     Example:
-        >>> from rankopt.exporting import export
+        >>> from rankopt.outputs.export import export
         >>> export("best-sst2", study="sst2")  # doctest: +SKIP
         >>> export("sst2-merged", study="sst2", trial=3, merge=True, register="sst2-lora")  # doctest: +SKIP
     """
