@@ -20,7 +20,7 @@ import optuna
 
 from rankopt.config import Config, Distribution, SearchConfig, build_config
 from rankopt.errors import RankoptError
-from rankopt.training.events import Callback, TrainResult
+from rankopt.training.events import Callback
 
 
 def objective_directions(cfg: Config) -> list[str]:

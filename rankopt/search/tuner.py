@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -174,21 +175,47 @@ def remember_for_workers(study: optuna.Study, cfg: Config, trials: int) -> None:
         study.set_user_attr(LIMIT_ATTR, wanted)
 
 
-def tune(preset: str | Config, overrides: dict[str, Any] | list[str] | None = None, *, n_trials: int | None = None,
-         timeout: float | None = None, study_name: str | None = None, storage: str | None = None,
-         tracking_uri: str | None = None, data_dir: str | None = None, out: str | Path = "runs",
-         track: bool = True, callbacks_for_trial=None, on_trial_end=None) -> TuneResult:
-    """Run (or resume) an Optuna study over adaptive-rank fine-tunes of one preset.
+def start_tracking(study: optuna.Study, cfg: Config, tracking_uri: str | None, out: Path):
+    """The study's MLflow side: its experiment and parent run (reused on resume), orphan runs closed."""
+    from rankopt.search.studies import close_orphan_runs
+    from rankopt.tracking import mlflow_runs
 
-    Example:
-        >>> import rankopt
-        >>> result = rankopt.tune("demo", n_trials=2)  # doctest: +SKIP
-        >>> result.best[0].metric, result.best[0].total_rank  # doctest: +SKIP
+    client = mlflow_runs.client_for(tracking_uri or mlflow_runs.default_tracking_uri(out))
+    exp_id = mlflow_runs.ensure_experiment(client, cfg.task.name, out / "mlartifacts" if not tracking_uri else None)
+    tracker = mlflow_runs.StudyTracker(client, exp_id, study.study_name, base_model=resolve_model_path(cfg.model.name))
+    parent = tracker.start_study(study.user_attrs.get("mlflow_parent_run_id"),
+                                 {"study": study.study_name, "preset": cfg.task.name,
+                                  **cfg.model_dump(include={"search"})})
+    study.set_user_attr("mlflow_parent_run_id", parent)
+    close_orphan_runs(study, tracker)
+    return tracker
+
+
+@dataclass
+class PreparedStudy:
+    """A study ready for its trials: the resolved config, the Optuna study, where things go."""
+
+    cfg: Config
+    study: optuna.Study
+    storage: str  # the storage URL, unmasked
+    trials: int  # how many trials this command runs
+    tracker: Any  # a StudyTracker, or None without tracking
+    checkpoints: Any  # a CheckpointStore
+
+
+def prepare_study(preset: str | Config, overrides: dict[str, Any] | list[str] | None = None, *,
+                  n_trials: int | None = None, study_name: str | None = None, storage: str | None = None,
+                  tracking_uri: str | None = None, data_dir: str | None = None, out: str | Path = "runs",
+                  track: bool = True) -> PreparedStudy:
+    """Everything before the first trial: the checks, the study and its trial limit, the parent run.
+
+    Bad data, model, storage or tracking URI fail here, before anything is written.
     """
+    from rankopt.training.checkpoint import CheckpointStore
+
     cfg = resolve_config(preset, overrides, data_dir)
     if not cfg.search.space:
         raise RankoptError("the preset's search.space is empty; add dimensions such as controller.target_rank")
-    # fail on bad data, model or URLs before anything is written
     data = prepare_data(cfg)
     build_model(cfg, data.num_labels)
     out = Path(out)
@@ -204,28 +231,21 @@ def tune(preset: str | Config, overrides: dict[str, Any] | list[str] | None = No
     study = open_study(cfg, name, url, storage_obj=storage_obj or open_storage(url, cfg.search, on_stale))
     trials = cfg.search.n_trials if n_trials is None else n_trials
     remember_for_workers(study, cfg, trials)
-    tracker = None
-    if track:
-        from rankopt.tracking import mlflow_runs
-        from rankopt.search.studies import close_orphan_runs
-
-        client = mlflow_runs.client_for(tracking_uri or mlflow_runs.default_tracking_uri(out))
-        exp_id = mlflow_runs.ensure_experiment(client, cfg.task.name, out / "mlartifacts" if not tracking_uri else None)
-        base = resolve_model_path(cfg.model.name)
-        tracker = mlflow_runs.StudyTracker(client, exp_id, name, base_model=base)
-        parent = tracker.start_study(study.user_attrs.get("mlflow_parent_run_id"),
-                                     {"study": name, "preset": cfg.task.name, **cfg.model_dump(include={"search"})})
-        study.set_user_attr("mlflow_parent_run_id", parent)
-        on_stale.tracker = tracker
-        close_orphan_runs(study, tracker)
-    from rankopt.training.checkpoint import CheckpointStore
-
+    tracker = start_tracking(study, cfg, tracking_uri, out) if track else None
+    on_stale.tracker = tracker
     checkpoints = CheckpointStore(out / "checkpoints", name, cfg.search.checkpoint_every)
-    objective = Objective(cfg, tracker, callbacks_for_trial, checkpoints=checkpoints)
+    return PreparedStudy(cfg, study, url, trials, tracker, checkpoints)
+
+
+def run_trials(prepared: PreparedStudy, *, timeout: float | None = None, callbacks_for_trial=None,
+               on_trial_end=None) -> TuneResult:
+    """Run the prepared study's trials in this process, then close its parent run."""
+    study, cfg, tracker = prepared.study, prepared.cfg, prepared.tracker
+    objective = Objective(cfg, tracker, callbacks_for_trial, checkpoints=prepared.checkpoints)
     status = "FINISHED"
     try:
-        if trials > 0:
-            study.optimize(objective, n_trials=trials, timeout=timeout, catch=(Exception,),
+        if prepared.trials > 0:
+            study.optimize(objective, n_trials=prepared.trials, timeout=timeout, catch=(Exception,),
                            callbacks=[on_trial_end] if on_trial_end else None)
     except KeyboardInterrupt:
         status = "KILLED"
@@ -235,8 +255,24 @@ def tune(preset: str | Config, overrides: dict[str, Any] | list[str] | None = No
             tracker.end_study(study, status)
     states = [t.state for t in study.trials]
     TS = optuna.trial.TrialState
-    return TuneResult(study_name=name, storage=_mask(storage or default_storage(out)),
+    return TuneResult(study_name=study.study_name, storage=_mask(prepared.storage),
                       objectives=list(cfg.search.objectives), best=best_trials(study),
                       n_complete=states.count(TS.COMPLETE), n_pruned=states.count(TS.PRUNED),
                       n_failed=states.count(TS.FAIL), parent_run_id=tracker.parent_run_id if tracker else None,
                       study=study)
+
+
+def tune(preset: str | Config, overrides: dict[str, Any] | list[str] | None = None, *, n_trials: int | None = None,
+         timeout: float | None = None, study_name: str | None = None, storage: str | None = None,
+         tracking_uri: str | None = None, data_dir: str | None = None, out: str | Path = "runs",
+         track: bool = True, callbacks_for_trial=None, on_trial_end=None) -> TuneResult:
+    """Run (or resume) an Optuna study over adaptive-rank fine-tunes of one preset.
+
+    Example:
+        >>> import rankopt
+        >>> result = rankopt.tune("demo", n_trials=2)  # doctest: +SKIP
+        >>> result.best[0].metric, result.best[0].total_rank  # doctest: +SKIP
+    """
+    prepared = prepare_study(preset, overrides, n_trials=n_trials, study_name=study_name, storage=storage,
+                             tracking_uri=tracking_uri, data_dir=data_dir, out=out, track=track)
+    return run_trials(prepared, timeout=timeout, callbacks_for_trial=callbacks_for_trial, on_trial_end=on_trial_end)

@@ -24,7 +24,7 @@ from rankopt.devices import check_device
 from rankopt.errors import RankoptError
 from rankopt.search.studies import (CONFIG_ATTR, LIMIT_ATTR, PARENT_CLOSED_ATTR, Decision, StaleTrialHandler, StudyLock,
                              Tally, TrialLimit, close_orphan_runs, open_storage, tally)
-from rankopt.search.tuner import Objective, open_study
+from rankopt.search.tuner import Objective, open_study, start_tracking
 from rankopt.tracking.urls import check_storage_url, check_tracking_uri, mask_url
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ def run_worker(study_name: str, storage: str, preset: str | None = None, overrid
                 study.set_user_attr(CONFIG_ATTR, cfg.model_dump(mode="json"))
             if LIMIT_ATTR not in study.user_attrs:
                 study.set_user_attr(LIMIT_ATTR, cfg.search.n_trials)
-            tracker = _start_tracking(study, cfg, tracking_uri, out) if track else None
+            tracker = start_tracking(study, cfg, tracking_uri, out) if track else None
         on_stale.tracker = tracker
         from rankopt.training.checkpoint import CheckpointStore
 
@@ -130,21 +130,6 @@ def run_worker(study_name: str, storage: str, preset: str | None = None, overrid
         return _loop(study, storage, lock, objective, cfg, tracker, max_trials, on_stale, on_trial_end)
     finally:
         lock.close()
-
-
-def _start_tracking(study: optuna.Study, cfg: Config, tracking_uri: str | None, out: Path):
-    from rankopt.tracking import mlflow_runs
-    from rankopt.tasks.modeling import resolve_model_path
-
-    client = mlflow_runs.client_for(tracking_uri or mlflow_runs.default_tracking_uri(out))
-    exp_id = mlflow_runs.ensure_experiment(client, cfg.task.name, out / "mlartifacts" if not tracking_uri else None)
-    tracker = mlflow_runs.StudyTracker(client, exp_id, study.study_name, base_model=resolve_model_path(cfg.model.name))
-    parent = tracker.start_study(study.user_attrs.get("mlflow_parent_run_id"),
-                                 {"study": study.study_name, "preset": cfg.task.name,
-                                  **cfg.model_dump(include={"search"})})
-    study.set_user_attr("mlflow_parent_run_id", parent)
-    close_orphan_runs(study, tracker)
-    return tracker
 
 
 def _loop(study: optuna.Study, storage: str, lock: StudyLock, objective: Objective, cfg: Config, tracker,
