@@ -9,7 +9,7 @@ import torch
 
 from conftest import make_tiny_adapted
 from rankopt.adapters.model import orthogonality_penalty
-from rankopt.training.optim import apply_resizes, build_optimizer, build_scheduler
+from rankopt.training.optim import ComponentAdamW, apply_resizes, build_optimizer, build_scheduler
 
 
 def batch(seed: int = 0, n: int = 6, length: int = 10) -> dict:
@@ -56,7 +56,7 @@ def test_resize_carries_adam_state_by_component():
         assert id(change.old) not in group_ids and id(change.new) in group_ids
         assert change.old not in optimizer.state
         state, old = optimizer.state[change.new], before[id(change.old)]
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in ("exp_avg", "exp_avg_sq", "step"):  # step counts too: new components start at 0
             value = state[key]
             assert value.shape == change.new.shape
             for k, src in enumerate(change.source.tolist()):
@@ -65,7 +65,6 @@ def test_resize_carries_adam_state_by_component():
                     assert torch.equal(now, old[key].select(change.dim, src))
                 else:
                     assert torch.equal(now, torch.zeros_like(now))
-        assert torch.equal(state["step"], old["step"])
     # untouched parameters keep their state object and values
     untouched = [p for p in adapted.trainable_parameters() if id(p) in before]
     assert len(untouched) == len(group_params) - len(resizes)
@@ -143,3 +142,37 @@ def test_schedule_warms_up_then_follows_its_kind(kind):
         assert mid == pytest.approx(0.5 * (1 + math.cos(math.pi * 9 / 18)))
     if kind == "linear":
         assert values[2 + 9] == pytest.approx(1 - 9 / 18)
+
+
+def test_component_adamw_is_torch_adamw_when_nothing_is_resized():
+    torch.manual_seed(0)
+    ours = torch.nn.Parameter(torch.randn(5, 3))
+    theirs = torch.nn.Parameter(ours.detach().clone())
+    opt_ours = ComponentAdamW([ours], lr=1e-2, weight_decay=0.01)
+    opt_theirs = torch.optim.AdamW([theirs], lr=1e-2, weight_decay=0.01)
+    for _ in range(40):
+        grad = torch.randn(5, 3)
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        opt_ours.step()
+        opt_theirs.step()
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize("grown_at", [3, 30, 300])
+def test_a_grown_component_takes_the_steps_of_a_fresh_adam(grown_at):
+    """Constant gradient on lam: the grown component's first steps equal a brand-new Adam's."""
+    layer = next(iter(make_tiny_adapted().adapters.values()))
+    optimizer = ComponentAdamW([layer.lora_lam], lr=1e-2, weight_decay=0.0)
+    for _ in range(grown_at):
+        layer.lora_lam.grad = torch.ones_like(layer.lora_lam)
+        optimizer.step()
+    changes = layer.resize(torch.arange(layer.rank), 1, torch.Generator().manual_seed(0))
+    apply_resizes(optimizer, [c for c in changes if c.dim == 0 and c.new.dim() == 1])  # lam only
+    fresh = torch.nn.Parameter(torch.zeros(1))
+    fresh_opt = torch.optim.AdamW([fresh], lr=1e-2, weight_decay=0.0)
+    for _ in range(5):
+        layer.lora_lam.grad = torch.full_like(layer.lora_lam, 0.3)
+        fresh.grad = torch.full_like(fresh, 0.3)
+        optimizer.step()
+        fresh_opt.step()
+        assert torch.allclose(layer.lora_lam[-1:].detach(), fresh.detach(), rtol=1e-5, atol=1e-7)
