@@ -128,6 +128,7 @@ class ControllerConfig(_Section):
     final: float = Field(0.2, ge=0, lt=1, description="fraction of steps at the final ranks")
     interval: int = Field(10, ge=1, description="steps between reallocations")
     max_grow: int = Field(2, ge=0, description="components a layer may gain per reallocation")
+    min_age: int = Field(1, ge=0, description="reallocations a grown component survives before it can be pruned")
     beta1: float = Field(0.85, ge=0, lt=1, description="EMA of the sensitivity")
     beta2: float = Field(0.85, ge=0, lt=1, description="EMA of its uncertainty")
 

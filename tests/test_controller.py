@@ -260,3 +260,96 @@ def test_controller_prunes_by_the_chosen_importance():
     # only b was resized: P (out 16, r), lam (r,), Q (r, in 12), from rank 4 to 1
     assert [(tuple(r.old.shape), tuple(r.new.shape)) for r in change.resizes] == [
         ((16, 4), (16, 1)), ((4,), (1,)), ((4, 12), (1, 12))]
+
+
+# --- review findings (2026-12): each fails on c9221d3 -------------------------------------------
+
+
+def test_the_target_is_reached_when_rounding_merges_warmup_and_decay_end():
+    sched = BudgetSchedule.from_fractions(100, 50, total_steps=7, warmup=0.5, final=0.45, interval=1)
+    assert sched.warmup_steps == sched.decay_end == 4
+    steps = [s for s in range(1, 8) if sched.is_reallocation_step(s)]
+    assert steps == [4] and sched.budget_at(4) == 50
+    assert sched.budget_at(3) == 100
+
+
+def test_one_non_finite_step_does_not_poison_the_scores():
+    layers = list(make_layers(1).values())
+    clean, poisoned = SensitivityTracker(0.85, 0.85), SensitivityTracker(0.85, 0.85)
+    gen = torch.Generator().manual_seed(3)
+    put_random_grads(layers, gen)
+    layers[0].lora_P.grad[0, 0] = float("inf")
+    poisoned.update(layers)  # an fp16 overflow step: skipped
+    for _ in range(2):
+        put_random_grads(layers, gen)
+        clean.update(layers)
+        poisoned.update(layers)
+    assert torch.isfinite(poisoned.scores(layers[0])).all()
+    assert torch.allclose(poisoned.scores(layers[0]), clean.scores(layers[0]))
+
+
+def test_a_non_finite_score_is_never_rewarded():
+    nan = torch.full((4,), float("nan"))
+    healthy = [torch.tensor([4.0, 3.0, 2.0, 1.0]), torch.tensor([3.5, 2.5, 1.5, 0.5])]
+    plan = allocate([nan, *healthy], budget=8, min_rank=1, max_rank=6, max_grow=2)
+    assert plan[0].rank == 1  # its min_rank, nothing more
+    assert plan[1].rank + plan[2].rank == 7
+
+
+def test_growth_beyond_max_grow_goes_to_the_best_layers_first():
+    scores = [torch.tensor([0.1]), torch.tensor([0.9]), torch.tensor([0.5])]
+    plan = allocate(scores, budget=5, min_rank=1, max_rank=3, max_grow=0)
+    assert [a.grow for a in plan] == [0, 2, 0]
+    gains = [torch.tensor([5.0, 4.0]), torch.tensor([0.2, 0.1]), torch.tensor([3.0, 0.0])]
+    plan = allocate(scores, budget=5, min_rank=1, max_rank=3, max_grow=0, gains=gains)
+    assert [a.grow for a in plan] == [2, 0, 0]
+
+
+def test_gains_decide_which_layer_grows():
+    scores = [torch.tensor([1.0, 0.9]), torch.tensor([1.0, 0.9])]
+    plan = allocate(scores, budget=5, min_rank=1, max_rank=4, max_grow=2,
+                    gains=[torch.tensor([0.05, 0.01]), torch.tensor([2.0, 0.02])])
+    assert [a.grow for a in plan] == [0, 1] and [a.keep.numel() for a in plan] == [2, 2]
+
+
+def test_a_protected_component_is_kept_whatever_its_score():
+    scores = [torch.tensor([5.0, 4.0, 0.0]), torch.tensor([3.0, 2.0, 1.0])]
+    plan = allocate(scores, budget=4, min_rank=1, max_rank=4, max_grow=0,
+                    protect=[torch.tensor([False, False, True]), None])
+    assert 2 in plan[0].keep.tolist()
+    assert sum(a.rank for a in plan) == 4
+
+
+def grow_then_reallocate(min_age: int) -> torch.Tensor:
+    """Two layers at a fixed budget: the first reallocation grows l1, the second scores the new
+    component at 0 and l0 asks to grow; returns l1's birth steps afterwards."""
+    layers = make_layers(2, rank=2)
+    a, b = layers["l0"], layers["l1"]
+    sched = BudgetSchedule(initial=4, target=4, total_steps=100, warmup_steps=0, final_steps=10, interval=5)
+    controller = RankController(layers, sched, "sensitivity", min_rank=1, max_rank=4, max_grow=1, min_age=min_age)
+    controller.tracker.ema = {a: torch.tensor([1.0, 0.01]), b: torch.tensor([2.0, 1.5])}
+    controller.tracker.unc = {a: torch.ones(2), b: torch.ones(2)}
+    controller.step(5)
+    assert b.rank == 3 and a.rank == 1 and controller.born[b].tolist() == [-1, -1, 5]
+    controller.tracker.ema = {a: torch.tensor([3.0]), b: torch.tensor([2.0, 1.5, 0.0])}
+    controller.tracker.unc = {a: torch.ones(1), b: torch.ones(3)}
+    controller.step(10)
+    return controller.born[b]
+
+
+def test_a_grown_component_survives_its_first_reallocation():
+    assert 5 in grow_then_reallocate(min_age=1).tolist()
+    assert 5 not in grow_then_reallocate(min_age=0).tolist()  # without protection it is pruned at once
+
+
+def test_nothing_grows_in_the_final_phase():
+    layers = make_layers(2, rank=3)
+    a, b = layers["l0"], layers["l1"]
+    sched = BudgetSchedule(initial=6, target=6, total_steps=20, warmup_steps=0, final_steps=10, interval=5)
+    controller = RankController(layers, sched, "sensitivity", min_rank=1, max_rank=5, max_grow=2)
+    controller.tracker.ema = {a: torch.tensor([9.0, 8.0, 7.0]), b: torch.tensor([3.0, 0.1, 0.01])}
+    controller.tracker.unc = {a: torch.ones(3), b: torch.ones(3)}
+    change = controller.step(sched.decay_end)
+    assert sched.is_reallocation_step(sched.decay_end)
+    grown = [] if change is None else [r for r in change.resizes if bool((r.source < 0).any())]
+    assert not grown and a.rank == 3 and b.rank == 3

@@ -166,3 +166,31 @@ def test_same_seed_same_run_through_the_api(tiny_config, tmp_path, monkeypatch):
     assert [m for _, m in first.eval_history] == [m for _, m in second.eval_history]
     assert first.metrics["loss"] != other.metrics["loss"]  # the seed matters, so the match is not vacuous
     assert first.run_id is None and list(tmp_path.iterdir()) == []  # track=False writes nothing
+
+
+def test_the_controller_reads_the_task_sensitivity_not_the_penalty(tiny_config, tiny_task_data):
+    """orth_reg is large, yet the EMA after one step equals (1 - beta1) x the task-only sensitivity."""
+    import copy
+
+    from rankopt.training.trainer import Stepper
+
+    cfg = tiny_config.model_copy(deep=True)
+    cfg.training.orth_reg = 10.0
+    adapted = make_tiny_adapted(seed=0, rank=4, alpha=8.0)
+    with torch.no_grad():  # lam != 0, so the penalty's P and Q gradients reach the score
+        for layer in adapted.adapters.values():
+            layer.lora_lam.normal_(0, 0.5)
+            layer.lora_P.add_(0.05 * torch.randn_like(layer.lora_P))
+    reference = copy.deepcopy(adapted)
+    adapted.model.eval()
+    reference.model.eval()  # no dropout: both see the same forward
+    batch = tiny_task_data.collator([tiny_task_data.train[i] for i in range(8)])
+    reference.model(**batch).loss.backward()
+    stepper = Stepper(cfg, adapted)
+    stepper.step(dict(batch))
+    beta1 = cfg.controller.beta1
+    for name, layer in reference.adapters.items():
+        p, lam, q = layer.lora_P, layer.lora_lam, layer.lora_Q
+        task_only = ((lam * lam.grad).abs() + (p * p.grad).abs().mean(0) + (q * q.grad).abs().mean(1)).detach()
+        ema = stepper.controller.tracker.ema[adapted.adapters[name]]
+        assert torch.allclose(ema, (1 - beta1) * task_only, rtol=1e-4, atol=1e-9), name

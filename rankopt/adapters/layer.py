@@ -50,7 +50,8 @@ class SVDLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         out_f, in_f = base.weight.shape
         dtype, device = base.weight.dtype, base.weight.device
-        self.lora_P = nn.Parameter(_orthonormal_columns(out_f, rank, generator).to(device, dtype))
+        # contiguous like every resized tensor: a resumed run must see the same layouts (and GEMM paths)
+        self.lora_P = nn.Parameter(_orthonormal_columns(out_f, rank, generator).contiguous().to(device, dtype))
         self.lora_lam = nn.Parameter(torch.zeros(rank, device=device, dtype=dtype))
         self.lora_Q = nn.Parameter(_orthonormal_columns(in_f, rank, generator).T.contiguous().to(device, dtype))
 

@@ -23,40 +23,47 @@ class Allocation:
         return self.keep.numel() + self.grow
 
 
-def allocate(scores: list[torch.Tensor], budget: int, min_rank: int, max_rank: int,
-             max_grow: int) -> list[Allocation]:
+def allocate(scores: list[torch.Tensor], budget: int, min_rank: int, max_rank: int, max_grow: int,
+             gains: list[torch.Tensor | None] | None = None,
+             protect: list[torch.Tensor | None] | None = None) -> list[Allocation]:
     """Split a global ``budget`` of components across layers, given each component's score.
 
-    Each layer keeps its ``min_rank`` best components. The rest compete globally: real
-    components by their score, plus up to ``max_grow`` would-be new components per layer
-    scored at that layer's weakest kept score, so a layer grows only when even its weakest
-    component beats the global cut. Ties favour real components. Extra growth slots beyond
-    ``max_grow`` (score -inf) are used only when the budget cannot be met otherwise. The
-    result sums to ``budget`` exactly.
+    Each layer keeps its ``min_rank`` best components, and every component ``protect`` marks
+    (too young to be judged). The rest compete globally: real components by their score,
+    plus up to ``max_grow`` would-be new components per layer, scored by ``gains`` (what each
+    would bring, best first) or, without gains, at that layer's weakest score, so that a layer
+    grows only when even its weakest component beats the global cut. A non-finite score is
+    never rewarded: it ranks below every finite one. Ties favour real components. Extra growth
+    slots beyond ``max_grow`` are used only when the budget cannot be met otherwise, best gain
+    first. The result sums to ``budget`` exactly.
     """
+    n_layers = len(scores)
     ranks = [s.numel() for s in scores]
-    if not len(scores) * min_rank <= budget <= len(scores) * max_rank:
-        raise ValueError(f"budget {budget} is outside [{len(scores) * min_rank}, {len(scores) * max_rank}]")
-    order = [torch.argsort(s.float(), descending=True, stable=True) for s in scores]
+    if not n_layers * min_rank <= budget <= n_layers * max_rank:
+        raise ValueError(f"budget {budget} is outside [{n_layers * min_rank}, {n_layers * max_rank}]")
+    gains = gains or [None] * n_layers
+    protect = protect or [None] * n_layers
+    clean = [_finite_or_lowest(s) for s in scores]
+    priority = [c if p is None else torch.where(p.to(torch.bool), math.inf, c) for c, p in zip(clean, protect)]
+    order = [torch.argsort(pr, descending=True, stable=True) for pr in priority]
     forced = [min(min_rank, r) for r in ranks]
-    # candidates: (score, is_new, layer, tiebreak)
-    pool: list[tuple[float, int, int, int]] = []
-    for layer, (s, idx) in enumerate(zip(scores, order)):
-        values, ranked = s.float().tolist(), idx.tolist()  # Python numbers: element-wise tensor reads are slow
+    # candidates: (priority, score, is_new, layer, tiebreak); sorted best first
+    pool: list[tuple[float, float, int, int, int]] = []
+    for layer in range(n_layers):
+        prio, values, ranked = priority[layer].tolist(), clean[layer].tolist(), order[layer].tolist()
         for pos in range(forced[layer], min(ranks[layer], max_rank)):
-            pool.append((values[ranked[pos]], 0, layer, pos))
-        weakest = min(values) if ranks[layer] else -math.inf
+            i = ranked[pos]
+            pool.append((prio[i], values[i], 0, layer, pos))
         # a layer below min_rank already grows to it (below); only the room above that competes
-        for k in range(max(0, max_rank - max(ranks[layer], min_rank))):
-            pool.append((weakest if k < max_grow else -math.inf, 1, layer, k))
-    pool.sort(key=lambda c: (-c[0], c[1], c[2], c[3]))
+        room = max(0, max_rank - max(ranks[layer], min_rank))
+        for k, gain in enumerate(_growth_scores(values, gains[layer], room)):
+            pool.append((gain if k < max_grow else -math.inf, gain, 1, layer, k))
+    pool.sort(key=lambda c: (-c[0], -c[1], c[2], c[3], c[4]))
     n_keep = list(forced)
-    n_grow = [0] * len(scores)
     # a layer below min_rank (only possible at the first call) must grow to it
-    for layer, r in enumerate(ranks):
-        n_grow[layer] = max(0, min_rank - r)
+    n_grow = [max(0, min_rank - r) for r in ranks]
     remaining = budget - sum(n_keep) - sum(n_grow)
-    for score, is_new, layer, _ in pool:
+    for _, _, is_new, layer, _ in pool:
         if remaining <= 0:
             break
         if is_new:
@@ -65,3 +72,18 @@ def allocate(scores: list[torch.Tensor], budget: int, min_rank: int, max_rank: i
             n_keep[layer] += 1
         remaining -= 1
     return [Allocation(keep=torch.sort(idx[:k]).values, grow=g) for idx, k, g in zip(order, n_keep, n_grow)]
+
+
+def _finite_or_lowest(score: torch.Tensor) -> torch.Tensor:
+    """The scores as float, NaN and +-inf replaced by -inf: a broken score never wins a slot."""
+    score = score.float()
+    return torch.where(torch.isfinite(score), score, -math.inf)
+
+
+def _growth_scores(values: list[float], gain: torch.Tensor | None, room: int) -> list[float]:
+    """Scores of a layer's would-be components, best first: its gains, else its weakest score."""
+    if gain is not None:
+        out = sorted(_finite_or_lowest(gain).tolist(), reverse=True)[:room]
+        return out + [-math.inf] * (room - len(out))
+    finite = [v for v in values if math.isfinite(v)]
+    return [min(finite) if finite else -math.inf] * room

@@ -32,21 +32,24 @@ class RankController:
     """Drives the layers of one model through the budget schedule.
 
     Both importance kinds are kept up to date and reported; ``importance`` picks the one
-    that decides.
+    that decides. A component grown at a reallocation cannot be pruned for the next
+    ``min_age`` reallocations: its sensitivity needs steps to build up from lam = 0. In the
+    final phase (from t_f) nothing grows unless the budget cannot be met otherwise, so the last
+    reallocation never swaps trained components for fresh zero ones.
     """
 
     def __init__(self, layers: dict[str, SVDLinear], schedule: BudgetSchedule, importance: str,
                  min_rank: int, max_rank: int, max_grow: int, beta1: float = 0.85, beta2: float = 0.85,
-                 seed: int = 0):
+                 seed: int = 0, min_age: int = 1):
         self.layers = layers
         self.schedule = schedule
         self.importance = importance
         self.min_rank, self.max_rank, self.max_grow = min_rank, max_rank, max_grow
+        self.min_age = min_age
         self.tracker = SensitivityTracker(beta1, beta2)
         self.generator = torch.Generator().manual_seed(seed + 7919)
-        # new components get their layer's weakest score as a floor at the next reallocation,
-        # so that one interval is enough to prove (or disprove) them
-        self._floor: dict[SVDLinear, torch.Tensor] = {}
+        # step at which each component was grown (-1: there from the start), for layers that grew
+        self.born: dict[SVDLinear, torch.Tensor] = {}
 
     def after_backward(self, step: int) -> None:
         """Feed this step's gradients to the sensitivity EMA (``step``: steps finished before this one)."""
@@ -59,12 +62,12 @@ class RankController:
             "energy": {n: layer.component_energy().cpu() for n, layer in self.layers.items()},
         }
 
-    def _deciding(self, scores: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        out = []
-        for layer, s in zip(self.layers.values(), scores.values()):
-            floor = self._floor.get(layer)
-            out.append(torch.maximum(s, floor) if floor is not None else s)
-        return out
+    def young(self, layer: SVDLinear, step: int) -> torch.Tensor | None:
+        """Components of ``layer`` grown within the last ``min_age`` reallocation intervals."""
+        born = self.born.get(layer)
+        if born is None or self.min_age == 0:
+            return None
+        return (born >= 0) & (step - born <= self.min_age * self.schedule.interval)
 
     def step(self, step: int) -> Reallocation | None:
         """Reallocate if ``step`` (the count of finished steps) is a reallocation step."""
@@ -72,19 +75,27 @@ class RankController:
             return None
         budget = self.schedule.budget_at(step)
         scores = self.scores()
-        deciding = self._deciding(scores[self.importance])
-        plan = allocate(deciding, budget, self.min_rank, self.max_rank, self.max_grow)
-        self._floor = {}
+        layers = list(self.layers.values())
+        final = step >= self.schedule.decay_end
+        plan = allocate(list(scores[self.importance].values()), budget, self.min_rank, self.max_rank,
+                        0 if final else self.max_grow, protect=[self.young(layer, step) for layer in layers])
         resizes: list[Resize] = []
-        for layer, alloc, s in zip(self.layers.values(), plan, deciding):
-            if alloc.grow == 0 and alloc.keep.numel() == layer.rank:
+        for layer, alloc in zip(layers, plan):
+            old_rank = layer.rank
+            if alloc.grow == 0 and alloc.keep.numel() == old_rank:
                 continue
             changes = layer.resize(alloc.keep, alloc.grow, self.generator)
             resizes.extend(changes)
             source = changes[0].source
             self.tracker.remap(layer, source)
-            if alloc.grow:
-                weakest = s[alloc.keep].min() if alloc.keep.numel() else s.max()
-                self._floor[layer] = torch.where(source < 0, weakest, torch.zeros(()))
+            self._remap_birth(layer, source, step, old_rank)
         return Reallocation(step=step, budget=budget, ranks={n: l.rank for n, l in self.layers.items()},
                             scores=scores, resizes=resizes)
+
+    def _remap_birth(self, layer: SVDLinear, source: torch.Tensor, step: int, old_rank: int) -> None:
+        born = self.born.get(layer)
+        if born is None and bool((source >= 0).all()):
+            return  # pruned only, never grew: every component is an original one
+        if born is None:
+            born = torch.full((old_rank,), -1, dtype=torch.long)
+        self.born[layer] = torch.where(source < 0, step, born[source.clamp(min=0)])

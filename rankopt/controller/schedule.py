@@ -32,10 +32,10 @@ class BudgetSchedule:
 
     def budget_at(self, step: int) -> int:
         t_i, t_f = self.warmup_steps, self.decay_end
+        if step >= t_f:  # first: when rounding makes t_i == t_f, that one reallocation reaches the target
+            return self.target
         if step <= t_i:
             return self.initial
-        if step >= t_f:
-            return self.target
         progress = (step - t_i) / (t_f - t_i)
         return self.target + round((self.initial - self.target) * (1 - progress) ** 3)
 

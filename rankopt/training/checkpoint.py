@@ -5,7 +5,7 @@ What is saved, after every ``search.checkpoint_every``-th evaluation:
 
 * tensors, in ``state.safetensors``: adapter factors (P, lam, Q) at their *current* per-layer
   ranks, the task head, Adam's moments and step per parameter, the controller's sensitivity
-  EMA / uncertainty and growth floors, its generator, and the torch RNG (dropout);
+  EMA / uncertainty and the birth step of grown components, its generator, and the torch RNG (dropout);
 * the rest, in ``state.json``: step, per-layer ranks, optimizer hyper-parameters, scheduler
   state, rank history, evaluation history, and a fingerprint of the trial's config.
 
@@ -39,7 +39,7 @@ from rankopt.training.events import RankEvent
 from rankopt.training.optim import apply_resizes
 
 log = logging.getLogger(__name__)
-FORMAT = 1
+FORMAT = 2  # 2: per-element Adam step counts, birth steps instead of growth floors
 TENSORS, META = "state.safetensors", "state.json"
 
 
@@ -83,7 +83,7 @@ def capture(stepper, evals: list[tuple[int, dict[str, float]]]) -> tuple[dict[st
     if controller is not None:
         for name, layer in controller.layers.items():
             for kind, table in (("ema", controller.tracker.ema), ("unc", controller.tracker.unc),
-                                ("floor", controller._floor)):
+                                ("born", controller.born)):
                 if layer in table:
                     tensors[f"ctrl/{kind}/{name}"] = _cpu(table[layer])
         tensors["ctrl/generator"] = controller.generator.get_state()
@@ -136,10 +136,10 @@ def restore(stepper, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> 
         device = torch.device(stepper.device)
         for name, layer in controller.layers.items():
             for kind, table in (("ema", controller.tracker.ema), ("unc", controller.tracker.unc),
-                                ("floor", controller._floor)):
+                                ("born", controller.born)):
                 key = f"ctrl/{kind}/{name}"
                 if key in tensors:
-                    table[layer] = tensors[key].to(device if kind != "floor" else "cpu")
+                    table[layer] = tensors[key].to(device if kind != "born" else "cpu")
                 else:
                     table.pop(layer, None)
         controller.generator.set_state(tensors["ctrl/generator"])

@@ -47,7 +47,8 @@ class RankControllerCallback(TrainerCallback):
         schedule = BudgetSchedule.from_fractions(self.adapted.total_rank(), target, state.max_steps,
                                                  self.cfg.warmup, self.cfg.final, self.cfg.interval)
         self.controller = RankController(layers, schedule, self.cfg.importance, self.cfg.min_rank, self.cfg.max_rank,
-                                         self.cfg.max_grow, self.cfg.beta1, self.cfg.beta2, seed=self.seed)
+                                         self.cfg.max_grow, self.cfg.beta1, self.cfg.beta2, seed=self.seed,
+                                         min_age=self.cfg.min_age)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self.controller is not None:

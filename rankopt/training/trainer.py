@@ -1,7 +1,7 @@
 """The training loop: one fine-tune of an adapted model, with the rank controller in the loop.
 
-Order of one step: forward -> loss (+ orthogonality penalty) -> backward -> controller reads
-the gradients -> clip -> optimizer step -> lr step -> zero grad -> reallocate (resize layers,
+Order of one step: forward -> backward of the task loss -> controller reads the gradients ->
+backward of the orthogonality penalty -> clip -> optimizer step -> lr step -> zero grad -> reallocate (resize layers,
 rebuild optimizer state) -> evaluate when due. Everything else listens through callbacks.
 """
 
@@ -40,7 +40,7 @@ def build_controller(cfg: Config, adapted: AdaptedModel) -> RankController | Non
     initial, target = cfg.budget(len(adapted.adapters))
     schedule = BudgetSchedule.from_fractions(initial, target, cfg.training.steps, c.warmup, c.final, c.interval)
     return RankController(adapted.adapters, schedule, c.importance, c.min_rank, c.max_rank, c.max_grow,
-                          c.beta1, c.beta2, seed=cfg.training.seed)
+                          c.beta1, c.beta2, seed=cfg.training.seed, min_age=c.min_age)
 
 
 @torch.no_grad()
@@ -116,10 +116,13 @@ class Stepper:
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise TrainingDiverged(f"loss became {loss_value} at step {step}; lower training.lr")
-        total = loss + t.orth_reg * orthogonality_penalty(self.adapted) if t.orth_reg else loss
-        total.backward()
+        # the task loss first, so the controller reads the task's sensitivity, not the penalty's;
+        # the penalty's gradient is added after: the same summed gradient reaches the optimizer
+        loss.backward()
         if self.controller is not None:
             self.controller.after_backward(step - 1)
+        if t.orth_reg:
+            (t.orth_reg * orthogonality_penalty(self.adapted)).backward()
         torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
