@@ -1,0 +1,128 @@
+"""The top singular pairs of a frozen layer's weight gradient, without forming it.
+
+For y = W x the weight gradient over a batch is G = sum_t d_t x_t^T = D^T X (m x n), with X the
+layer's inputs (T x n) and D the gradients of its outputs (T x m). A :class:`WeightGradientProbe`
+records X and D on one step (forward hook + tensor hook) and answers, per layer, the top k
+singular pairs of G projected off the adapter's current span,
+
+    G' = (I - P P^T) G (I - Q^T Q)      (P, Q orthonormalised by QR),
+
+by block power iteration on products with X and D only: O(iters k (m + n) T), never m x n.
+These are the directions in which a new component (u, v) is steepest: at lam = 0 its
+dL/dlam = scale * u^T G v = scale * sigma. Used to grow components (and to start adapters)
+where the task's gradient points, not in random directions that catch ~||G||_F / sqrt(mn) of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rankopt.adapters.layer import SVDLinear
+
+
+@dataclass
+class GradientPairs:
+    """Top singular pairs of one layer's (projected) weight gradient: G' ~ U diag(sigma) V^T."""
+
+    u: torch.Tensor  # (out, k), orthonormal columns
+    sigma: torch.Tensor  # (k,), descending, in units of the full batch's gradient
+    v: torch.Tensor  # (in, k), orthonormal columns
+
+
+class WeightGradientProbe:
+    """Records one step's layer inputs and output gradients and turns them into gradient pairs.
+
+    Armed for a step, it keeps each layer's input in the forward pass (at most ``max_tokens``
+    rows, a fixed random subset when there are more) and, as soon as the layer's output gradient
+    arrives in the backward pass, computes that layer's top ``k`` pairs and drops both: the extra
+    memory is max_tokens x in per layer between forward and backward, then O(k (in + out)).
+    """
+
+    def __init__(self, layers: dict[str, SVDLinear], max_tokens: int = 512, iters: int = 4, seed: int = 0):
+        self.layers = layers
+        self.max_tokens, self.iters = max_tokens, iters
+        self.generator = torch.Generator().manual_seed(seed + 104729)
+        self.pairs: dict[SVDLinear, GradientPairs] = {}
+        self.k = 0
+        self.exclude_span = True
+        self._handles: list = []
+
+    def arm(self, k: int, exclude_span: bool = True) -> None:
+        """Record the next forward and backward of every layer (call before the step's forward)."""
+        self.clear()
+        self.k, self.exclude_span = k, exclude_span
+        for layer in self.layers.values():
+            self._handles.append(layer.register_forward_hook(self._record))
+
+    def disarm(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def clear(self) -> None:
+        self.disarm()
+        self.pairs = {}
+
+    def _record(self, layer: SVDLinear, args: tuple, output: torch.Tensor) -> None:
+        if not torch.is_grad_enabled() or not output.requires_grad:
+            return  # an evaluation pass: nothing to learn from
+        x = args[0].detach().reshape(-1, layer.in_features)
+        seen = x.shape[0]
+        rows = None
+        if seen > self.max_tokens:
+            rows = torch.randperm(seen, generator=self.generator)[: self.max_tokens].to(x.device)
+            x = x.index_select(0, rows)
+        weight = seen / x.shape[0]  # sigma in units of the whole batch's gradient
+
+        def on_grad(grad: torch.Tensor) -> None:
+            d = grad.detach().reshape(-1, layer.out_features)
+            d = d.index_select(0, rows) if rows is not None else d
+            found = top_pairs(layer, x.float(), d.float(), self.k, self.iters, self.exclude_span, self.generator)
+            if found is not None:
+                found.sigma *= weight
+                self.pairs[layer] = found
+
+        output.register_hook(on_grad)
+
+
+def _off(basis: torch.Tensor | None, m: torch.Tensor) -> torch.Tensor:
+    """(I - B B^T) m, twice for float precision; m itself without a basis."""
+    if basis is None:
+        return m
+    for _ in range(2):
+        m = m - basis @ (basis.T @ m)
+    return m
+
+
+@torch.no_grad()
+def top_pairs(layer: SVDLinear, x: torch.Tensor, d: torch.Tensor, k: int, iters: int = 4,
+              exclude_span: bool = True, generator: torch.Generator | None = None) -> GradientPairs | None:
+    """Top ``k`` singular pairs of G = d^T x (off the layer's P/Q span if ``exclude_span``)."""
+    basis_out = basis_in = None
+    if exclude_span:
+        basis_out = torch.linalg.qr(layer.lora_P.detach().float())[0]
+        basis_in = torch.linalg.qr(layer.lora_Q.detach().float().T)[0]
+    taken = basis_out.shape[1] if basis_out is not None else 0
+    k = min(k, layer.out_features - taken, layer.in_features - taken)
+    if k < 1:
+        return None
+
+    def times(v):  # G' v: (out, k)
+        return _off(basis_out, d.T @ (x @ _off(basis_in, v)))
+
+    def times_t(u):  # G'^T u: (in, k)
+        return _off(basis_in, x.T @ (d @ _off(basis_out, u)))
+
+    v = torch.randn(layer.in_features, k, generator=generator).to(x.device)
+    v = torch.linalg.qr(_off(basis_in, v))[0]
+    for _ in range(iters):
+        u = torch.linalg.qr(times(v))[0]
+        v = torch.linalg.qr(times_t(u))[0]
+    u = torch.linalg.qr(times(v))[0]
+    cu, sigma, cvt = torch.linalg.svd(u.T @ times(v))  # the k x k core u^T G' v
+    u, v = _off(basis_out, u @ cu), _off(basis_in, v @ cvt.T)
+    u = u / u.norm(dim=0).clamp_min(1e-12)
+    v = v / v.norm(dim=0).clamp_min(1e-12)
+    return GradientPairs(u=u, sigma=sigma, v=v)

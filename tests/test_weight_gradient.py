@@ -1,0 +1,52 @@
+"""The probe's gradient pairs equal the dense weight gradient's SVD (projected off the adapter's span)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rankopt.adapters.layer import SVDLinear
+from rankopt.adapters.weight_gradient import WeightGradientProbe
+
+
+def dense_projected_gradient(layer: SVDLinear, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    weight = layer.base.weight
+    weight.requires_grad_(True)
+    loss = ((layer(x) - target) ** 2).sum()
+    (grad,) = torch.autograd.grad(loss, weight)
+    weight.requires_grad_(False)
+    bp = torch.linalg.qr(layer.lora_P.detach())[0]
+    bq = torch.linalg.qr(layer.lora_Q.detach().T)[0]
+    eye_out, eye_in = torch.eye(grad.shape[0]), torch.eye(grad.shape[1])
+    return (eye_out - bp @ bp.T) @ grad @ (eye_in - bq @ bq.T)
+
+
+def test_probe_pairs_match_the_dense_gradient_svd():
+    torch.manual_seed(0)
+    layer = SVDLinear(nn.Linear(20, 16), rank=3, scale=1.0, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        layer.lora_lam.normal_()
+    x, target = torch.randn(4, 7, 20), torch.randn(4, 7, 16)
+    expected = torch.linalg.svdvals(dense_projected_gradient(layer, x, target))
+    probe = WeightGradientProbe({"l": layer}, max_tokens=1000, iters=30)
+    probe.arm(k=3)
+    ((layer(x) - target) ** 2).sum().backward()
+    probe.disarm()
+    pairs = probe.pairs[layer]
+    assert torch.allclose(pairs.sigma, expected[:3], rtol=1e-3)
+    dense = dense_projected_gradient(layer, x, target)
+    assert torch.allclose(pairs.u.T @ dense @ pairs.v, torch.diag(pairs.sigma), atol=1e-3 * expected[0])
+    # the directions are off the adapter's span, so growing along them keeps the layer function-preserving
+    assert (layer.lora_P.detach().T @ pairs.u).abs().max() < 1e-4
+    assert (layer.lora_Q.detach() @ pairs.v).abs().max() < 1e-4
+
+
+def test_probe_ignores_evaluation_passes_and_subsamples_tokens():
+    layer = SVDLinear(nn.Linear(12, 10), rank=2, scale=1.0)
+    probe = WeightGradientProbe({"l": layer}, max_tokens=5)
+    probe.arm(k=2)
+    with torch.no_grad():
+        layer(torch.randn(3, 12))
+    assert not probe.pairs
+    layer(torch.randn(4, 6, 12)).sum().backward()
+    assert probe.pairs[layer].u.shape == (10, 2) and probe.pairs[layer].v.shape == (12, 2)
