@@ -1,18 +1,24 @@
-"""Quality at equal rank budget: rankopt adaptive vs PEFT fixed-rank LoRA vs PEFT AdaLoRA.
+"""Quality at equal adapter size: rankopt vs PEFT's LoRA family, each at its own tuned learning rate.
 
-MiniLM (the demo model) on the GLUE tasks in ../shared/data/glue, subsampled so that every run
-fits a CPU. For each task and budget (mean final rank per adapted layer) every method ends at
-that budget over the same 36 linears: LoRA at rank = budget throughout; rankopt and AdaLoRA
-start at 2 x budget and prune to it on the same schedule (warmup 10 %, final 20 %, every 10
-steps). Same steps, batches, optimizer and head; learning rate picked per method from a grid
-on seed 0, then seeds 1.. at the picked rate. Each finished run is appended to a JSONL file,
-so an interrupted benchmark resumes where it stopped.
+MiniLM (the demo model) on the five GLUE tasks in ../shared/data/glue, a fixed training subsample
+trained for several epochs so the methods separate. Every method ends at the same budget (mean
+final rank per adapted layer, so the same adapter parameters within 1 %) over the same 36 linears:
 
-    python benchmarks/quality_vs_peft.py                        # the full grid (hours on 2 cores)
+- ``rankopt``: the adaptive controller with the presets' defaults, from 2 x budget down to it;
+- ``rankopt_fixed``: the same SVD-form adapter and start at rank = budget, controller off
+  (isolates what the controller adds);
+- ``peft_lora``, ``peft_rslora``, ``peft_eva``, ``peft_adalora``, ``peft_lora_trunc``: see
+  ``peft_baselines.py``.
+
+Same steps, batches, optimizer, schedule and seeded head for all. The learning rate is picked per
+method, task and budget on the first seed from a log-spaced grid, widened by one rate (x3) while the
+best sits at an edge (at most twice); the other seeds run at the picked rate. Each finished run is
+appended to a JSONL file, so an interrupted benchmark resumes where it stopped.
+
+    python benchmarks/quality_vs_peft.py                         # the whole grid (days on 2 cores; one H200: see BENCHMARKS.md)
     python benchmarks/quality_vs_peft.py --tasks rte --budgets 2 --seeds 0 --lrs 2e-3 --steps 4 \\
-        --train-samples 64 --eval-samples 32 --out /tmp/q.jsonl   # smoke run
-    python benchmarks/quality_vs_peft.py --summary              # table + paired tests from the JSONL
-    python benchmarks/quality_vs_peft.py --summary --tasks sst2 stsb   # only these tasks
+        --train-samples 64 --eval-samples 32 --methods rankopt peft_lora --out /tmp/q.jsonl   # smoke run
+    python benchmarks/quality_vs_peft.py --summary               # table + paired tests from the JSONL
 """
 
 from __future__ import annotations
@@ -27,20 +33,24 @@ from pathlib import Path
 import torch
 
 GLUE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "glue"
-METHODS = ("rankopt", "peft_lora", "peft_adalora")
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "quality_vs_peft.jsonl"
+METHODS = ("rankopt", "rankopt_fixed", "peft_lora", "peft_adalora", "peft_eva", "peft_rslora", "peft_lora_trunc")
+LABELS = {"rankopt": "rankopt", "rankopt_fixed": "rankopt, controller off", "peft_lora": "PEFT LoRA",
+          "peft_adalora": "PEFT AdaLoRA", "peft_eva": "PEFT LoRA+EVA", "peft_rslora": "PEFT rsLoRA",
+          "peft_lora_trunc": "PEFT LoRA 2r, SVD-truncated"}
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "quality_equal_size.jsonl"  # 2026-12 grid
 
 
-def run_config(task: str, budget: int, lr: float, seed: int, args: argparse.Namespace):
+def run_config(task: str, budget: int, lr: float, seed: int, args: argparse.Namespace, fixed: bool = False):
     from rankopt.config import resolve_config
 
-    init = 2 * budget
+    init = budget if fixed else 2 * budget
     overrides = {
         "task.max_train_samples": args.train_samples, "task.max_eval_samples": args.eval_samples,
         "training.steps": args.steps, "training.eval_every": args.steps, "training.lr": lr, "training.seed": seed,
         "adapter.init_rank": init, "adapter.alpha": 2 * init,
         "controller.target_rank": budget, "controller.max_rank": 4 * budget,
         "controller.warmup": 0.1, "controller.final": 0.2, "controller.interval": 10,
+        "controller.enabled": not fixed,
     }
     return resolve_config(task, overrides, data_dir=str(args.data / task))
 
@@ -49,21 +59,21 @@ def run_one(method: str, task: str, budget: int, lr: float, seed: int, args: arg
     from rankopt.training.setup import build_model, load_base, prepare_data
     from rankopt.training.trainer import train_adapted
 
-    cfg = run_config(task, budget, lr, seed, args)
+    cfg = run_config(task, budget, lr, seed, args, fixed=method == "rankopt_fixed")
     data = prepare_data(cfg)
     started = time.perf_counter()
-    if method == "rankopt":
+    if method.startswith("rankopt"):
         result = train_adapted(cfg, build_model(cfg, data.num_labels), data)
         metrics, params, total_rank = result.metrics, result.adapter_params, result.total_rank
     else:
         from peft_baselines import effective_adapter_params, peft_model, train_peft
 
         model = peft_model(cfg, load_base(cfg, data.num_labels), method, budget, 2 * budget)
-        metrics = train_peft(cfg, model, data, method)
+        metrics = train_peft(cfg, model, data, method, budget)
         params, total_rank = effective_adapter_params(model, method), None
     return {"task": task, "metric_name": cfg.task.metric, "metric": metrics[cfg.task.metric], "method": method,
-            "budget": budget, "lr": lr, "seed": seed, "steps": args.steps, "adapter_params": params,
-            "total_rank": total_rank, "seconds": round(time.perf_counter() - started, 1)}
+            "budget": budget, "lr": lr, "seed": seed, "steps": args.steps, "train_samples": args.train_samples,
+            "adapter_params": params, "total_rank": total_rank, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def load_results(path: Path) -> list[dict]:
@@ -86,6 +96,22 @@ def picked_lr(results: list[dict], task: str, budget: int, method: str, seed: in
     return max(grid, key=_score)["lr"] if grid else None
 
 
+def lr_grid(results: list[dict], task: str, budget: int, method: str, seed: int, steps: int) -> list[float]:
+    return sorted({r["lr"] for r in results if (r["task"], r["budget"], r["method"], r["seed"], r["steps"])
+                   == (task, budget, method, seed, steps)})
+
+
+def next_rate(grid: list[float], best: float, widened: int, max_widen: int = 2) -> float | None:
+    """The rate beyond the grid's edge when the best sits there (x3 or / 3), else None."""
+    if widened >= max_widen or len(grid) < 2:
+        return None
+    if best == grid[0]:
+        return round(grid[0] / 3, 8)
+    if best == grid[-1]:
+        return round(grid[-1] * 3, 8)
+    return None
+
+
 def run_all(args: argparse.Namespace) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     done = {_key(r) for r in load_results(args.out)}
@@ -98,56 +124,66 @@ def run_all(args: argparse.Namespace) -> None:
         with args.out.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         done.add(_key(row))
-        print(f"{row['task']:>5} b={budget} {method:<13} lr={lr:g} seed={seed}: {row['metric_name']}="
+        print(f"{row['task']:>5} b={budget} {method:<15} lr={lr:g} seed={seed}: {row['metric_name']}="
               f"{row['metric']:.4f} params={row['adapter_params']} ({row['seconds']} s)", flush=True)
 
     for budget in args.budgets:
         for task in args.tasks:
-            for method in METHODS:
+            for method in args.methods:  # the first seed over the grid, widened at an edge
                 for lr in args.lrs:
                     ensure(method, task, budget, lr, first)
+                for widened in range(2):
+                    results = load_results(args.out)
+                    grid = lr_grid(results, task, budget, method, first, args.steps)
+                    wider = next_rate(grid, picked_lr(results, task, budget, method, first, args.steps), widened)
+                    if wider is None:
+                        break
+                    ensure(method, task, budget, wider, first)
+            for method in args.methods:  # then the other seeds at each method's picked rate
                 lr = picked_lr(load_results(args.out), task, budget, method, first, args.steps)
                 for seed in rest:
                     ensure(method, task, budget, lr, seed)
 
 
-def summarize(path: Path, seeds: list[int], tasks: list[str]) -> str:
-    """Markdown table: mean +- std over seeds at each method's picked learning rate, paired t-tests per task."""
+def summarize(path: Path, seeds: list[int], tasks: list[str], methods: list[str]) -> str:
+    """Markdown: mean +- std over seeds at each method's picked rate; paired t-tests of rankopt vs each."""
     from scipy import stats
 
-    results = [r for r in load_results(path) if r["task"] in tasks]
+    results = [r for r in load_results(path) if r["task"] in tasks and r["method"] in methods]
     steps = max((r["steps"] for r in results), default=0)
     results = [r for r in results if r["steps"] == steps]
     cells: dict[tuple, dict] = {}
     for task, budget in sorted({(r["task"], r["budget"]) for r in results}):
-        for method in METHODS:
+        for method in methods:
             lr = picked_lr(results, task, budget, method, seeds[0], steps)
+            grid = lr_grid(results, task, budget, method, seeds[0], steps)
             runs = sorted((r for r in results if (r["task"], r["budget"], r["method"], r["lr"]) ==
                            (task, budget, method, lr) and r["seed"] in seeds), key=lambda r: r["seed"])
             if runs:
-                cells[task, budget, method] = {"lr": lr, "runs": runs}
-    lines = ["| task (metric) | budget | rankopt adaptive | PEFT LoRA (fixed) | PEFT AdaLoRA | adapter params "
-             "r/L/A |", "|---|---|---|---|---|---|"]
+                cells[task, budget, method] = {"lr": lr, "runs": runs, "edge": lr in (grid[0], grid[-1])}
 
     def fmt(cell):
         if cell is None:
             return "—"
         vals = [100 * r["metric"] for r in cell["runs"]]
         std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        return f"{statistics.fmean(vals):.1f} ± {std:.1f} (lr {cell['lr']:g}, n={len(vals)})"
+        edge = ", edge" if cell["edge"] else ""
+        return f"{statistics.fmean(vals):.1f} ± {std:.1f} (lr {cell['lr']:g}{edge}, n={len(vals)})"
 
+    lines = ["| task (metric) | budget | " + " | ".join(LABELS[m] for m in methods) + " | params (k) |",
+             "|---|---|" + "---|" * len(methods) + "---|"]
     for task, budget in sorted({(t, b) for t, b, _ in cells}):
-        row = [cells.get((task, budget, m)) for m in METHODS]
+        row = [cells.get((task, budget, m)) for m in methods]
         metric = next(c for c in row if c)["runs"][0]["metric_name"]
-        params = "/".join(f"{round(statistics.fmean(r['adapter_params'] for r in c['runs']) / 1000)}k" if c else "—"
+        params = "/".join(f"{round(statistics.fmean(r['adapter_params'] for r in c['runs']) / 1000)}" if c else "—"
                           for c in row)
         lines.append(f"| {task} ({metric}) | {budget} | " + " | ".join(fmt(c) for c in row) + f" | {params} |")
-    lines += ["", "| task | rankopt − LoRA (points) | p (paired t) | rankopt − AdaLoRA (points) | p (paired t) | pairs |",
-              "|---|---|---|---|---|---|"]
+    others = [m for m in methods if m != "rankopt"]
+    lines += ["", "| task | " + " | ".join(f"rankopt − {LABELS[m]} (p)" for m in others) + " | pairs |",
+              "|---|" + "---|" * len(others) + "---|"]
     for task in sorted({t for t, _, _ in cells}):
-        out = [task]
-        pairs = 0
-        for other in ("peft_lora", "peft_adalora"):
+        out, pairs = [task], 0
+        for other in others:
             a, b = [], []
             for (t, budget, m), cell in cells.items():
                 if t != task or m != "rankopt" or (t, budget, other) not in cells:
@@ -157,10 +193,13 @@ def summarize(path: Path, seeds: list[int], tasks: list[str]) -> str:
                     if r["seed"] in theirs:
                         a.append(100 * r["metric"])
                         b.append(100 * theirs[r["seed"]])
-            pairs = len(a)
-            diff = statistics.fmean(x - y for x, y in zip(a, b)) if a else float("nan")
-            p = stats.ttest_rel(a, b).pvalue if len(a) > 1 else float("nan")
-            out += [f"{diff:+.1f}", f"{p:.3f}"]
+            pairs = max(pairs, len(a))
+            if not a:
+                out.append("—")
+                continue
+            diff = statistics.fmean(x - y for x, y in zip(a, b))
+            p = stats.ttest_rel(a, b).pvalue if len(a) > 1 and any(x != y for x, y in zip(a, b)) else float("nan")
+            out.append(f"{diff:+.1f} ({p:.2f})")
         lines.append("| " + " | ".join(out) + f" | {pairs} |")
     return "\n".join(lines)
 
@@ -168,23 +207,25 @@ def summarize(path: Path, seeds: list[int], tasks: list[str]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", nargs="+", default=["sst2", "cola", "rte", "mrpc", "stsb"])
-    ap.add_argument("--budgets", nargs="+", type=int, default=[2, 8], help="mean final rank per layer")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--budgets", nargs="+", type=int, default=[4], help="mean final rank per layer")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="the first one also picks the lr")
-    ap.add_argument("--lrs", nargs="+", type=float, default=[2e-3, 6e-3], help="learning-rate grid per method")
+    ap.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3, 9e-3],
+                    help="log-spaced learning-rate grid per method (widened x3 at an edge)")
     ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--train-samples", type=int, default=2000, help="fixed training subsample per task")
-    ap.add_argument("--eval-samples", type=int, default=500, help="validation subsample per task")
+    ap.add_argument("--train-samples", type=int, default=600, help="fixed training subsample (150 x 16 = 4 epochs)")
+    ap.add_argument("--eval-samples", type=int, default=400, help="validation subsample per task")
     ap.add_argument("--data", type=Path, default=GLUE, help="folder with one subfolder per GLUE task")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSONL of finished runs (appended, resumable)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--summary", action="store_true", help="print the table from --out and exit")
     args = ap.parse_args()
     if args.summary:
-        print(summarize(args.out, args.seeds, args.tasks))
+        print(summarize(args.out, args.seeds, args.tasks, args.methods))
         return
     torch.set_num_threads(args.threads)
     run_all(args)
-    print(summarize(args.out, args.seeds, args.tasks))
+    print(summarize(args.out, args.seeds, args.tasks, args.methods))
 
 
 if __name__ == "__main__":

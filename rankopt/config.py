@@ -93,9 +93,14 @@ class ModelConfig(_Section):
 class AdapterConfig(_Section):
     """Shape of each SVD adapter at the start of training."""
 
-    init_rank: int = Field(8, ge=1, description="rank of every adapter at step 0")
-    alpha: float = Field(16.0, gt=0, description="scale = alpha / init_rank, fixed for the run")
+    init_rank: int = Field(8, ge=1, description="mean rank of the adapters at step 0 (the initial budget)")
+    alpha: float = Field(16.0, gt=0, description="scale = alpha / rank (alpha / sqrt(rank) with rslora), fixed")
     dropout: float = Field(0.0, ge=0, lt=1)
+    init: Literal["gradient", "random"] = Field(
+        "gradient", description="P, Q from the weight gradient's top pairs on the first batches (and the initial "
+                                "budget split by them when the controller is on), or random directions")
+    init_examples: int = Field(64, ge=1, description="training examples in the gradient pass of init: gradient")
+    rslora: bool = Field(False, description="scale alpha / sqrt(rank) instead of alpha / rank")
 
 
 class TrainingConfig(_Section):
@@ -129,6 +134,8 @@ class ControllerConfig(_Section):
     interval: int = Field(10, ge=1, description="steps between reallocations")
     max_grow: int = Field(2, ge=0, description="components a layer may gain per reallocation")
     min_age: int = Field(1, ge=0, description="reallocations a grown component survives before it can be pruned")
+    growth: Literal["gradient", "random"] = Field(
+        "gradient", description="new components along the weight gradient's top pairs off the span, or random")
     beta1: float = Field(0.85, ge=0, lt=1, description="EMA of the sensitivity")
     beta2: float = Field(0.85, ge=0, lt=1, description="EMA of its uncertainty")
 

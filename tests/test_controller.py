@@ -353,3 +353,35 @@ def test_nothing_grows_in_the_final_phase():
     assert sched.is_reallocation_step(sched.decay_end)
     grown = [] if change is None else [r for r in change.resizes if bool((r.source < 0).any())]
     assert not grown and a.rank == 3 and b.rank == 3
+
+
+def test_gradient_growth_starts_new_components_along_the_gradient_and_preserves_the_output():
+    torch.manual_seed(0)
+    layers = make_layers(2, rank=2)
+    a, b = layers["l0"], layers["l1"]
+    with torch.no_grad():
+        for layer in (a, b):
+            layer.lora_lam.normal_()
+    sched = BudgetSchedule(initial=4, target=4, total_steps=100, warmup_steps=0, final_steps=10, interval=5)
+    controller = RankController(layers, sched, "sensitivity", min_rank=1, max_rank=4, max_grow=1, growth="gradient")
+    controller.tracker.ema = {a: torch.tensor([1.0, 0.01]), b: torch.tensor([2.0, 1.5])}
+    controller.tracker.unc = {a: torch.ones(2), b: torch.ones(2)}
+    x, target = torch.randn(9, 12), torch.randn(9, 16)
+    controller.before_step(5)
+    (b(x) - target).pow(2).sum().backward()
+    found = controller.probe.pairs[b]
+    before = b(x).detach()
+    controller.step(5)
+    assert b.rank == 3 and not controller.probe.pairs  # grew; the probe let go of its data
+    cosine = (b.lora_P[:, 2].detach() @ found.u[:, 0]).abs()
+    assert cosine > 0.999
+    assert (b.lora_Q[2].detach() @ found.v[:, 0]).abs() > 0.999
+    assert torch.allclose(b(x), before, atol=1e-6)  # lam = 0: the layer computes what it did
+
+
+def test_random_growth_arms_no_probe():
+    layers = make_layers(1, rank=2)
+    sched = BudgetSchedule(initial=2, target=2, total_steps=100, warmup_steps=0, final_steps=10, interval=5)
+    controller = RankController(layers, sched, "sensitivity", min_rank=1, max_rank=4, max_grow=1, growth="random")
+    controller.before_step(5)
+    assert controller.probe is None

@@ -101,12 +101,14 @@ class SVDLinear(nn.Module):
         return ((self.lora_P.T @ self.lora_P - eye) ** 2).sum() + ((self.lora_Q @ self.lora_Q.T - eye) ** 2).sum()
 
     @torch.no_grad()
-    def resize(self, keep: torch.Tensor, n_new: int, generator: torch.Generator | None = None) -> list[Resize]:
+    def resize(self, keep: torch.Tensor, n_new: int, generator: torch.Generator | None = None,
+               directions: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[Resize]:
         """Keep components ``keep`` (old indices, in order), then append ``n_new`` fresh ones.
 
         Fresh components have lam = 0 (the output is unchanged) and directions orthogonal
-        to the kept ones. Returns how each parameter was remapped so the caller can carry
-        the optimizer state of the survivors.
+        to the kept ones: ``directions`` = (u (out, j), v (in, j)) for the first j of them (the
+        weight gradient's top pairs, say), random for the rest. Returns how each parameter was
+        remapped so the caller can carry the optimizer state of the survivors.
         """
         keep = keep.to(torch.long).cpu()
         if keep.numel() + n_new < 1:
@@ -116,8 +118,9 @@ class SVDLinear(nn.Module):
         kept_q = self.lora_Q[keep.to(dev), :]
         kept_lam = self.lora_lam[keep.to(dev)]
         if n_new:
-            new_p = _orthogonal_complement(kept_p, n_new, generator)
-            new_q = _orthogonal_complement(kept_q.T, n_new, generator).T
+            start_p, start_q = directions if directions is not None else (None, None)
+            new_p = _orthogonal_complement(kept_p, n_new, generator, start_p)
+            new_q = _orthogonal_complement(kept_q.T, n_new, generator, start_q).T
             kept_p = torch.cat([kept_p, new_p], dim=1)
             kept_q = torch.cat([kept_q, new_q], dim=0)
             kept_lam = torch.cat([kept_lam, kept_lam.new_zeros(n_new)])
@@ -129,6 +132,21 @@ class SVDLinear(nn.Module):
             setattr(self, name, new)
             changes.append(Resize(old=old, new=new, source=source, dim=dim))
         return changes
+
+    @torch.no_grad()
+    def restart(self, u: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> None:
+        """Start over at rank k along given directions: P = u (out, k), Q = v^T, lam = 0.
+
+        Before training only (the optimizer must not hold the old tensors yet). The output is
+        unchanged (lam = 0); with u, v the weight gradient's top pairs, dL/dlam_i = scale sigma_i.
+        """
+        dtype, device = self.lora_P.dtype, self.lora_P.device
+        p, q = _orthonormal_like(u), _orthonormal_like(v)
+        self.lora_P = nn.Parameter(p.contiguous().to(device, dtype))
+        self.lora_lam = nn.Parameter(torch.zeros(p.shape[1], device=device, dtype=dtype))
+        self.lora_Q = nn.Parameter(q.T.contiguous().to(device, dtype))
+        if scale is not None:
+            self.scale = float(scale)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scale={self.scale:g}"
@@ -146,6 +164,13 @@ def take_components(t: torch.Tensor, source: torch.Tensor, dim: int) -> torch.Te
     return out * (~new).view(mask_shape).to(t.dtype)
 
 
+def _orthonormal_like(m: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning ``m``'s, each on the side of the column it comes from (QR, signs fixed)."""
+    q, r = torch.linalg.qr(m.detach().float().cpu())
+    signs = torch.sign(torch.diagonal(r))
+    return q * torch.where(signs == 0, 1.0, signs)
+
+
 def _orthonormal_columns(n: int, k: int, generator: torch.Generator | None) -> torch.Tensor:
     """n x k with orthonormal columns (k <= n), random but reproducible through ``generator``."""
     if k > n:
@@ -154,14 +179,20 @@ def _orthonormal_columns(n: int, k: int, generator: torch.Generator | None) -> t
     return torch.linalg.qr(g)[0]
 
 
-def _orthogonal_complement(basis: torch.Tensor, k: int, generator: torch.Generator | None) -> torch.Tensor:
-    """k unit columns orthogonal to the span of ``basis`` (n x r), same dtype/device."""
+def _orthogonal_complement(basis: torch.Tensor, k: int, generator: torch.Generator | None,
+                           start: torch.Tensor | None = None) -> torch.Tensor:
+    """k unit columns orthogonal to the span of ``basis`` (n x r), same dtype/device.
+
+    The first columns follow ``start`` (n x j, j <= k) as closely as orthogonality allows (QR keeps
+    their order); the others are random.
+    """
     n, r = basis.shape
     if r + k > n:
         raise ValueError(f"cannot grow to rank {r + k}: the layer dimension is {n}")
     dtype, device = basis.dtype, basis.device
     b = basis.detach().float().cpu()
-    cand = torch.randn(n, k, generator=generator)
+    given = start.detach().float().cpu()[:, :k] if start is not None else torch.zeros(n, 0)
+    cand = torch.cat([given, torch.randn(n, k - given.shape[1], generator=generator)], dim=1)
     if r:
         qb, _ = torch.linalg.qr(b)
         cand = cand - qb @ (qb.T @ cand)

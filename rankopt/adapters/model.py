@@ -6,6 +6,7 @@ never found again by substrings of parameter names.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -73,8 +74,12 @@ def find_head(model: nn.Module) -> list[str]:
 
 
 def adapt(model: nn.Module, targets: list[str] | str, rank: int, alpha: float, dropout: float = 0.0,
-          seed: int = 0, train_head: bool = True) -> AdaptedModel:
-    """Freeze ``model``, wrap every target linear in an :class:`SVDLinear`, unfreeze the head."""
+          seed: int = 0, train_head: bool = True, rslora: bool = False) -> AdaptedModel:
+    """Freeze ``model``, wrap every target linear in an :class:`SVDLinear`, unfreeze the head.
+
+    The scale is alpha / rank, or alpha / sqrt(rank) with ``rslora`` (rank-stabilised: the
+    update's size then does not shrink as the rank grows).
+    """
     names = find_targets(model, targets)
     if not names:
         raise RankoptError(f"model.target_modules {targets!r} match no linear layer of this model; "
@@ -90,7 +95,7 @@ def adapt(model: nn.Module, targets: list[str] | str, rank: int, alpha: float, d
         if rank > min(base.in_features, base.out_features):
             raise RankoptError(f"adapter.init_rank={rank} exceeds the size of layer {name} "
                                f"({base.out_features}x{base.in_features}); lower it")
-        layer = SVDLinear(base, rank, scale=alpha / rank, dropout=dropout, generator=generator)
+        layer = SVDLinear(base, rank, scale=lora_scale(alpha, rank, rslora), dropout=dropout, generator=generator)
         setattr(parent, child, layer)
         adapters[name] = layer
     heads = find_head(model) if train_head else []
@@ -98,6 +103,11 @@ def adapt(model: nn.Module, targets: list[str] | str, rank: int, alpha: float, d
         for p in model.get_submodule(head).parameters():
             p.requires_grad_(True)
     return AdaptedModel(model=model, adapters=adapters, head_names=heads)
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
+    """LoRA's scale alpha / r, or rsLoRA's alpha / sqrt(r)."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
 def orthogonality_penalty(adapted: AdaptedModel) -> torch.Tensor:

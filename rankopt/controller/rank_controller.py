@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from rankopt.adapters.layer import Resize, SVDLinear
+from rankopt.adapters.weight_gradient import WeightGradientProbe
 from rankopt.controller.allocation import allocate
 from rankopt.controller.importance import SensitivityTracker
 from rankopt.controller.schedule import BudgetSchedule
@@ -36,11 +37,18 @@ class RankController:
     ``min_age`` reallocations: its sensitivity needs steps to build up from lam = 0. In the
     final phase (from t_f) nothing grows unless the budget cannot be met otherwise, so the last
     reallocation never swaps trained components for fresh zero ones.
+
+    ``growth="gradient"``: on the step before a reallocation a :class:`WeightGradientProbe`
+    finds each layer's top weight-gradient pairs off its span, and new components start along
+    them (lam = 0, so growth stays function-preserving); ``growth="random"``: random orthogonal
+    directions. Either way a would-be component competes at its layer's weakest score. (Scoring
+    it by the gain scale x sigma x typical |lam| instead was measured and lost: the top pair of a
+    fresh gradient always looks steeper than trained components, so growth became churn.)
     """
 
     def __init__(self, layers: dict[str, SVDLinear], schedule: BudgetSchedule, importance: str,
                  min_rank: int, max_rank: int, max_grow: int, beta1: float = 0.85, beta2: float = 0.85,
-                 seed: int = 0, min_age: int = 1):
+                 seed: int = 0, min_age: int = 1, growth: str = "gradient"):
         self.layers = layers
         self.schedule = schedule
         self.importance = importance
@@ -50,6 +58,13 @@ class RankController:
         self.generator = torch.Generator().manual_seed(seed + 7919)
         # step at which each component was grown (-1: there from the start), for layers that grew
         self.born: dict[SVDLinear, torch.Tensor] = {}
+        self.growth = growth
+        self.probe = WeightGradientProbe(layers, seed=seed) if growth == "gradient" and max_grow > 0 else None
+
+    def before_step(self, step: int) -> None:
+        """Arm the gradient probe when the step about to run (``step``) ends with a growing reallocation."""
+        if self.probe is not None and self.schedule.is_reallocation_step(step) and step < self.schedule.decay_end:
+            self.probe.arm(self.max_grow)
 
     def after_backward(self, step: int) -> None:
         """Feed this step's gradients to the sensitivity EMA (``step``: steps finished before this one)."""
@@ -77,6 +92,9 @@ class RankController:
         scores = self.scores()
         layers = list(self.layers.values())
         final = step >= self.schedule.decay_end
+        pairs = dict(self.probe.pairs) if self.probe is not None else {}
+        if self.probe is not None:
+            self.probe.clear()
         plan = allocate(list(scores[self.importance].values()), budget, self.min_rank, self.max_rank,
                         0 if final else self.max_grow, protect=[self.young(layer, step) for layer in layers])
         resizes: list[Resize] = []
@@ -84,7 +102,9 @@ class RankController:
             old_rank = layer.rank
             if alloc.grow == 0 and alloc.keep.numel() == old_rank:
                 continue
-            changes = layer.resize(alloc.keep, alloc.grow, self.generator)
+            found = pairs.get(layer)
+            directions = (found.u, found.v) if found is not None and alloc.grow else None
+            changes = layer.resize(alloc.keep, alloc.grow, self.generator, directions=directions)
             resizes.extend(changes)
             source = changes[0].source
             self.tracker.remap(layer, source)

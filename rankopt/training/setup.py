@@ -59,7 +59,7 @@ def build_model(cfg: Config, num_labels: int) -> AdaptedModel:
     """The pretrained model with adapters on its target layers, checked against the rank budget."""
     model = load_base(cfg, num_labels)
     adapted = adapt(model, cfg.model.target_modules, cfg.adapter.init_rank, cfg.adapter.alpha,
-                    cfg.adapter.dropout, seed=cfg.training.seed)
+                    cfg.adapter.dropout, seed=cfg.training.seed, rslora=cfg.adapter.rslora)
     cfg.budget(len(adapted.adapters))  # raises when the budget cannot be met
     max_possible = min(min(l.in_features, l.out_features) for l in adapted.adapters.values())
     if cfg.controller.enabled and cfg.controller.max_rank > max_possible:

@@ -22,6 +22,7 @@ from rankopt.controller import BudgetSchedule, RankController
 from rankopt.tasks.data import TaskData
 from rankopt.errors import TrainingDiverged
 from rankopt.training.events import Callback, CallbackList, RankEvent, TrainResult, tensor_lists
+from rankopt.training.gradient_init import gradient_start
 from rankopt.training.optim import apply_resizes, build_optimizer, build_scheduler
 
 
@@ -40,7 +41,8 @@ def build_controller(cfg: Config, adapted: AdaptedModel) -> RankController | Non
     initial, target = cfg.budget(len(adapted.adapters))
     schedule = BudgetSchedule.from_fractions(initial, target, cfg.training.steps, c.warmup, c.final, c.interval)
     return RankController(adapted.adapters, schedule, c.importance, c.min_rank, c.max_rank, c.max_grow,
-                          c.beta1, c.beta2, seed=cfg.training.seed, min_age=c.min_age)
+                          c.beta1, c.beta2, seed=cfg.training.seed, min_age=c.min_age,
+                          growth=c.growth)
 
 
 @torch.no_grad()
@@ -112,6 +114,8 @@ class Stepper:
         t, model = self.cfg.training, self.adapted.model
         step = self.done + 1
         batch = {k: v.to(self.device) for k, v in batch.items()}
+        if self.controller is not None:
+            self.controller.before_step(step)
         loss = model(**batch).loss
         loss_value = loss.item()
         if not math.isfinite(loss_value):
@@ -152,6 +156,8 @@ def train_adapted(cfg: Config, adapted: AdaptedModel, data: TaskData,
     adapted.model.to(t.device).train()
     torch.manual_seed(t.seed)
     batches = seeded_batches(data, t.batch_size, t.seed)
+    if cfg.adapter.init == "gradient":  # also on resume: the same seeded pass gives the same per-layer scales
+        gradient_start(cfg, adapted, data)
     stepper = Stepper(cfg, adapted, events)
     evals: list[tuple[int, dict[str, float]]] = []
     snapshot = checkpointer.load() if checkpointer is not None else None

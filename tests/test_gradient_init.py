@@ -1,0 +1,52 @@
+"""adapter.init: gradient — adapters start along each layer's weight-gradient top pairs."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from conftest import make_tiny_adapted
+from rankopt.config import build_config
+from rankopt.training.gradient_init import gradient_start
+
+
+def lam_gradients(adapted, batch) -> dict[str, torch.Tensor]:
+    adapted.model.eval()
+    adapted.model(**batch).loss.backward()
+    grads = {n: layer.lora_lam.grad.detach().clone() for n, layer in adapted.adapters.items()}
+    adapted.model.zero_grad(set_to_none=True)
+    return grads
+
+
+def init_batch(cfg, data):
+    gen = torch.Generator().manual_seed(cfg.training.seed + 65537)
+    rows = torch.randperm(len(data.train), generator=gen)[: cfg.adapter.init_examples].tolist()
+    return data.collator([data.train[i] for i in rows])
+
+
+def test_the_start_is_steeper_than_random_and_keeps_the_budget(tiny_config, tiny_task_data):
+    cfg = build_config(tiny_config.model_dump(), {"adapter.init_examples": 32})
+    random_start, gradient = make_tiny_adapted(0), make_tiny_adapted(0)
+    batch = init_batch(cfg, tiny_task_data)
+    ranks = gradient_start(cfg, gradient, tiny_task_data)
+    assert sum(ranks.values()) == cfg.budget(len(ranks))[0]  # the initial budget, split by the gradient
+    assert len(set(ranks.values())) > 1
+    steep = lam_gradients(gradient, batch)
+    flat = lam_gradients(random_start, batch)
+    # dL/dlam_i = scale * sigma_i: the top pair of each layer beats every random direction
+    wins = sum(steep[n].abs().max() > flat[n].abs().max() for n in steep)
+    assert wins == len(steep)
+    for layer in gradient.adapters.values():  # P, Q orthonormal, lam = 0: the function is unchanged
+        assert torch.allclose(layer.lora_P.T @ layer.lora_P, torch.eye(layer.rank), atol=1e-4)
+        assert torch.allclose(layer.lora_Q @ layer.lora_Q.T, torch.eye(layer.rank), atol=1e-4)
+        assert torch.equal(layer.lora_lam.detach(), torch.zeros(layer.rank))
+
+
+def test_without_the_controller_every_layer_keeps_init_rank_and_rslora_scales_by_sqrt(tiny_config, tiny_task_data):
+    cfg = build_config(tiny_config.model_dump(), {"controller.enabled": False, "adapter.rslora": True})
+    adapted = make_tiny_adapted(0)
+    ranks = gradient_start(cfg, adapted, tiny_task_data)
+    assert set(ranks.values()) == {cfg.adapter.init_rank}
+    assert all(math.isclose(layer.scale, cfg.adapter.alpha / math.sqrt(cfg.adapter.init_rank))
+               for layer in adapted.adapters.values())
