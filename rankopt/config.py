@@ -88,6 +88,9 @@ class ModelConfig(_Section):
         description="module-name suffixes to adapt, or 'all-linear' (every linear but the head)",
     )
     trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the frozen base weights; auto: as the checkpoint stores them. "
+        "Adapters, head and optimizer state are float32 whatever this says")
 
 
 class AdapterConfig(_Section):
@@ -102,8 +105,15 @@ class TrainingConfig(_Section):
     """The optimisation loop."""
 
     steps: int = Field(300, ge=1)
-    batch_size: int = Field(16, ge=1)
-    eval_batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(16, ge=1, description="the micro-batch: examples per forward/backward")
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step (and per controller "
+                                  "update and lr step): the batch is batch_size x grad_accum_steps")
+    eval_batch_size: int | None = Field(None, ge=1, description="examples per evaluation forward; default 64, "
+                                        "or batch_size for causal_lm (a decoder's eval must fit where training does)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward "
+                                         "(non-reentrant): much less activation memory for ~30 % more compute")
+    log_every: int = Field(10, ge=1, description="steps between reads of the training loss (each read makes "
+                                  "the host wait for the device)")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
@@ -112,6 +122,9 @@ class TrainingConfig(_Section):
     orth_reg: float = Field(0.1, ge=0, description="weight of the orthogonality penalty on P and Q")
     eval_every: int = Field(50, ge=1)
     seed: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="bf16/fp16: forward and backward under autocast (fp16 with a loss scaler); "
+        "the trained tensors stay float32")
     device: str = Field("cpu", pattern=r"^(cpu|mps|cuda(:\d+)?|xpu(:\d+)?)$",
                         description="cpu, cuda, cuda:K (one GPU per worker), mps or xpu[:K]")
 
@@ -207,6 +220,8 @@ class Config(_Section):
                              f"controller.min_rank={c.min_rank} and controller.max_rank={c.max_rank}")
         for key in self.search.space:
             _check_key(self.model_dump(), key)
+        if self.training.eval_batch_size is None:
+            self.training.eval_batch_size = self.training.batch_size if self.task.type == "causal_lm" else 64
         return self
 
     def budget(self, n_layers: int) -> tuple[int, int]:

@@ -12,6 +12,7 @@ import logging
 from functools import lru_cache
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -56,11 +57,13 @@ def check_safetensors(path: str) -> None:
 
 
 @lru_cache(maxsize=4)
-def _load(path: str, task_type: str, num_labels: int, trust_remote_code: bool) -> nn.Module:
+def _load(path: str, task_type: str, num_labels: int, trust_remote_code: bool, dtype: str = "auto") -> nn.Module:
     logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
     check_safetensors(path)
-    # safetensors only (never unpickle weights); remote code only when the preset says model.trust_remote_code
-    kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
+    # safetensors only (never unpickle weights); remote code only when the preset says model.trust_remote_code;
+    # dtype "auto" keeps the checkpoint's stored dtype (transformers 5's default)
+    kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": True,
+              "dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
     auto = AutoModelForCausalLM
     if task_type != "causal_lm":
         auto = AutoModelForSequenceClassification
@@ -86,7 +89,7 @@ def load_pretrained(cfg: ModelConfig, num_labels: int, task_type: str = "classif
     """
     path = resolve_model_path(cfg.name)
     return copy.deepcopy(_load(path, task_type, num_labels if task_type != "causal_lm" else 0,
-                               cfg.trust_remote_code))
+                               cfg.trust_remote_code, cfg.dtype))
 
 
 @lru_cache(maxsize=4)
