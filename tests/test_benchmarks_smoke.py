@@ -138,3 +138,12 @@ def test_quality_vs_peft(tmp_path):
     assert sorted(r["method"] for r in results) == ["peft_adalora", "peft_lora", "rankopt"]
     assert all(0 <= r["metric"] <= 1 and r["adapter_params"] > 0 for r in results)
     assert "rte (accuracy)" in table_rows(proc.stdout)
+
+
+def test_step_overhead_llama7b_at_reduced_shapes():
+    proc = run_script("step_overhead_llama7b.py", "--scale", "32", "--blocks", "4", "--repeats", "1", "--threads", "1")
+    rows = last_json(proc.stdout)
+    assert [(r["ranks"], r["impl"]) for r in rows] == [("uniform", "per-layer"), ("uniform", "grouped"),
+                                                       ("spread", "per-layer"), ("spread", "grouped")]
+    assert all(positive(r["median_ms"]) and r["adapters"] == 28 for r in rows)
+    assert rows[1]["aten_ops"] < rows[0]["aten_ops"] / 5  # grouping cuts the launches

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from rankopt.adapters.groups import orthogonality_penalty as grouped_penalty
 from rankopt.adapters.layer import SVDLinear
 from rankopt.errors import RankoptError
 
@@ -101,4 +102,5 @@ def adapt(model: nn.Module, targets: list[str] | str, rank: int, alpha: float, d
 
 
 def orthogonality_penalty(adapted: AdaptedModel) -> torch.Tensor:
-    return torch.stack([layer.orthogonality_penalty() for layer in adapted.adapters.values()]).sum()
+    """The sum of every adapter's penalty, batched over same-shape layers (see :mod:`.groups`)."""
+    return grouped_penalty(adapted.adapters.values())

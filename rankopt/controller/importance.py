@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from rankopt.adapters.groups import instant_sensitivity
 from rankopt.adapters.layer import SVDLinear, take_components
 
 
@@ -21,19 +22,27 @@ class SensitivityTracker:
 
     @torch.no_grad()
     def update(self, layers: list[SVDLinear]) -> None:
-        """Fold in the gradients now on the layers (call after backward, before the step)."""
-        for layer in layers:
-            p, lam, q = layer.lora_P, layer.lora_lam, layer.lora_Q
-            if lam.grad is None:
-                continue
-            inst = (lam * lam.grad).abs() + (p * p.grad).abs().mean(dim=0) + (q * q.grad).abs().mean(dim=1)
-            inst = inst.float()
+        """Fold in the gradients now on the layers (call after backward, before the step).
+
+        The instantaneous sensitivity is computed per group of same-shape layers and the EMAs
+        are updated with ``torch._foreach`` ops: a few kernels per step, not ~16 per layer.
+        """
+        layers = [layer for layer in layers if layer.lora_lam.grad is not None]
+        insts = instant_sensitivity(layers)
+        for layer, inst in zip(layers, insts):
             if layer not in self.ema:
                 self.ema[layer] = torch.zeros_like(inst)
                 self.unc[layer] = torch.zeros_like(inst)
-            ema, unc = self.ema[layer], self.unc[layer]
-            ema.mul_(self.beta1).add_(inst, alpha=1 - self.beta1)
-            unc.mul_(self.beta2).add_((inst - ema).abs(), alpha=1 - self.beta2)
+        if not layers:
+            return
+        ema = [self.ema[layer] for layer in layers]
+        unc = [self.unc[layer] for layer in layers]
+        torch._foreach_mul_(ema, self.beta1)
+        torch._foreach_add_(ema, insts, alpha=1 - self.beta1)
+        deviation = torch._foreach_sub(insts, ema)
+        torch._foreach_abs_(deviation)
+        torch._foreach_mul_(unc, self.beta2)
+        torch._foreach_add_(unc, deviation, alpha=1 - self.beta2)
 
     def scores(self, layer: SVDLinear) -> torch.Tensor:
         if layer not in self.ema:
