@@ -23,6 +23,7 @@ from rankopt.controller import BudgetSchedule, RankController
 from rankopt.tasks.data import TaskData
 from rankopt.training.accumulation import as_micro_batches, micro_batch_weights, to_device
 from rankopt.training.events import Callback, CallbackList, RankEvent, TrainResult, tensor_lists
+from rankopt.training.lm_loss import summed_target_loss
 from rankopt.training.loss_log import LossLog
 from rankopt.training.memory import enable_gradient_checkpointing
 from rankopt.training.optim import apply_resizes, build_optimizer, build_scheduler
@@ -81,14 +82,13 @@ def _prediction_metrics(model, loader: DataLoader, task_type: str, device: str) 
 def _language_model_metrics(model, loader: DataLoader, device: str) -> dict[str, float]:
     """Mean loss per response token over the whole split (not per batch), and its perplexity.
 
-    Logits are never collected: a vocabulary-sized output per token would not fit in memory.
+    Logits are never collected, nor computed for the whole batch at once (see :mod:`.lm_loss`).
     """
     total, tokens = 0.0, 0
     for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        n = int((batch["labels"][:, 1:] != -100).sum())  # the model predicts token t+1 from tokens <= t
+        loss_sum, n = summed_target_loss(model, to_device(batch, device))
         if n:
-            total += float(model(**batch).loss) * n
+            total += float(loss_sum)
             tokens += n
     return task_metrics.language_model_metrics(total / tokens if tokens else float("nan"))
 
