@@ -50,6 +50,11 @@ class TaskConfig(_Section):
     label_column: str = "label"
     prompt_column: str = Field("prompt", description="causal_lm: the text the model is given")
     response_column: str = Field("response", description="causal_lm: the text it learns to write")
+    messages_column: str | None = Field(None, description="causal_lm: a column of chats (lists of {role, "
+                                        "content}) rendered with the tokenizer's chat template, loss on the "
+                                        "assistant turns only; replaces prompt_column / response_column")
+    packing: bool = Field(False, description="causal_lm: pack short training examples into max_length rows "
+                          "(position ids restart per example, so no example attends to another)")
     num_labels: int | None = Field(None, ge=1, description="inferred from the data when unset")
     metric: Literal[CLASSIFICATION_METRICS + REGRESSION_METRICS + CAUSAL_LM_METRICS] = "accuracy"
     train_split: str = "train"
@@ -69,12 +74,14 @@ class TaskConfig(_Section):
             raise ValueError(f"{self.type} tasks use metric {' or '.join(repr(m) for m in allowed)}")
         if self.type != "causal_lm" and not self.text_columns:
             raise ValueError(f"a {self.type} task needs task.text_columns (one or two input columns)")
+        if self.type != "causal_lm" and (self.messages_column or self.packing):
+            raise ValueError("task.messages_column and task.packing are for causal_lm tasks")
         return self
 
     def columns(self) -> list[str]:
         """The columns the data must have."""
         if self.type == "causal_lm":
-            return [self.prompt_column, self.response_column]
+            return [self.messages_column] if self.messages_column else [self.prompt_column, self.response_column]
         return [*self.text_columns, self.label_column]
 
 

@@ -32,7 +32,7 @@ from rankopt.training.precision import Precision, check_trainable_dtypes
 
 def seeded_batches(data: TaskData, batch_size: int, seed: int) -> Iterator[dict]:
     """Endless training batches, reshuffled each epoch in an order fixed by ``seed``."""
-    loader = DataLoader(data.train, batch_size=batch_size, shuffle=True, collate_fn=data.collator,
+    loader = DataLoader(data.train, batch_size=batch_size, shuffle=True, collate_fn=data.training_collator,
                         generator=torch.Generator().manual_seed(seed), drop_last=len(data.train) > batch_size)
     while True:
         yield from loader
