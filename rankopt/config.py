@@ -95,6 +95,9 @@ class ModelConfig(_Section):
         description="module-name suffixes to adapt, or 'all-linear' (every linear but the head)",
     )
     trust_remote_code: bool = False
+    quantization: Literal["4bit", "8bit"] | None = Field(
+        None, description="QLoRA: load the frozen base through bitsandbytes in nf4 (4bit) or int8 (8bit); "
+        "needs the 'quant' extra. The adapters stay float32 over the dequantized matmul")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of the frozen base weights; auto: as the checkpoint stores them. "
         "Adapters, head and optimizer state are float32 whatever this says")

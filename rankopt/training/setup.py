@@ -51,7 +51,7 @@ def load_base(cfg: Config, num_labels: int) -> nn.Module:
     from rankopt.devices import check_device
 
     check_device(cfg.training.device)  # a device this machine lacks fails here, in one line
-    model = load_pretrained(cfg.model, num_labels, cfg.task.type)
+    model = load_pretrained(cfg.model, num_labels, cfg.task.type, cfg.training.device)
     heads = find_head(model)
     keep_head_float32(model, heads)  # trained in float32 whatever the base's dtype
     _reset_head(model, heads, cfg.training.seed)
