@@ -2,26 +2,29 @@
 
 A Llama-shaped causal LM (TinyLlama's shape: hidden 2048, 22 layers, FFN 5632, 32 heads with
 4 key/value heads, vocabulary 32000: 1.1B parameters) drawn at random from one seed, so
-nothing is downloaded. Every run starts from a copy of the same weights, adapts the same
-154 linears (q, k, v, o, gate, up, down) and trains on the same random token batches with
-next-token loss (``labels = input_ids``), through the same AdamW + schedule + clipping:
+nothing is downloaded. Every run starts from the same weights, adapts the same 154 linears
+(q, k, v, o, gate, up, down) and trains on the same random token batches with next-token loss
+(``labels = input_ids``), through the same AdamW + schedule + clipping, under bf16 autocast:
 
 * ``rankopt adaptive, budget R`` (controller on, budget kept at R per layer: like for like),
   ``rankopt adaptive, budget R->R/2``, ``rankopt fixed r=R`` (controller off);
 * ``PEFT LoRA r=R`` (alpha 2R, the baseline of every ratio), ``PEFT AdaLoRA 1.5R->R``.
 
-Each method as it ships: rankopt's adapters take the base's dtype (bf16); PEFT, by default
-(``autocast_adapter_dtype=True``), keeps its adapter weights in fp32 on a bf16 base. The
-adapter dtype is shown in the table.
+Both keep float32 adapters on the bf16 base (rankopt always; PEFT by its default
+``autocast_adapter_dtype=True``); the adapter dtype is shown in the table. Three variants
+(``--variants``), each a block of its own: ``plain``; ``ckpt``, gradient checkpointing
+(non-reentrant) for both; ``4bit``, the base's decoder linears in bitsandbytes nf4 (QLoRA; the
+embeddings and LM head stay bf16). ``ckpt`` and ``4bit`` run adaptive, LoRA and AdaLoRA only.
+Targets (issue 13): rankopt <= 1.03x PEFT LoRA's median step time, <= 1.05x its peak memory,
+faster than AdaLoRA.
 
-Time: the runs alternate step by step in one process (who goes first rotates), CUDA
-synchronised around every step; median and mean over the timed steps. Memory: each run
-alone first (only the shared base weights resident), built, stepped ``--memory-steps``
-times on a schedule compressed to that length (so reallocations happen), its peak
-``torch.cuda.max_memory_allocated`` above what was allocated before it was built: its copy
-of the weights, adapters, optimizer state, controller state and activations.
+Time: within a variant the runs alternate step by step (who goes first rotates), synchronised
+around every step; median and mean over the timed steps. Memory (CUDA only): each run alone,
+built and stepped ``--memory-steps`` times on a schedule compressed to that length (so
+reallocations happen); its peak ``torch.cuda.max_memory_allocated`` above what was allocated
+before it was built (its copy of the weights, adapters, optimizer and controller state, activations).
 
-    python benchmarks/gpu_overhead.py                          # ~3 min on one H100/H200
+    python benchmarks/gpu_overhead.py                          # ~6-8 min on one H100/H200
     python benchmarks/gpu_overhead.py --tiny --device cpu --steps 2 --warmup 1 --memory-steps 2  # smoke (CPU)
 
 Without a CUDA GPU (and without ``--device cpu``) it exits with code 2 and says so.
@@ -36,6 +39,7 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,6 +57,7 @@ RUNS = {
     "lora": "PEFT LoRA r={r}",
     "adalora": "PEFT AdaLoRA {init}->{r}",
 }
+VARIANTS = {"plain": list(RUNS), "ckpt": ["adaptive", "lora", "adalora"], "4bit": ["adaptive", "lora", "adalora"]}
 SHAPES = {  # hidden, layers, intermediate, heads, kv heads, vocab
     "1b": (2048, 22, 5632, 32, 4, 32000),
     "tiny": (64, 2, 128, 4, 2, 256),
@@ -78,35 +83,54 @@ def build_base(args: argparse.Namespace, device: str, dtype: torch.dtype) -> tor
     return model
 
 
-def rankopt_config(args: argparse.Namespace, key: str, total: int, device: str):
+def rankopt_config(args: argparse.Namespace, key: str, total: int, device: str, variant: str):
     from rankopt.config import build_config
 
     r = args.rank
     controller = {"enabled": key != "fixed", "target_rank": r // 2 if key == "adaptive-prune" else r,
                   "min_rank": 1, "max_rank": 2 * r, "warmup": 0.1, "final": 0.2, "interval": 10}
-    raw = {"task": {"name": "gpu-overhead", "builtin": "chatterbot", "text_columns": ["text"]},  # not loaded
+    raw = {"task": {"name": "gpu-overhead", "type": "causal_lm", "builtin": "chatterbot_dialogs",
+                    "metric": "loss"},  # not loaded
            "model": {"name": "random-llama", "target_modules": TARGETS},
            "adapter": {"init_rank": r, "alpha": 2 * r},
            "training": {"steps": total, "batch_size": args.batch, "eval_every": total, "lr": args.lr,
-                        "device": device, "seed": 0},
+                        "device": device, "seed": 0, "precision": "bf16" if args.dtype == "bf16" else "fp32",
+                        "gradient_checkpointing": variant == "ckpt"},
            "controller": controller}
     return build_config(raw)
 
 
-def build_run(args: argparse.Namespace, key: str, base: torch.nn.Module, total: int, device: str):
-    """(stepper, model, adapter dtype) for run ``key`` on a copy of ``base``."""
-    model = copy.deepcopy(base)
+def quantized_base(args: argparse.Namespace, base: torch.nn.Module, device: str, folder: Path) -> torch.nn.Module:
+    """``base`` with its decoder linears in nf4, loaded the way rankopt loads model.quantization: 4bit."""
+    from transformers import BitsAndBytesConfig, LlamaForCausalLM
+
+    if not (folder / "config.json").exists():
+        base.save_pretrained(folder)
+    compute = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=compute)
+    return LlamaForCausalLM.from_pretrained(folder, quantization_config=config, device_map={"": device}, dtype=compute)
+
+
+def build_run(args: argparse.Namespace, key: str, base: torch.nn.Module, total: int, device: str,
+              variant: str = "plain", quant_dir: Path | None = None):
+    """(stepper, model, adapter dtype) for run ``key`` of ``variant`` on a copy of ``base``."""
+    model = quantized_base(args, base, device, quant_dir) if variant == "4bit" else copy.deepcopy(base)
     model.train()
+    autocast = torch.bfloat16 if args.dtype == "bf16" else None
     if key in ("adaptive", "adaptive-prune", "fixed"):
         from rankopt.adapters import adapt
         from rankopt.training.trainer import Stepper
 
-        cfg = rankopt_config(args, key, total, device)
+        cfg = rankopt_config(args, key, total, device, variant)
         adapted = adapt(model, TARGETS, cfg.adapter.init_rank, cfg.adapter.alpha, seed=0)
         dtype = next(iter(adapted.adapters.values())).lora_P.dtype
         return Stepper(cfg, adapted), model, dtype
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
+    if variant == "ckpt":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
     r = args.rank
     common = {"task_type": "CAUSAL_LM", "target_modules": TARGETS, "lora_dropout": 0.0}
     if key == "lora":
@@ -118,7 +142,8 @@ def build_run(args: argparse.Namespace, key: str, base: torch.nn.Module, total: 
     torch.manual_seed(0)
     peft = get_peft_model(model, config)
     dtype = next(p.dtype for n, p in peft.named_parameters() if "lora_A" in n)
-    stepper = PeftStepper(peft, args.lr, 0.0, "linear", total, 0.06, 1.0, adalora=key == "adalora", device=device)
+    stepper = PeftStepper(peft, args.lr, 0.0, "linear", total, 0.06, 1.0, adalora=key == "adalora", device=device,
+                          autocast=autocast)
     return stepper, peft, dtype
 
 
@@ -137,16 +162,16 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure_memory(args, base, device: str, vocab: int) -> dict[str, float]:
+def measure_memory(args, base, device: str, vocab: int, variant: str, quant_dir: Path) -> dict[str, float]:
     """Peak GiB each run adds on top of the shared base weights, each run alone."""
     out = {}
     batches = make_batches(args.memory_steps, vocab, args.batch, args.seq, device)
-    for key in RUNS:
+    for key in VARIANTS[variant]:
         gc.collect()
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        stepper, model, _ = build_run(args, key, base, args.memory_steps, device)
+        stepper, model, _ = build_run(args, key, base, args.memory_steps, device, variant, quant_dir)
         for batch in batches:
             stepper.step(batch)
         sync(device)
@@ -157,12 +182,13 @@ def measure_memory(args, base, device: str, vocab: int) -> dict[str, float]:
     return out
 
 
-def time_runs(args, base, device: str, vocab: int) -> tuple[dict[str, dict], dict[str, str]]:
+def time_runs(args, base, device: str, vocab: int, variant: str,
+              quant_dir: Path) -> tuple[dict[str, dict], dict[str, str]]:
     total = args.steps + args.warmup
-    built = {key: build_run(args, key, base, total, device) for key in RUNS}
+    keys = VARIANTS[variant]
+    built = {key: build_run(args, key, base, total, device, variant, quant_dir) for key in keys}
     dtypes = {key: str(b[2]).removeprefix("torch.") for key, b in built.items()}
-    times: dict[str, list[float]] = {key: [] for key in RUNS}
-    keys = list(RUNS)
+    times: dict[str, list[float]] = {key: [] for key in keys}
     for i, batch in enumerate(make_batches(total, vocab, args.batch, args.seq, device)):
         for key in keys[i % len(keys):] + keys[:i % len(keys)]:  # rotate who goes first
             sync(device)
@@ -171,6 +197,10 @@ def time_runs(args, base, device: str, vocab: int) -> tuple[dict[str, dict], dic
             sync(device)
             if i >= args.warmup:
                 times[key].append(time.perf_counter() - t0)
+    del built
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
     timing = {key: {"median_s": statistics.median(ts), "mean_s": statistics.fmean(ts)} for key, ts in times.items()}
     return timing, dtypes
 
@@ -188,10 +218,12 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                    help="plain, ckpt (gradient checkpointing), 4bit (nf4 base via bitsandbytes)")
     args = ap.parse_args()
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
-        print("error: no CUDA GPU visible to torch here; the GPU benchmark (issue 5, item 5) was not run. "
+        print("error: no CUDA GPU visible to torch here; the GPU benchmark (issue 13) was not run. "
               "For a CPU smoke run: --tiny --device cpu", file=sys.stderr)
         sys.exit(2)
     if not cuda and not args.tiny:
@@ -201,31 +233,42 @@ def main() -> None:
         ap.error("runs need at least 2 steps (AdaLoRA fixes its budget at its last step)")
     if cuda:
         torch.cuda.set_device(torch.device(args.device))
+    if "4bit" in args.variants:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            print("error: the 4bit variant needs bitsandbytes (pip install 'rankopt[quant]'); or pass "
+                  "--variants plain ckpt", file=sys.stderr)
+            sys.exit(2)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     base = build_base(args, args.device, dtype)
     vocab = base.config.vocab_size
     n_params = sum(p.numel() for p in base.parameters())
-    memory = measure_memory(args, base, args.device, vocab) if cuda and args.memory_steps > 0 else {}
-    timing, dtypes = time_runs(args, base, args.device, vocab)
     names = {k: v.format(r=args.rank, half=args.rank // 2, init=adalora_init(args.rank)) for k, v in RUNS.items()}
     rows = []
-    for key, t in timing.items():
-        row = {"run": names[key], "adapter_dtype": dtypes[key], **t,
-               "median_ratio": t["median_s"] / timing["lora"]["median_s"],
-               "mean_ratio": t["mean_s"] / timing["lora"]["mean_s"]}
-        if key in memory:
-            row.update(peak_gib=memory[key], peak_ratio=memory[key] / memory["lora"])
-        rows.append(row)
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in args.variants:
+            quant_dir = Path(tmp) / "base"
+            memory = measure_memory(args, base, args.device, vocab, variant, quant_dir) \
+                if cuda and args.memory_steps > 0 else {}
+            timing, dtypes = time_runs(args, base, args.device, vocab, variant, quant_dir)
+            for key, t in timing.items():
+                row = {"variant": variant, "run": names[key], "adapter_dtype": dtypes[key], **t,
+                       "median_ratio": t["median_s"] / timing["lora"]["median_s"],
+                       "mean_ratio": t["mean_s"] / timing["lora"]["mean_s"]}
+                if key in memory:
+                    row.update(peak_gib=memory[key], peak_ratio=memory[key] / memory["lora"])
+                rows.append(row)
     device_name = torch.cuda.get_device_name(args.device) if cuda else (platform.processor() or platform.machine())
     print(f"# GPU overhead: random Llama-shaped decoder, {n_params / 1e9:.2f}B params, {args.dtype}, batch "
           f"{args.batch} x seq {args.seq}, rank {args.rank} on {len(TARGETS)} projections per layer, {args.steps} "
-          f"timed steps (+{args.warmup}) interleaved; {device_name}, torch {torch.__version__}")
-    print("| run | adapter dtype | median step (s) | mean step (s) | median / LoRA | mean / LoRA | peak (GiB) | "
-          "peak / LoRA |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"timed steps (+{args.warmup}) interleaved per variant; {device_name}, torch {torch.__version__}")
+    print("| variant | run | adapter dtype | median step (s) | mean step (s) | median / LoRA | mean / LoRA | "
+          "peak (GiB) | peak / LoRA |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         peak = f"{r['peak_gib']:.2f} | {r['peak_ratio']:.3f}" if "peak_gib" in r else "— | —"
-        print(f"| {r['run']} | {r['adapter_dtype']} | {r['median_s']:.4f} | {r['mean_s']:.4f} | "
+        print(f"| {r['variant']} | {r['run']} | {r['adapter_dtype']} | {r['median_s']:.4f} | {r['mean_s']:.4f} | "
               f"{r['median_ratio']:.3f} | {r['mean_ratio']:.3f} | {peak} |")
     print(json.dumps(rows))
 

@@ -96,18 +96,21 @@ class PeftStepper:
     """rankopt's step order around a PEFT model: forward, backward, clip, optimizer, lr, [AdaLoRA], zero grad."""
 
     def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, schedule: str, steps: int,
-                 warmup_ratio: float, max_grad_norm: float, adalora: bool, device: str = "cpu"):
+                 warmup_ratio: float, max_grad_norm: float, adalora: bool, device: str = "cpu",
+                 autocast: torch.dtype | None = None):
         self.model, self.adalora, self.device, self.max_grad_norm = model, adalora, device, max_grad_norm
+        self.autocast = autocast  # bf16: forward/backward under torch.autocast, as rankopt's training.precision
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(self.params, lr, weight_decay)
         self.scheduler = build_scheduler(self.optimizer, schedule, steps, warmup_ratio)
         self.done = 0
 
-    def step(self, batch: dict) -> float:
+    def step(self, batch: dict) -> torch.Tensor:
         step = self.done + 1
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        loss = self.model(**batch).loss  # AdaLoRA adds its orthogonality penalty inside forward
-        loss_value = loss.item()  # the same host sync as rankopt's Stepper
+        with torch.autocast(torch.device(self.device).type, dtype=self.autocast, enabled=self.autocast is not None):
+            loss = self.model(**batch).loss  # AdaLoRA adds its orthogonality penalty inside forward
+        loss_value = loss.detach()  # no host sync, as rankopt's Stepper (and HF Trainer between logging steps)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()

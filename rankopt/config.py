@@ -50,6 +50,11 @@ class TaskConfig(_Section):
     label_column: str = "label"
     prompt_column: str = Field("prompt", description="causal_lm: the text the model is given")
     response_column: str = Field("response", description="causal_lm: the text it learns to write")
+    messages_column: str | None = Field(None, description="causal_lm: a column of chats (lists of {role, "
+                                        "content}) rendered with the tokenizer's chat template, loss on the "
+                                        "assistant turns only; replaces prompt_column / response_column")
+    packing: bool = Field(False, description="causal_lm: pack short training examples into max_length rows "
+                          "(position ids restart per example, so no example attends to another)")
     num_labels: int | None = Field(None, ge=1, description="inferred from the data when unset")
     metric: Literal[CLASSIFICATION_METRICS + REGRESSION_METRICS + CAUSAL_LM_METRICS] = "accuracy"
     train_split: str = "train"
@@ -69,12 +74,14 @@ class TaskConfig(_Section):
             raise ValueError(f"{self.type} tasks use metric {' or '.join(repr(m) for m in allowed)}")
         if self.type != "causal_lm" and not self.text_columns:
             raise ValueError(f"a {self.type} task needs task.text_columns (one or two input columns)")
+        if self.type != "causal_lm" and (self.messages_column or self.packing):
+            raise ValueError("task.messages_column and task.packing are for causal_lm tasks")
         return self
 
     def columns(self) -> list[str]:
         """The columns the data must have."""
         if self.type == "causal_lm":
-            return [self.prompt_column, self.response_column]
+            return [self.messages_column] if self.messages_column else [self.prompt_column, self.response_column]
         return [*self.text_columns, self.label_column]
 
 
@@ -88,6 +95,12 @@ class ModelConfig(_Section):
         description="module-name suffixes to adapt, or 'all-linear' (every linear but the head)",
     )
     trust_remote_code: bool = False
+    quantization: Literal["4bit", "8bit"] | None = Field(
+        None, description="QLoRA: load the frozen base through bitsandbytes in nf4 (4bit) or int8 (8bit); "
+        "needs the 'quant' extra. The adapters stay float32 over the dequantized matmul")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the frozen base weights; auto: as the checkpoint stores them. "
+        "Adapters, head and optimizer state are float32 whatever this says")
 
 
 class AdapterConfig(_Section):
@@ -107,8 +120,15 @@ class TrainingConfig(_Section):
     """The optimisation loop."""
 
     steps: int = Field(300, ge=1)
-    batch_size: int = Field(16, ge=1)
-    eval_batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(16, ge=1, description="the micro-batch: examples per forward/backward")
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step (and per controller "
+                                  "update and lr step): the batch is batch_size x grad_accum_steps")
+    eval_batch_size: int | None = Field(None, ge=1, description="examples per evaluation forward; default 64, "
+                                        "or batch_size for causal_lm (a decoder's eval must fit where training does)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward "
+                                         "(non-reentrant): much less activation memory for ~30 % more compute")
+    log_every: int = Field(10, ge=1, description="steps between reads of the training loss (each read makes "
+                                  "the host wait for the device)")
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
@@ -117,6 +137,9 @@ class TrainingConfig(_Section):
     orth_reg: float = Field(0.1, ge=0, description="weight of the orthogonality penalty on P and Q")
     eval_every: int = Field(50, ge=1)
     seed: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="bf16/fp16: forward and backward under autocast (fp16 with a loss scaler); "
+        "the trained tensors stay float32")
     device: str = Field("cpu", pattern=r"^(cpu|mps|cuda(:\d+)?|xpu(:\d+)?)$",
                         description="cpu, cuda, cuda:K (one GPU per worker), mps or xpu[:K]")
 
@@ -215,6 +238,8 @@ class Config(_Section):
                              f"controller.min_rank={c.min_rank} and controller.max_rank={c.max_rank}")
         for key in self.search.space:
             _check_key(self.model_dump(), key)
+        if self.training.eval_batch_size is None:
+            self.training.eval_batch_size = self.training.batch_size if self.task.type == "causal_lm" else 64
         return self
 
     def budget(self, n_layers: int) -> tuple[int, int]:

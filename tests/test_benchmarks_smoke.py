@@ -102,12 +102,18 @@ def test_search_cost_records_replays_and_verifies(tiny_preset_file, tmp_path):
 
 
 def test_gpu_overhead_on_cpu_with_a_tiny_decoder():
+    pytest.importorskip("bitsandbytes", reason="the 4bit variant needs bitsandbytes (the 'quant' extra)")
     proc = run_script("gpu_overhead.py", "--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch", "2",
                       "--seq", "16", "--rank", "4")
-    rows = {r["run"]: r for r in last_json(proc.stdout)}
-    assert list(rows) == ["rankopt adaptive, budget 4", "rankopt adaptive, budget 4->2", "rankopt fixed r=4",
-                          "PEFT LoRA r=4", "PEFT AdaLoRA 6->4"]
-    assert all(positive(r["median_s"]) for r in rows.values())
+    rows = last_json(proc.stdout)
+    plain = [r["run"] for r in rows if r["variant"] == "plain"]
+    assert plain == ["rankopt adaptive, budget 4", "rankopt adaptive, budget 4->2", "rankopt fixed r=4",
+                     "PEFT LoRA r=4", "PEFT AdaLoRA 6->4"]
+    for variant in ("ckpt", "4bit"):  # gradient checkpointing, and an nf4 base (bitsandbytes runs it on the CPU)
+        assert [r["run"] for r in rows if r["variant"] == variant] == \
+            ["rankopt adaptive, budget 4", "PEFT LoRA r=4", "PEFT AdaLoRA 6->4"]
+    assert all(positive(r["median_s"]) for r in rows)
+    assert {r["adapter_dtype"] for r in rows} == {"float32"}  # on the bf16 base, for both libraries
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
@@ -139,3 +145,12 @@ def test_quality_vs_peft(tmp_path):
                                                            "peft_eva", "peft_rslora", "peft_lora_trunc"])
     assert all(0 <= r["metric"] <= 1 and r["adapter_params"] > 0 for r in results)
     assert "rte (accuracy)" in table_rows(proc.stdout)
+
+
+def test_step_overhead_llama7b_at_reduced_shapes():
+    proc = run_script("step_overhead_llama7b.py", "--scale", "32", "--blocks", "4", "--repeats", "1", "--threads", "1")
+    rows = last_json(proc.stdout)
+    assert [(r["ranks"], r["impl"]) for r in rows] == [("uniform", "per-layer"), ("uniform", "grouped"),
+                                                       ("spread", "per-layer"), ("spread", "grouped")]
+    assert all(positive(r["median_ms"]) and r["adapters"] == 28 for r in rows)
+    assert rows[1]["aten_ops"] < rows[0]["aten_ops"] / 5  # grouping cuts the launches

@@ -48,8 +48,9 @@ class SVDLinear(nn.Module):
             p.requires_grad_(False)
         self.scale = float(scale)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        out_f, in_f = base.weight.shape
-        dtype, device = base.weight.dtype, base.weight.device
+        # float32 whatever the base holds (bf16, fp16, 4-bit): trained tensors need it (see training.precision)
+        out_f, in_f = base.out_features, base.in_features
+        dtype, device = torch.float32, base.weight.device
         # contiguous like every resized tensor: a resumed run must see the same layouts (and GEMM paths)
         self.lora_P = nn.Parameter(_orthonormal_columns(out_f, rank, generator).contiguous().to(device, dtype))
         self.lora_lam = nn.Parameter(torch.zeros(rank, device=device, dtype=dtype))
@@ -68,8 +69,10 @@ class SVDLinear(nn.Module):
         return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.dropout(x) @ self.lora_Q.T
-        return self.base(x) + (h * (self.lora_lam * self.scale)) @ self.lora_P.T
+        """Base output plus the update; the update runs in the adapter's dtype (autocast may lower it)."""
+        out = self.base(x)
+        h = self.dropout(x.to(self.lora_Q.dtype)) @ self.lora_Q.T
+        return out + ((h * (self.lora_lam * self.scale)) @ self.lora_P.T).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """Dense ΔW (out, in); for tests, export and merging, never on the training path."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from rankopt.adapters.groups import orthogonality_penalty as grouped_penalty
 from rankopt.adapters.layer import SVDLinear
 from rankopt.errors import RankoptError
 
@@ -111,4 +112,5 @@ def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
 
 
 def orthogonality_penalty(adapted: AdaptedModel) -> torch.Tensor:
-    return torch.stack([layer.orthogonality_penalty() for layer in adapted.adapters.values()]).sum()
+    """The sum of every adapter's penalty, batched over same-shape layers (see :mod:`.groups`)."""
+    return grouped_penalty(adapted.adapters.values())

@@ -223,6 +223,14 @@ def _model_source(meta: dict[str, Any], adapter_config: dict[str, Any]):
     return ModelConfig(name=base), "causal_lm" if adapter_config.get("task_type") == "CAUSAL_LM" else "classification"
 
 
+def check_mergeable(model_cfg) -> None:
+    """A quantized base has no full weights to fold the adapter into: say how to merge instead."""
+    if model_cfg.quantization:
+        raise RankoptError(f"this adapter was trained on a {model_cfg.quantization} base; --merge needs full "
+                           f"weights: export without --merge, then merge it onto {model_cfg.name} loaded in "
+                           "bfloat16 (peft.PeftModel.from_pretrained(base, DIR).merge_and_unload())")
+
+
 def export(out: str | Path, *, study: str | None = None, storage: str | None = None,
            tracking_uri: str | None = None, trial: int | None = None, run_id: str | None = None,
            merge: bool = False, force: bool = False, max_params: int | None = None,
@@ -253,6 +261,8 @@ def export(out: str | Path, *, study: str | None = None, storage: str | None = N
         _describe(source, run)
         adapter_config, state, meta = read_adapter(folder)
         model_cfg, task_type = _model_source(meta, adapter_config)
+        if merge:
+            check_mergeable(model_cfg)
         num_labels = meta.get("num_labels") or head_num_labels(state, adapter_config.get("modules_to_save") or [])
         tokenizer = load_tokenizer(model_cfg.name, model_cfg.trust_remote_code)
         model = _merged_model(model_cfg, task_type, num_labels, adapter_config, state) if merge else None

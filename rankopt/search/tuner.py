@@ -23,6 +23,7 @@ from rankopt.search.trials import (ReportToTrial, TuneResult, best_trials, defau
                             objective_directions, suggest, trial_config)
 from rankopt.search.studies import (CONFIG_ATTR, LIMIT_ATTR, StaleTrialHandler, open_storage, retried_from,
                              tally)
+from rankopt.training.memory import release_memory
 from rankopt.training.trainer import train_adapted
 from rankopt.tracking.urls import mask_text
 from rankopt.tracking.urls import mask_url as _mask  # noqa: F401 - kept importable from here
@@ -60,6 +61,13 @@ class Objective:
         self.checkpoints = checkpoints
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        release_memory()  # the last trial's model may still sit in a reference cycle (a pruned trial's frames)
+        try:
+            return self._run(trial)
+        finally:
+            release_memory()
+
+    def _run(self, trial: optuna.Trial) -> float | tuple[float, float]:
         values = suggest(trial, self.base.search.space)
         retry_of = retried_from(trial)
         if retry_of is not None:

@@ -27,6 +27,11 @@ class TaskData:
     num_labels: int
     label_names: list[str] | None
     collator: DataCollatorWithPadding | DataCollatorForSeq2Seq
+    train_collator: object | None = None  # when training rows differ from evaluation rows (packing)
+
+    @property
+    def training_collator(self):
+        return self.train_collator or self.collator
 
 
 def _split_file(folder: Path, split: str) -> Path | None:
@@ -142,14 +147,27 @@ def prompt_response_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, respons
 
 
 def _prepare_causal_lm(task: TaskConfig, raw: datasets.DatasetDict, tokenizer: PreTrainedTokenizerBase) -> TaskData:
+    from rankopt.tasks.chat import chat_ids, check_chat_tokenizer
+
+    if task.messages_column:
+        check_chat_tokenizer(tokenizer, task.messages_column)
+
     def encode(row: dict) -> dict:
+        if task.messages_column:
+            return chat_ids(tokenizer, row[task.messages_column], task.max_length)
         return prompt_response_ids(tokenizer, str(row[task.prompt_column]), str(row[task.response_column]),
                                    task.max_length)
 
     tokenized = {role: split.map(encode, remove_columns=split.column_names) for role, split in raw.items()}
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
-    return TaskData(train=tokenized["train"], eval=tokenized["eval"], num_labels=0, label_names=None,
-                    collator=collator)
+    train, train_collator = tokenized["train"], collator
+    if task.packing:  # training rows only: evaluation stays one example per row
+        from rankopt.tasks.packing import PackedCollator, pack
+
+        train = pack(train, task.max_length)
+        train_collator = PackedCollator(tokenizer.pad_token_id or 0)
+    return TaskData(train=train, eval=tokenized["eval"], num_labels=0, label_names=None,
+                    collator=collator, train_collator=train_collator)
 
 
 def prepare(task: TaskConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> TaskData:

@@ -12,6 +12,7 @@ import logging
 from functools import lru_cache
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -55,20 +56,47 @@ def check_safetensors(path: str) -> None:
                            "safe_serialization=True))")
 
 
+def quantization_config(cfg: ModelConfig, device: str):
+    """transformers' BitsAndBytesConfig for ``model.quantization``; a missing backend is a one-line error."""
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise RankoptError(f"model.quantization={cfg.quantization} needs bitsandbytes: pip install 'rankopt[quant]' "
+                           "(or remove model.quantization)") from None
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    on_gpu = torch.device(device).type == "cuda"
+    compute = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else (torch.bfloat16 if on_gpu else torch.float32)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute)
+
+
 @lru_cache(maxsize=4)
-def _load(path: str, task_type: str, num_labels: int, trust_remote_code: bool) -> nn.Module:
+def _load(path: str, task_type: str, num_labels: int, trust_remote_code: bool, dtype: str = "auto",
+          quantization=None, device: str = "cpu") -> nn.Module:
     logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
     check_safetensors(path)
-    # safetensors only (never unpickle weights); remote code only when the preset says model.trust_remote_code
-    kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
+    # safetensors only (never unpickle weights); remote code only when the preset says model.trust_remote_code;
+    # dtype "auto" keeps the checkpoint's stored dtype (transformers 5's default)
+    kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": True,
+              "dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
     auto = AutoModelForCausalLM
     if task_type != "causal_lm":
         auto = AutoModelForSequenceClassification
         kwargs["num_labels"] = num_labels
         if task_type == "regression":
             kwargs["problem_type"] = "regression"
+    if quantization is not None:
+        kwargs.update(quantization_config=quantization, device_map={"": device})
     try:
         model = auto.from_pretrained(path, **kwargs)
+    except (ImportError, RuntimeError, ValueError) as exc:
+        if quantization is None:
+            raise
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RankoptError(f"cannot load '{path}' quantized on {device} ({reason}); install a bitsandbytes build "
+                           "for this device or remove model.quantization") from None
     except OSError as exc:
         reason = str(exc).splitlines()[0]
         raise RankoptError(f"cannot load model '{path}' ({reason}); pass a local folder or a reachable hub id "
@@ -78,15 +106,21 @@ def _load(path: str, task_type: str, num_labels: int, trust_remote_code: bool) -
     return model.eval()
 
 
-def load_pretrained(cfg: ModelConfig, num_labels: int, task_type: str = "classification") -> nn.Module:
+def load_pretrained(cfg: ModelConfig, num_labels: int, task_type: str = "classification",
+                    device: str = "cpu") -> nn.Module:
     """A fresh copy of the pretrained model for ``task_type`` (the base weights are loaded once per process).
 
     Classification and regression get a sequence-classification head with ``num_labels``
-    outputs; ``causal_lm`` gets the model's own language-model head.
+    outputs; ``causal_lm`` gets the model's own language-model head. A quantized base
+    (``model.quantization``) is loaded afresh onto ``device`` each time instead: copying it would
+    double its memory there.
     """
     path = resolve_model_path(cfg.name)
+    if cfg.quantization:
+        return _load.__wrapped__(path, task_type, num_labels if task_type != "causal_lm" else 0,
+                                 cfg.trust_remote_code, cfg.dtype, quantization_config(cfg, device), device)
     return copy.deepcopy(_load(path, task_type, num_labels if task_type != "causal_lm" else 0,
-                               cfg.trust_remote_code))
+                               cfg.trust_remote_code, cfg.dtype))
 
 
 @lru_cache(maxsize=4)

@@ -4,7 +4,10 @@
 AdamW state that follows resized tensors, :mod:`.checkpoint` exact save and resume, :mod:`.events`
 the callbacks the loop reports through (so it never imports Optuna or MLflow), :mod:`.progress`
 the terminal progress bars, :mod:`.hf_callback` the same controller inside a ``transformers.Trainer``,
-:mod:`.setup` the model and data a run starts from. It may import :mod:`rankopt.adapters`,
+:mod:`.setup` the model and data a run starts from. The step's helpers: :mod:`.precision` (float32
+trained tensors, autocast, fp16 loss scaling), :mod:`.accumulation` (micro-batches weighted as one
+batch), :mod:`.loss_log` (losses read every few steps, not every step), :mod:`.memory` (gradient
+checkpointing, freeing memory between trials), :mod:`.lm_loss` (causal-LM evaluation loss in chunks). It may import :mod:`rankopt.adapters`,
 :mod:`rankopt.controller`, :mod:`rankopt.tasks`, :mod:`rankopt.config`, :mod:`rankopt.devices` and
 :mod:`rankopt.errors`; never tracking, search or outputs.
 """

@@ -7,7 +7,7 @@ What is saved, after every ``search.checkpoint_every``-th evaluation:
   ranks, the task head, Adam's moments and step per parameter, the controller's sensitivity
   EMA / uncertainty and the birth step of grown components, its generator, and the torch RNG (dropout);
 * the rest, in ``state.json``: step, per-layer ranks, optimizer hyper-parameters, scheduler
-  state, rank history, evaluation history, and a fingerprint of the trial's config.
+  state, the fp16 loss scaler's state, rank history, evaluation history, and a fingerprint of the trial's config.
 
 Never pickle: the tensors are read back with ``safetensors`` and the rest is JSON, so a
 checkpoint folder from anywhere cannot run code. The data order is not saved: the trainer
@@ -96,6 +96,7 @@ def capture(stepper, evals: list[tuple[int, dict[str, float]]]) -> tuple[dict[st
     meta = {
         "format": FORMAT, "step": stepper.done, "ranks": adapted.ranks(), "param_groups": groups,
         "optimizer_scalars": scalars, "scheduler": stepper.scheduler.state_dict(),
+        "grad_scaler": stepper.precision.state_dict(),
         "rank_history": [{"step": e.step, "budget": e.budget, "ranks": e.ranks, "scores": e.scores}
                          for e in stepper.history],
         "evals": [[step, metrics] for step, metrics in evals],
@@ -122,8 +123,9 @@ def restore(stepper, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> 
     stepper.params = adapted.trainable_parameters()
     for name, p in named_trainables(adapted).items():
         p.copy_(tensors[f"param/{name}"].to(p.device, p.dtype))
-        state = {key.rsplit("/", 1)[1]: value.to(p.device) for key, value in tensors.items()
-                 if key.startswith(f"adam/{name}/") and key.count("/") == name.count("/") + 2}
+        state = optimizer_state_on(p.device, {key.rsplit("/", 1)[1]: value for key, value in tensors.items()
+                                              if key.startswith(f"adam/{name}/")
+                                              and key.count("/") == name.count("/") + 2})
         state.update(meta["optimizer_scalars"].get(name, {}))
         if state:
             opt.state[p] = state
@@ -131,6 +133,7 @@ def restore(stepper, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> 
         for key, value in saved.items():
             group[key] = tuple(value) if isinstance(group.get(key), tuple) else value
     stepper.scheduler.load_state_dict(dict(meta["scheduler"]))
+    stepper.precision.load_state_dict(meta.get("grad_scaler") or {})
     controller = stepper.controller
     if controller is not None:
         device = torch.device(stepper.device)
@@ -149,6 +152,16 @@ def restore(stepper, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> 
     if "rng/cuda" in tensors and torch.device(stepper.device).type == "cuda":
         torch.cuda.set_rng_state(tensors["rng/cuda"], torch.device(stepper.device))
     return [(int(step), dict(metrics)) for step, metrics in meta["evals"]]
+
+
+def optimizer_state_on(device: torch.device | str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One parameter's Adam state where its optimizer keeps it: tensors on ``device``, a scalar ``step`` on the CPU.
+
+    Off the CPU torch's scalar ``step`` makes (non-capturable) Adam call ``.item()`` on it for every
+    parameter at every step: a host sync each (review 2026-12, finding 7). ComponentAdamW's
+    per-element step counts are tensors like the moments and live beside them.
+    """
+    return {key: value if key == "step" and value.dim() == 0 else value.to(device) for key, value in state.items()}
 
 
 @dataclass

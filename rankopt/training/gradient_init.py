@@ -20,6 +20,7 @@ from rankopt.adapters.weight_gradient import WeightGradientProbe
 from rankopt.config import Config
 from rankopt.controller import allocate
 from rankopt.tasks.data import TaskData
+from rankopt.training.precision import Precision
 
 
 def gradient_start(cfg: Config, adapted: AdaptedModel, data: TaskData) -> dict[str, int]:
@@ -38,7 +39,9 @@ def gradient_start(cfg: Config, adapted: AdaptedModel, data: TaskData) -> dict[s
     probe.arm(most, exclude_span=False)
     model.eval()  # no dropout: the pass draws nothing from the RNG, so runs and resumes stay seeded alike
     try:
-        model(**batch).loss.backward()
+        with Precision(cfg.training.precision, cfg.training.device).autocast():
+            loss = model(**batch).loss
+        loss.float().backward()  # no loss scaling needed: the probe normalises what it finds
     finally:
         probe.disarm()
         model.train(was_training)

@@ -15,6 +15,7 @@ from rankopt.adapters.model import AdaptedModel, adapt, find_head
 from rankopt.config import Config
 from rankopt.tasks.data import TaskData, prepare
 from rankopt.tasks.modeling import load_pretrained, load_tokenizer
+from rankopt.training.precision import keep_head_float32
 
 
 _DATA_CACHE: dict[str, TaskData] = {}
@@ -50,8 +51,10 @@ def load_base(cfg: Config, num_labels: int) -> nn.Module:
     from rankopt.devices import check_device
 
     check_device(cfg.training.device)  # a device this machine lacks fails here, in one line
-    model = load_pretrained(cfg.model, num_labels, cfg.task.type)
-    _reset_head(model, find_head(model), cfg.training.seed)
+    model = load_pretrained(cfg.model, num_labels, cfg.task.type, cfg.training.device)
+    heads = find_head(model)
+    keep_head_float32(model, heads)  # trained in float32 whatever the base's dtype
+    _reset_head(model, heads, cfg.training.seed)
     return model
 
 

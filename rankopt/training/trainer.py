@@ -1,13 +1,15 @@
 """The training loop: one fine-tune of an adapted model, with the rank controller in the loop.
 
-Order of one step: forward -> backward of the task loss -> controller reads the gradients ->
-backward of the orthogonality penalty -> clip -> optimizer step -> lr step -> zero grad -> reallocate (resize layers,
-rebuild optimizer state) -> evaluate when due. Everything else listens through callbacks.
+Order of one step: forward/backward of the task loss per micro-batch (under autocast for
+bf16/fp16) -> unscale (fp16) -> controller reads the gradients (the task's alone) -> backward of
+the orthogonality penalty -> clip -> optimizer step -> lr step -> zero grad -> reallocate (resize
+layers, rebuild optimizer state) -> evaluate when due. No step reads a value back from the device
+unless it has to (losses are read every ``training.log_every`` steps, see :mod:`.loss_log`).
+Everything else listens through callbacks.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
 
@@ -20,15 +22,19 @@ from rankopt.adapters.model import AdaptedModel, orthogonality_penalty
 from rankopt.config import Config
 from rankopt.controller import BudgetSchedule, RankController
 from rankopt.tasks.data import TaskData
-from rankopt.errors import TrainingDiverged
+from rankopt.training.accumulation import as_micro_batches, micro_batch_weights, to_device
 from rankopt.training.events import Callback, CallbackList, RankEvent, TrainResult, tensor_lists
 from rankopt.training.gradient_init import gradient_start
+from rankopt.training.lm_loss import summed_target_loss
+from rankopt.training.loss_log import LossLog
+from rankopt.training.memory import enable_gradient_checkpointing
 from rankopt.training.optim import apply_resizes, build_optimizer, build_scheduler
+from rankopt.training.precision import Precision, check_trainable_dtypes
 
 
 def seeded_batches(data: TaskData, batch_size: int, seed: int) -> Iterator[dict]:
     """Endless training batches, reshuffled each epoch in an order fixed by ``seed``."""
-    loader = DataLoader(data.train, batch_size=batch_size, shuffle=True, collate_fn=data.collator,
+    loader = DataLoader(data.train, batch_size=batch_size, shuffle=True, collate_fn=data.training_collator,
                         generator=torch.Generator().manual_seed(seed), drop_last=len(data.train) > batch_size)
     while True:
         yield from loader
@@ -79,14 +85,13 @@ def _prediction_metrics(model, loader: DataLoader, task_type: str, device: str) 
 def _language_model_metrics(model, loader: DataLoader, device: str) -> dict[str, float]:
     """Mean loss per response token over the whole split (not per batch), and its perplexity.
 
-    Logits are never collected: a vocabulary-sized output per token would not fit in memory.
+    Logits are never collected, nor computed for the whole batch at once (see :mod:`.lm_loss`).
     """
     total, tokens = 0.0, 0
     for batch in loader:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        n = int((batch["labels"][:, 1:] != -100).sum())  # the model predicts token t+1 from tokens <= t
+        loss_sum, n = summed_target_loss(model, to_device(batch, device))
         if n:
-            total += float(model(**batch).loss) * n
+            total += float(loss_sum)
             tokens += n
     return task_metrics.language_model_metrics(total / tokens if tokens else float("nan"))
 
@@ -102,45 +107,74 @@ class Stepper:
         self.cfg, self.adapted = cfg, adapted
         self.events = events or CallbackList()
         self.device = t.device
+        check_trainable_dtypes(adapted)
+        if t.gradient_checkpointing:
+            enable_gradient_checkpointing(adapted.model)
+        self.precision = Precision(t.precision, t.device)
         self.optimizer = build_optimizer(adapted.trainable_parameters(), t.lr, t.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, t.scheduler, t.steps, t.warmup_ratio)
         self.controller = build_controller(cfg, adapted)
         self.params = adapted.trainable_parameters()
         self.history = [RankEvent(step=0, budget=adapted.total_rank(), ranks=adapted.ranks())]
+        self.losses = LossLog()
+        self.skipped_steps = 0  # fp16 steps whose gradients overflowed
         self.done = 0
 
-    def step(self, batch: dict) -> float:
-        """Forward, backward, controller, optimizer, reallocation; returns the task loss."""
-        t, model = self.cfg.training, self.adapted.model
+    def step(self, batch: dict | list[dict]) -> torch.Tensor:
+        """One optimizer step from one batch or a list of micro-batches; returns the task loss (on the device).
+
+        Order: forward/backward per micro-batch -> unscale (fp16) -> controller reads the task's
+        gradients -> orthogonality penalty backward -> clip -> optimizer -> lr -> zero grad -> reallocate.
+        """
+        t = self.cfg.training
         step = self.done + 1
-        batch = {k: v.to(self.device) for k, v in batch.items()}
         if self.controller is not None:
-            self.controller.before_step(step)
-        loss = model(**batch).loss
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise TrainingDiverged(f"loss became {loss_value} at step {step}; lower training.lr")
-        # the task loss first, so the controller reads the task's sensitivity, not the penalty's;
-        # the penalty's gradient is added after: the same summed gradient reaches the optimizer
-        loss.backward()
-        if self.controller is not None:
+            self.controller.before_step(step)  # arms the gradient probe before a growing reallocation
+        loss = self._accumulate(as_micro_batches(batch))
+        finite = self.precision.unscale_and_check(self.optimizer, self.params)
+        if not finite:
+            self.skipped_steps += 1
+        if self.controller is not None and finite:
             self.controller.after_backward(step - 1)
-        if t.orth_reg:
+        if t.orth_reg:  # after the tracker: same summed gradient; fp32 factors, already at true scale
             (t.orth_reg * orthogonality_penalty(self.adapted)).backward()
         torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
+        self.precision.optimizer_step(self.optimizer)
+        if finite:  # an overflow step changed nothing, so the lr schedule waits too (as accelerate does)
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.done = step
-        self.events.on_step(step, loss_value)
-        if self.controller is not None and (change := self.controller.step(step)) is not None:
+        self.losses.add(step, loss)
+        reallocating = self.controller is not None and self.controller.schedule.is_reallocation_step(step)
+        if reallocating or step % t.log_every == 0 or step % t.eval_every == 0 or step >= t.steps:
+            self.report_losses()  # one host sync; a diverged loss stops the run here
+        if reallocating and (change := self.controller.step(step)) is not None:
             apply_resizes(self.optimizer, change.resizes)
             self.params = self.adapted.trainable_parameters()
             event = RankEvent(step=step, budget=change.budget, ranks=change.ranks,
                               scores={k: tensor_lists(v) for k, v in change.scores.items()})
             self.history.append(event)
             self.events.on_reallocation(event)
-        return loss_value
+        return loss
+
+    def _accumulate(self, micro_batches: list[dict]) -> torch.Tensor:
+        """Backward every micro-batch, weighted so the gradient is that of the whole batch's mean loss."""
+        model = self.adapted.model
+        weights = micro_batch_weights(micro_batches, self.cfg.task.type == "causal_lm")
+        total = torch.zeros((), device=self.device)
+        for micro, weight in zip(micro_batches, weights):
+            if not weight:
+                continue  # no targets in it: nothing to learn, and its mean loss would be 0/0
+            with self.precision.autocast():
+                loss = model(**to_device(micro, self.device)).loss * weight
+            self.precision.backward(loss)
+            total += loss.detach().float()
+        return total
+
+    def report_losses(self) -> None:
+        """Read the pending losses (one transfer) and hand each step's to the callbacks."""
+        for step, value in self.losses.read():
+            self.events.on_step(step, value)
 
 
 def train_adapted(cfg: Config, adapted: AdaptedModel, data: TaskData,
@@ -159,10 +193,11 @@ def train_adapted(cfg: Config, adapted: AdaptedModel, data: TaskData,
     if cfg.adapter.init == "gradient":  # also on resume: the same seeded pass gives the same per-layer scales
         gradient_start(cfg, adapted, data)
     stepper = Stepper(cfg, adapted, events)
+    accum = t.grad_accum_steps
     evals: list[tuple[int, dict[str, float]]] = []
     snapshot = checkpointer.load() if checkpointer is not None else None
     if snapshot is not None:
-        for _ in range(snapshot.step):  # replay the seeded shuffle: the data order goes on where it stopped
+        for _ in range(snapshot.step * accum):  # replay the seeded shuffle: the data order goes on where it stopped
             next(batches)
         evals = snapshot.restore(stepper)  # ranks, tensors, optimizer, scheduler, controller, RNG
     events.on_train_start({"adapted_layers": len(adapted.adapters), "trainable_params": adapted.count_trainable(),
@@ -170,7 +205,7 @@ def train_adapted(cfg: Config, adapted: AdaptedModel, data: TaskData,
                            "resumed_step": stepper.done, "eval_history": list(evals)})
     started = time.perf_counter()
     for step in range(stepper.done + 1, t.steps + 1):
-        stepper.step(next(batches))
+        stepper.step([next(batches) for _ in range(accum)])
         if step % t.eval_every == 0 or step == t.steps:
             metrics = evaluate(adapted, data, cfg.task.type, t.eval_batch_size, t.device)
             evals.append((step, metrics))

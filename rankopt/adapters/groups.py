@@ -1,0 +1,57 @@
+"""Adapters batched by shape: one kernel per group of same-shape layers, not one per layer.
+
+A Llama-7B with all-linear adapters has 224 of them but only three shapes (q/k/v/o, gate/up,
+down) times the ranks the controller gave them. Looping over layers launches thousands of tiny
+kernels per step (review 2026-12, finding 6: ~9.4k, 15-30 % of a GPU step); stacking each group's
+factors and using one ``bmm`` keeps the launch count at a few per group.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from rankopt.adapters.layer import SVDLinear
+
+
+def same_shape_groups(layers) -> list[list[SVDLinear]]:
+    """Layers with equal (out, in, rank, dtype, device), in registry order within each group."""
+    groups: dict[tuple, list[SVDLinear]] = defaultdict(list)
+    for layer in layers:
+        p = layer.lora_P
+        groups[(layer.out_features, layer.in_features, layer.rank, p.dtype, p.device)].append(layer)
+    return list(groups.values())
+
+
+def orthogonality_penalty(layers) -> torch.Tensor:
+    """Sum over layers of ||P^T P - I||_F^2 + ||Q Q^T - I||_F^2, one batched product per group."""
+    total = None
+    for group in same_shape_groups(layers):
+        p = torch.stack([layer.lora_P for layer in group])  # (G, out, r)
+        q = torch.stack([layer.lora_Q for layer in group])  # (G, r, in)
+        eye = torch.eye(group[0].rank, device=p.device, dtype=p.dtype)
+        term = (torch.bmm(p.transpose(1, 2), p) - eye).square().sum() + \
+            (torch.bmm(q, q.transpose(1, 2)) - eye).square().sum()
+        total = term if total is None else total + term
+    return total if total is not None else torch.zeros(())
+
+
+@torch.no_grad()
+def instant_sensitivity(layers) -> list[torch.Tensor]:
+    """|lam g_lam| + mean_j |P_j g_P_j| + mean_j |Q_j g_Q_j| per layer (float32), batched per group.
+
+    Layers without gradients are left out: the result follows the order of ``layers`` that have one.
+    """
+    with_grad = [layer for layer in layers if layer.lora_lam.grad is not None]
+    out: dict[SVDLinear, torch.Tensor] = {}
+    for group in same_shape_groups(with_grad):
+        lam = torch.stack([l.lora_lam for l in group])
+        g_lam = torch.stack([l.lora_lam.grad for l in group])
+        p = torch.stack([l.lora_P for l in group])
+        g_p = torch.stack([l.lora_P.grad for l in group])
+        q = torch.stack([l.lora_Q for l in group])
+        g_q = torch.stack([l.lora_Q.grad for l in group])
+        inst = (lam * g_lam).abs_() + (p * g_p).abs_().mean(dim=1) + (q * g_q).abs_().mean(dim=2)
+        out.update(zip(group, inst.float().unbind(0)))
+    return [out[layer] for layer in with_grad]

@@ -1,0 +1,67 @@
+"""Same-shape batching: the grouped penalty and sensitivity equal the per-layer formulas exactly."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rankopt.adapters.groups import instant_sensitivity, orthogonality_penalty, same_shape_groups
+from rankopt.adapters.layer import SVDLinear
+from rankopt.controller.importance import SensitivityTracker
+
+
+def mixed_layers() -> list[SVDLinear]:
+    """Two shapes, three ranks, random factors (not orthonormal) and random gradients."""
+    g = torch.Generator().manual_seed(0)
+    layers = []
+    for out_f, in_f, rank in [(24, 16, 3), (24, 16, 3), (24, 16, 5), (16, 40, 3), (16, 40, 3), (24, 16, 3)]:
+        layer = SVDLinear(nn.Linear(in_f, out_f), rank, scale=2.0, generator=g)
+        with torch.no_grad():
+            for p in (layer.lora_P, layer.lora_lam, layer.lora_Q):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+                p.grad = torch.randn(p.shape, generator=g)
+        layers.append(layer)
+    return layers
+
+
+def test_groups_are_by_shape_and_rank_in_order():
+    layers = mixed_layers()
+    assert [[layers.index(l) for l in group] for group in same_shape_groups(layers)] == [[0, 1, 5], [2], [3, 4]]
+
+
+def test_grouped_penalty_and_its_gradient_equal_the_per_layer_sum():
+    layers = mixed_layers()
+    params = [p for l in layers for p in (l.lora_P, l.lora_Q)]
+    reference = torch.stack([l.orthogonality_penalty() for l in layers]).sum()
+    ref_grads = torch.autograd.grad(reference, params)
+    grouped = orthogonality_penalty(layers)
+    grads = torch.autograd.grad(grouped, params)
+    torch.testing.assert_close(grouped, reference)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_grouped_sensitivity_and_foreach_ema_equal_the_per_layer_update():
+    layers = mixed_layers()
+    tracker = SensitivityTracker(0.85, 0.9)
+    expected_ema, expected_unc = {}, {}
+    for _ in range(3):
+        tracker.update(layers)
+        for l in layers:
+            inst = ((l.lora_lam * l.lora_lam.grad).abs() + (l.lora_P * l.lora_P.grad).abs().mean(0)
+                    + (l.lora_Q * l.lora_Q.grad).abs().mean(1)).detach()
+            ema = expected_ema.get(l, torch.zeros_like(inst)) * 0.85 + 0.15 * inst
+            expected_unc[l] = expected_unc.get(l, torch.zeros_like(inst)) * 0.9 + 0.1 * (inst - ema).abs()
+            expected_ema[l] = ema
+    for l in layers:
+        torch.testing.assert_close(tracker.ema[l], expected_ema[l])
+        torch.testing.assert_close(tracker.unc[l], expected_unc[l])
+    assert [s.shape[0] for s in instant_sensitivity(layers)] == [l.rank for l in layers]
+
+
+def test_layers_without_gradients_are_left_out():
+    layers = mixed_layers()
+    layers[2].lora_lam.grad = None
+    tracker = SensitivityTracker(0.85, 0.85)
+    tracker.update(layers)
+    assert layers[2] not in tracker.ema and len(tracker.ema) == 5
