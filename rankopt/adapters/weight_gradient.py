@@ -43,15 +43,21 @@ class WeightGradientProbe:
     def __init__(self, layers: dict[str, SVDLinear], max_tokens: int = 512, iters: int = 4, seed: int = 0):
         self.layers = layers
         self.max_tokens, self.iters = max_tokens, iters
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed + 104729)
         self.pairs: dict[SVDLinear, GradientPairs] = {}
         self.k = 0
         self.exclude_span = True
         self._handles: list = []
 
-    def arm(self, k: int, exclude_span: bool = True) -> None:
-        """Record the next forward and backward of every layer (call before the step's forward)."""
+    def arm(self, k: int, exclude_span: bool = True, step: int = 0) -> None:
+        """Record the next forward and backward of every layer (call before the step's forward).
+
+        The random draws (token subset, power-iteration start) depend on the seed and ``step``
+        only, so a run resumed from a checkpoint probes exactly as the uninterrupted one did.
+        """
         self.clear()
+        self.generator.manual_seed(self.seed + 104729 + step)
         self.k, self.exclude_span = k, exclude_span
         for layer in self.layers.values():
             self._handles.append(layer.register_forward_hook(self._record))

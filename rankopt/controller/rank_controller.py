@@ -64,7 +64,7 @@ class RankController:
     def before_step(self, step: int) -> None:
         """Arm the gradient probe when the step about to run (``step``) ends with a growing reallocation."""
         if self.probe is not None and self.schedule.is_reallocation_step(step) and step < self.schedule.decay_end:
-            self.probe.arm(self.max_grow)
+            self.probe.arm(self.max_grow, step=step)
 
     def after_backward(self, step: int) -> None:
         """Feed this step's gradients to the sensitivity EMA (``step``: steps finished before this one)."""
