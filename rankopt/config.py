@@ -159,6 +159,7 @@ class ControllerConfig(_Section):
     min_age: int = Field(1, ge=0, description="reallocations a grown component survives before it can be pruned")
     growth: Literal["gradient", "random"] = Field(
         "gradient", description="new components along the weight gradient's top pairs off the span, or random")
+    probe_tokens: int = Field(512, ge=1, description="token rows per layer and micro-batch kept to find those pairs")
     beta1: float = Field(0.85, ge=0, lt=1, description="EMA of the sensitivity")
     beta2: float = Field(0.85, ge=0, lt=1, description="EMA of its uncertainty")
 

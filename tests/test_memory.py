@@ -88,6 +88,7 @@ def test_a_five_trial_study_keeps_no_trial_model_alive(tiny_preset, tmp_path, mo
     monkeypatch.setattr(tuner, "release_memory", _counting(tuner.release_memory, calls := []))
     monkeypatch.chdir(tmp_path)
     cfg = build_config(tiny_preset, {"training.steps": 8, "training.eval_every": 4, "search.startup_trials": 1,
+                                     "search.pruner": "none",  # only PruneOddTrials prunes
                                      "search.space": {"training.lr": {"type": "float", "low": 1e-3, "high": 1e-2}}})
     prepared = tuner.prepare_study(cfg, n_trials=5, out=tmp_path / "runs", track=False)
     result = tuner.run_trials(prepared, callbacks_for_trial=lambda trial, cfg: [PruneOddTrials(trial)])

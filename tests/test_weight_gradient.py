@@ -47,6 +47,30 @@ def test_probe_ignores_evaluation_passes_and_subsamples_tokens():
     probe.arm(k=2)
     with torch.no_grad():
         layer(torch.randn(3, 12))
-    assert not probe.pairs
+    assert not probe.pairs  # an evaluation pass records nothing
+    probe.arm(k=2)
     layer(torch.randn(4, 6, 12)).sum().backward()
     assert probe.pairs[layer].u.shape == (10, 2) and probe.pairs[layer].v.shape == (12, 2)
+
+
+def test_micro_batches_of_one_step_give_the_whole_steps_gradient():
+    torch.manual_seed(1)
+    layer = SVDLinear(nn.Linear(20, 16), rank=2, scale=1.0, generator=torch.Generator().manual_seed(0))
+    x, target = torch.randn(8, 20), torch.randn(8, 16)
+    whole = WeightGradientProbe({"l": layer}, iters=30)
+    whole.arm(k=2)
+    ((layer(x) - target) ** 2).sum().backward()
+    expected = whole.pairs[layer].sigma  # read before the next passes: reading disarms the probe
+    split = WeightGradientProbe({"l": layer}, iters=30)
+    split.arm(k=2)
+    for part in (slice(0, 3), slice(3, 8)):
+        ((layer(x[part]) - target[part]) ** 2).sum().backward()
+    assert torch.allclose(split.pairs[layer].sigma, expected, rtol=1e-4)
+
+
+def test_a_non_finite_step_gives_no_pairs():
+    layer = SVDLinear(nn.Linear(12, 10), rank=2, scale=1.0)
+    probe = WeightGradientProbe({"l": layer})
+    probe.arm(k=2)
+    (layer(torch.randn(4, 12)).sum() * float("inf")).backward()
+    assert not probe.pairs

@@ -8,6 +8,7 @@ singular pairs of G projected off the adapter's current span,
     G' = (I - P P^T) G (I - Q^T Q)      (P, Q orthonormalised by QR),
 
 by block power iteration on products with X and D only: O(iters k (m + n) T), never m x n.
+Over several micro-batches of one step the rows are stacked, so G is the step's whole gradient.
 These are the directions in which a new component (u, v) is steepest: at lam = 0 its
 dL/dlam = scale * u^T G v = scale * sigma. Used to grow components (and to start adapters)
 where the task's gradient points, not in random directions that catch ~||G||_F / sqrt(mn) of it.
@@ -34,10 +35,11 @@ class GradientPairs:
 class WeightGradientProbe:
     """Records one step's layer inputs and output gradients and turns them into gradient pairs.
 
-    Armed for a step, it keeps each layer's input in the forward pass (at most ``max_tokens``
-    rows, a fixed random subset when there are more) and, as soon as the layer's output gradient
-    arrives in the backward pass, computes that layer's top ``k`` pairs and drops both: the extra
-    memory is max_tokens x in per layer between forward and backward, then O(k (in + out)).
+    Armed for a step, it keeps up to ``max_tokens`` rows of each layer's input in every forward
+    (a seeded random subset when there are more, weighted so the sum stays unbiased) and the
+    matching rows of the output gradient in the backward, over all micro-batches of the step;
+    :attr:`pairs` then runs the power iteration on them. Extra memory for that one step:
+    max_tokens x (in + out) values per layer and forward, in the activations' dtype.
     """
 
     def __init__(self, layers: dict[str, SVDLinear], max_tokens: int = 512, iters: int = 4, seed: int = 0):
@@ -45,13 +47,14 @@ class WeightGradientProbe:
         self.max_tokens, self.iters = max_tokens, iters
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed + 104729)
-        self.pairs: dict[SVDLinear, GradientPairs] = {}
         self.k = 0
         self.exclude_span = True
+        self._rows: dict[SVDLinear, list[list]] = {}  # layer -> [x rows, d rows or None, weight] per forward
+        self._pairs: dict[SVDLinear, GradientPairs] | None = None
         self._handles: list = []
 
     def arm(self, k: int, exclude_span: bool = True, step: int = 0) -> None:
-        """Record the next forward and backward of every layer (call before the step's forward).
+        """Record the next forwards and backwards of every layer (call before the step's first forward).
 
         The random draws (token subset, power-iteration start) depend on the seed and ``step``
         only, so a run resumed from a checkpoint probes exactly as the uninterrupted one did.
@@ -69,7 +72,25 @@ class WeightGradientProbe:
 
     def clear(self) -> None:
         self.disarm()
-        self.pairs = {}
+        self._rows, self._pairs = {}, None
+
+    @property
+    def pairs(self) -> dict[SVDLinear, GradientPairs]:
+        """Each recorded layer's top ``k`` pairs of its step's weight gradient (computed once, on first use)."""
+        if self._pairs is None:
+            self.disarm()
+            self._pairs = {}
+            for layer, records in self._rows.items():
+                done = [(x, d, w) for x, d, w in records if d is not None]
+                if not done:
+                    continue
+                x = torch.cat([xr.float() * w ** 0.5 for xr, _, w in done])
+                d = torch.cat([dr.float() * w ** 0.5 for _, dr, w in done])
+                found = top_pairs(layer, x, d, self.k, self.iters, self.exclude_span, self.generator)
+                if found is not None:
+                    self._pairs[layer] = found
+            self._rows = {}
+        return self._pairs
 
     def _record(self, layer: SVDLinear, args: tuple, output: torch.Tensor) -> None:
         if not torch.is_grad_enabled() or not output.requires_grad:
@@ -80,15 +101,12 @@ class WeightGradientProbe:
         if seen > self.max_tokens:
             rows = torch.randperm(seen, generator=self.generator)[: self.max_tokens].to(x.device)
             x = x.index_select(0, rows)
-        weight = seen / x.shape[0]  # sigma in units of the whole batch's gradient
+        record = [x, None, seen / x.shape[0]]  # the weight keeps D^T X an unbiased estimate of the sum
+        self._rows.setdefault(layer, []).append(record)
 
         def on_grad(grad: torch.Tensor) -> None:
             d = grad.detach().reshape(-1, layer.out_features)
-            d = d.index_select(0, rows) if rows is not None else d
-            found = top_pairs(layer, x.float(), d.float(), self.k, self.iters, self.exclude_span, self.generator)
-            if found is not None:
-                found.sigma *= weight
-                self.pairs[layer] = found
+            record[1] = d.index_select(0, rows) if rows is not None else d
 
         output.register_hook(on_grad)
 
@@ -110,6 +128,8 @@ def top_pairs(layer: SVDLinear, x: torch.Tensor, d: torch.Tensor, k: int, iters:
     if exclude_span:
         basis_out = torch.linalg.qr(layer.lora_P.detach().float())[0]
         basis_in = torch.linalg.qr(layer.lora_Q.detach().float().T)[0]
+    if not (torch.isfinite(x).all() and torch.isfinite(d).all()):
+        return None  # an overflowed or diverged step says nothing about where to grow
     taken = basis_out.shape[1] if basis_out is not None else 0
     k = min(k, layer.out_features - taken, layer.in_features - taken)
     if k < 1:

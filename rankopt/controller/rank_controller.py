@@ -48,7 +48,7 @@ class RankController:
 
     def __init__(self, layers: dict[str, SVDLinear], schedule: BudgetSchedule, importance: str,
                  min_rank: int, max_rank: int, max_grow: int, beta1: float = 0.85, beta2: float = 0.85,
-                 seed: int = 0, min_age: int = 1, growth: str = "gradient"):
+                 seed: int = 0, min_age: int = 1, growth: str = "gradient", probe_tokens: int = 512):
         self.layers = layers
         self.schedule = schedule
         self.importance = importance
@@ -59,7 +59,8 @@ class RankController:
         # step at which each component was grown (-1: there from the start), for layers that grew
         self.born: dict[SVDLinear, torch.Tensor] = {}
         self.growth = growth
-        self.probe = WeightGradientProbe(layers, seed=seed) if growth == "gradient" and max_grow > 0 else None
+        self.probe = (WeightGradientProbe(layers, max_tokens=probe_tokens, seed=seed)
+                      if growth == "gradient" and max_grow > 0 else None)
 
     def before_step(self, step: int) -> None:
         """Arm the gradient probe when the step about to run (``step``) ends with a growing reallocation."""

@@ -47,7 +47,8 @@ def gradient_start(cfg: Config, adapted: AdaptedModel, data: TaskData) -> dict[s
         model.train(was_training)
         for p in adapted.trainable_parameters():
             p.grad = None
-    pairs = [probe.pairs.get(layer) for layer in layers.values()]
+    found_pairs = probe.pairs
+    pairs = [found_pairs.get(layer) for layer in layers.values()]
     if any(found is None for found in pairs):
         return adapted.ranks()  # a layer the loss does not reach: keep the random start
     if c.enabled:
