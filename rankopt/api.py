@@ -26,7 +26,7 @@ def train(preset: str | Config, overrides: dict[str, Any] | list[str] | None = N
     """
     cfg = resolve_config(preset, overrides, data_dir)
     data = prepare_data(cfg)
-    adapted = build_model(cfg, data.num_labels)
+    adapted = build_model(cfg, data.num_labels, data.label_names)
     callbacks = list(callbacks or [])
     if not track:
         return train_adapted(cfg, adapted, data, callbacks)

@@ -255,7 +255,7 @@ def export(out: str | Path, *, study: str | None = None, storage: str | None = N
         model_cfg, task_type = _model_source(meta, adapter_config)
         num_labels = meta.get("num_labels") or head_num_labels(state, adapter_config.get("modules_to_save") or [])
         tokenizer = load_tokenizer(model_cfg.name, model_cfg.trust_remote_code)
-        model = _merged_model(model_cfg, task_type, num_labels, adapter_config, state) if merge else None
+        model = _merged_model(model_cfg, task_type, num_labels, adapter_config, state, meta) if merge else None
         ranks = _ranks_in_model_order(state, meta)
         metrics = run.data.metrics
         adapter_params = int(metrics["adapter_params"]) if "adapter_params" in metrics else None
@@ -281,14 +281,23 @@ def export(out: str | Path, *, study: str | None = None, storage: str | None = N
 
 
 def _merged_model(model_cfg, task_type: str, num_labels: int | None, adapter_config: dict[str, Any],
-                  state: dict):
-    """The base model (loaded by rankopt.tasks.modeling) with the adapter folded into its weights."""
+                  state: dict, meta: dict[str, Any]):
+    """The base model (loaded by rankopt.tasks.modeling) with the adapter folded into its weights.
+
+    The task's label names and problem type (from rankopt.json) go on its config, so the saved
+    model predicts ``topic names``, not ``LABEL_0``.
+    """
     from rankopt.adapters.peft_format import merge_adapter
-    from rankopt.tasks.modeling import load_pretrained
+    from rankopt.tasks.modeling import load_pretrained, name_labels
 
     if num_labels is None and task_type != "causal_lm":
         raise RankoptError("cannot tell the number of labels of this adapter's head; export without --merge")
-    return merge_adapter(load_pretrained(model_cfg, num_labels or 0, task_type), adapter_config, state)
+    model = load_pretrained(model_cfg, num_labels or 0, task_type)
+    if task_type != "causal_lm":
+        name_labels(model, meta.get("id2label"))
+        if meta.get("problem_type"):
+            model.config.problem_type = meta["problem_type"]
+    return merge_adapter(model, adapter_config, state)
 
 
 def _ranks_in_model_order(state: dict, meta: dict[str, Any]) -> dict[str, int]:
@@ -310,7 +319,8 @@ def _card(source: Source, meta: dict[str, Any], adapter_config: dict[str, Any], 
                       ranks=ranks, metric_name=meta.get("metric_name"), metric=meta.get("metric"),
                       found_by=_card_rows(source, adapter_params, trainable), how=_provenance(source),
                       command=command, merged=merged, num_labels=num_labels, folder_name=str(out),
-                      task_type=adapter_config.get("task_type") or "SEQ_CLS")
+                      task_type=adapter_config.get("task_type") or "SEQ_CLS", labels=meta.get("id2label"),
+                      problem_type=meta.get("problem_type"))
 
 
 def _card_rows(source: Source, adapter_params: int | None, trainable: float | None) -> list[tuple[str, str]]:

@@ -67,7 +67,7 @@ class Objective:
         try:
             cfg = trial_config(self.base, values)
             data = prepare_data(cfg)
-            adapted = build_model(cfg, data.num_labels)
+            adapted = build_model(cfg, data.num_labels, data.label_names)
         except RankoptError as exc:
             reason = mask_text(str(exc))
             trial.set_user_attr("fail_reason", reason)

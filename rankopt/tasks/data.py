@@ -120,7 +120,11 @@ def _label_space(task: TaskConfig, raw: datasets.DatasetDict) -> tuple[int, list
     num = max(values) + 1
     if task.num_labels and task.num_labels < num:
         raise RankoptError(f"task.num_labels={task.num_labels} but labels go up to {num - 1}; raise task.num_labels")
-    return task.num_labels or num, None, None
+    feature = raw["train"].features.get(task.label_column)
+    names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None  # a hub dataset's names
+    if names is not None and len(names) != (task.num_labels or num):
+        names = None
+    return task.num_labels or num, names, None
 
 
 def prompt_response_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str,
