@@ -150,6 +150,9 @@ def export(out: Annotated[str, typer.Option("--out", help="folder to write (must
     what = f"trial {src.trial} of study '{src.study}'" if src.study and src.trial is not None else f"run {src.run_id}"
     metric = f"{result.metric_name} {result.metric:.4f} | " if result.metric is not None else ""
     params = f" | adapter params {result.adapter_params:,}" if result.adapter_params is not None else ""
+    if result.metric_name is not None:
+        test = f"{result.test_metric:.4f}" if result.test_metric is not None else result.test_note
+        metric += f"test {result.metric_name} {test} | "
     typer.echo(f"exported {what}: {metric}total rank {sum(result.ranks.values())} over {len(result.ranks)} layers"
                f"{params} -> {result.out}{' (merged)' if result.merged else ''}")
     if result.registered:

@@ -43,7 +43,7 @@ def make_tiny_project(root: Path, trials: int = 3) -> Path:
                         intermediate_size=48, max_position_embeddings=32, num_labels=2)
     BertForSequenceClassification(config).save_pretrained(model_dir)
     rng = random.Random(0)
-    for split, n in (("train", 64), ("validation", 32)):
+    for split, n in (("train", 64), ("validation", 32), ("test", 24)):
         rows = []
         for i in range(n):
             a, b = rng.sample(POSITIVE if i % 2 else NEGATIVE, 2)

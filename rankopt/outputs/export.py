@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from rankopt.errors import RankoptError
+from rankopt.outputs.card import model_card_for
 from rankopt.tracking.urls import mask_url
 
 ADAPTER_ARTIFACTS = ("adapter", "best_adapter")  # a trial's own adapter; a study parent's copy of the best
@@ -55,6 +56,8 @@ class ExportResult:
     ranks: dict[str, int]
     adapter_params: int | None
     registered: tuple[str, str] | None = None  # (model name, version)
+    test_metric: float | None = None  # on the held-out test split (see rankopt.search.holdout)
+    test_note: str = "not measured"  # the split and its size, or why there is no test score
 
     @property
     def notes(self) -> list[str]:
@@ -259,8 +262,11 @@ def export(out: str | Path, *, study: str | None = None, storage: str | None = N
         ranks = _ranks_in_model_order(state, meta)
         metrics = run.data.metrics
         adapter_params = int(metrics["adapter_params"]) if "adapter_params" in metrics else None
-        card = _card(source, meta, adapter_config, ranks, num_labels, adapter_params,
-                     metrics.get("trainable_params"), command, merge, out)
+        test_metric, test_note = _test_score(source, run, meta, client, storage, from_study=study is not None)
+        shown = f"{test_metric:.4f} ({test_note})" if test_metric is not None else test_note
+        card = model_card_for(source, meta, adapter_config, ranks, num_labels, adapter_params,
+                     metrics.get("trainable_params"), command, merge, out, shown)
+        meta["test"] = {"metric": test_metric, "note": test_note}
         meta["export"] = {"source_run_id": source.run_id, "tracking_uri": mask_url(source.tracking_uri),
                           "study": source.study, "trial": source.trial, "params": source.params, "merged": merge,
                           "command": command, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -277,7 +283,53 @@ def export(out: str | Path, *, study: str | None = None, storage: str | None = N
             if register:
                 registered = register_folder(client, source, dest, register.strip(), card, merge)
     return ExportResult(out=out, merged=merge, source=source, metric_name=meta.get("metric_name"),
-                        metric=meta.get("metric"), ranks=ranks, adapter_params=adapter_params, registered=registered)
+                        metric=meta.get("metric"), ranks=ranks, adapter_params=adapter_params, registered=registered,
+                        test_metric=test_metric, test_note=test_note)
+
+
+def _test_score(source: Source, run, meta: dict[str, Any], client, storage: str | None,
+                from_study: bool) -> tuple[float | None, str]:
+    """The exported trial's held-out score, and where it comes from (or why there is none).
+
+    A study's trial is scored once (:mod:`rankopt.search.holdout`): if tuning did not score it
+    (it was not the best, or the study predates test scores), it is scored now and recorded.
+    A run exported by id keeps the ``test_<metric>`` its run logged, if any.
+    """
+    from rankopt.search import holdout
+    from rankopt.search.trials import default_storage
+
+    metric = meta.get("metric_name")
+    if metric is None:
+        return None, "not measured"
+    if not from_study or source.trial is None:
+        value = run.data.metrics.get(f"test_{metric}")
+        split = run.data.tags.get("rankopt.test_split")
+        return (value, f"split '{split}'") if value is not None else (None, "not measured (export from a study "
+                                                                               "to score it on its test split)")
+    study = load_study(source.study, storage or default_storage(runs_folder(None)))
+    if source.trial not in holdout.recorded(study):
+        cfg = _study_config(study, meta)
+        trial = next(t for t in study.trials if t.number == source.trial)
+        if cfg is not None:
+            holdout.score_trials(study, cfg, [trial], client)
+    entry = holdout.recorded(study).get(source.trial)
+    if entry is None:
+        return None, holdout.note(study) or "not measured"
+    return entry["metrics"].get(metric), f"{entry['examples']:,} examples of split '{entry['split']}'"
+
+
+def _study_config(study, meta: dict[str, Any]):
+    """The config a study was tuned with (stored on it), else the one in the adapter's rankopt.json."""
+    from rankopt.config import Config
+    from rankopt.search.studies import CONFIG_ATTR
+
+    for raw in (study.user_attrs.get(CONFIG_ATTR), meta.get("config")):
+        if isinstance(raw, dict):
+            try:
+                return Config.model_validate(raw)
+            except Exception:  # noqa: BLE001 - a config from another rankopt version
+                continue
+    return None
 
 
 def _merged_model(model_cfg, task_type: str, num_labels: int | None, adapter_config: dict[str, Any],
@@ -306,48 +358,6 @@ def _ranks_in_model_order(state: dict, meta: dict[str, Any]) -> dict[str, int]:
     ranks = adapter_ranks(state)
     order = [n for n in (meta.get("ranks") or {}) if n in ranks]  # rankopt wrote them in the model's order
     return {n: ranks[n] for n in order} | ranks
-
-
-def _card(source: Source, meta: dict[str, Any], adapter_config: dict[str, Any], ranks: dict[str, int],
-          num_labels: int | None, adapter_params: int | None, trainable: float | None, command: str,
-          merged: bool, out: Path) -> str:
-    from rankopt.adapters.peft_format import model_card
-
-    task = (meta.get("config") or {}).get("task", {}).get("name", "rankopt")
-    origin = f"study {source.study}, trial {source.trial}" if source.study else f"run {source.run_id[:8]}"
-    return model_card(title=f"{task} ({origin})", base_model=adapter_config.get("base_model_name_or_path", "?"),
-                      ranks=ranks, metric_name=meta.get("metric_name"), metric=meta.get("metric"),
-                      found_by=_card_rows(source, adapter_params, trainable), how=_provenance(source),
-                      command=command, merged=merged, num_labels=num_labels, folder_name=str(out),
-                      task_type=adapter_config.get("task_type") or "SEQ_CLS", labels=meta.get("id2label"),
-                      problem_type=meta.get("problem_type"))
-
-
-def _card_rows(source: Source, adapter_params: int | None, trainable: float | None) -> list[tuple[str, str]]:
-    rows = []
-    if adapter_params is not None:
-        rows.append(("adapter parameters", f"{adapter_params:,}"))
-    if trainable is not None:
-        rows.append(("trainable parameters (adapter + head)", f"{int(trainable):,}"))
-    if source.study:
-        rows.append(("Optuna study", f"`{source.study}`"))
-    if source.trial is not None:
-        rows.append(("trial", f"{source.trial} ({source.reason})"))
-    if source.params:
-        rows.append(("trial params", ", ".join(f"`{k}={_short(v)}`" for k, v in source.params.items())))
-    rows.append(("MLflow run", f"`{source.run_id}`"))
-    return rows
-
-
-def _provenance(source: Source) -> str:
-    if source.study and source.trial is not None:
-        return (f"The Optuna study `{source.study}` ran one fine-tune per trial, each logged as an MLflow run; "
-                f"trial {source.trial} was taken ({source.reason}).")
-    return f"One rankopt fine-tune, logged as MLflow run `{source.run_id}`."
-
-
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def register_folder(client, source: Source, folder: Path, name: str, description: str,

@@ -23,6 +23,7 @@ from typing import Any
 
 from rankopt.errors import RankoptError
 from rankopt.outputs.export import require_sqlite_file, runs_folder, load_study, select_trial
+from rankopt.search import holdout
 from rankopt.tracking.urls import mask_url
 
 HTML_NAME = "report.html"
@@ -49,6 +50,7 @@ class TrialRow:
     trainable_params: int | None
     ranks: dict[str, int]
     params: dict[str, Any]
+    test_metric: float | None = None  # on the held-out test split, for the trials scored after the study
 
 
 @dataclass
@@ -86,6 +88,8 @@ def report(study: str, storage: str | None = None, tracking_uri: str | None = No
     client, parent = _tracking(found, best, uri, notes)
     history = _rank_history(client, best, notes)
     rows = [_row(t, found) for t in found.trials]
+    for row in rows:
+        row.test_metric = holdout.score_of(found, row.number, _metric_name(found))
     counts = {s: sum(r.state == s for r in rows) for s in ("complete", "pruned", "failed", "running", "waiting")}
     from rankopt.adapters.peft_format import atomic_folder
 
@@ -246,7 +250,8 @@ def _page(study, rows: list[TrialRow], best, counts: dict[str, int], figures: di
     summary = [("study", study.study_name),
                ("trials", ", ".join(shown)),
                ("best trial", str(best.number)),
-               (_metric_name(study), _fmt(best_row.metric)),
+               (f"{_metric_name(study)} (validation, chose the trial)", _fmt(best_row.metric)),
+               (f"{_metric_name(study)} (test, held out)", _test_cell(study, best_row)),
                ("total rank", _fmt(best_row.total_rank)),
                ("adapter params", _fmt(best_row.adapter_params)),
                ("trainable params (adapter + head)", _fmt(best_row.trainable_params)),
@@ -259,6 +264,14 @@ def _page(study, rows: list[TrialRow], best, counts: dict[str, int], figures: di
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     return env.from_string(TEMPLATE).render(study=study.study_name, summary=summary, images=images, notes=notes,
                                             rows=rows, best=best.number, metric=_metric_name(study), fmt=_fmt)
+
+
+def _test_cell(study, row: TrialRow) -> str:
+    """The row's test score, or why there is none ("no test split", "not scored": only selected trials are)."""
+    if row.test_metric is not None:
+        return _fmt(row.test_metric)
+    note = holdout.note(study)
+    return note if note and note.startswith("no test split") else "not scored"
 
 
 def _fmt(value: Any) -> str:
@@ -291,10 +304,10 @@ figure { margin: 2em 0; } img { max-width: 100%; } figcaption { color: #555; fon
 <img src="{{ image.src }}" alt="{{ image.name }}"><figcaption>{{ image.caption }}</figcaption></figure>
 {% endfor %}
 <h2>All trials</h2>
-<table id="trials"><tr><th>trial</th><th>state</th><th>{{ metric }}</th><th>total rank</th><th>budget</th>
+<table id="trials"><tr><th>trial</th><th>state</th><th>{{ metric }}</th><th>test {{ metric }}</th><th>total rank</th><th>budget</th>
 <th>adapter params</th><th>parameters</th></tr>
 {% for r in rows %}<tr{% if r.number == best %} class="best"{% endif %}><td>{{ r.number }}</td><td>{{ r.state }}</td>
-<td>{{ fmt(r.metric) }}</td><td>{{ fmt(r.total_rank) }}</td><td>{{ fmt(r.budget) }}</td>
+<td>{{ fmt(r.metric) }}</td><td>{{ fmt(r.test_metric) }}</td><td>{{ fmt(r.total_rank) }}</td><td>{{ fmt(r.budget) }}</td>
 <td>{{ fmt(r.adapter_params) }}</td><td>{% for k, v in r.params.items() %}{{ k }}={{ fmt(v) }} {% endfor %}</td></tr>
 {% endfor %}</table>
 </body></html>

@@ -21,6 +21,7 @@ from rankopt.training.events import Callback
 from rankopt.tasks.modeling import resolve_model_path
 from rankopt.search.trials import (ReportToTrial, TuneResult, best_trials, default_storage, make_pruner, make_sampler,
                             objective_directions, suggest, trial_config)
+from rankopt.search import holdout
 from rankopt.search.studies import (CONFIG_ATTR, LIMIT_ATTR, StaleTrialHandler, open_storage, retried_from,
                              tally)
 from rankopt.training.trainer import train_adapted
@@ -247,19 +248,29 @@ def run_trials(prepared: PreparedStudy, *, timeout: float | None = None, callbac
         if prepared.trials > 0:
             study.optimize(objective, n_trials=prepared.trials, timeout=timeout, catch=(Exception,),
                            callbacks=[on_trial_end] if on_trial_end else None)
+        best = best_trials(study)
+        # after the search, never during it: the selected trial(s) once on the held-out split
+        selected = [t for t in study.trials if t.number in {b.number for b in best}]
+        scores = holdout.score_trials(study, cfg, selected, tracker.client if tracker else None,
+                                      tracker.parent_run_id if tracker else None)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
         if tracker is not None:
             tracker.end_study(study, status)
+    for summary in best:
+        summary.test_metric = (scores.get(summary.number) or {}).get("metrics", {}).get(cfg.task.metric)
+    test_note = holdout.note(study)
+    if tracker is None and test_note and test_note.startswith("split"):
+        test_note = "not scored: tracking is off, so no adapter was logged to score"
     states = [t.state for t in study.trials]
     TS = optuna.trial.TrialState
     return TuneResult(study_name=study.study_name, storage=_mask(prepared.storage),
-                      objectives=list(cfg.search.objectives), best=best_trials(study),
+                      objectives=list(cfg.search.objectives), best=best,
                       n_complete=states.count(TS.COMPLETE), n_pruned=states.count(TS.PRUNED),
                       n_failed=states.count(TS.FAIL), parent_run_id=tracker.parent_run_id if tracker else None,
-                      study=study)
+                      study=study, metric_name=cfg.task.metric, test_note=test_note)
 
 
 def tune(preset: str | Config, overrides: dict[str, Any] | list[str] | None = None, *, n_trials: int | None = None,

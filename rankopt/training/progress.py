@@ -86,11 +86,18 @@ def print_tune_result(result, console: Console | None = None) -> None:
     title = "Pareto set" if len(result.objectives) > 1 else "best trial"
     table = Table(title=f"study {result.study_name}: {title}  ({result.n_complete} complete, "
                         f"{result.n_pruned} pruned, {result.n_failed} failed)")
-    for col in ("trial", "metric", "budget (total rank)", "per-layer ranks", "trainable params", "mlflow run"):
+    metric = getattr(result, "metric_name", "metric")
+    note = getattr(result, "test_note", None)
+    no_test = note is None or note.startswith("no test split")
+    for col in ("trial", f"validation {metric}", f"test {metric}", "budget (total rank)", "per-layer ranks",
+                "trainable params", "mlflow run"):
         table.add_column(col, no_wrap=True)
     for t in result.best:
-        table.add_row(str(t.number), f"{t.metric:.4f}" if t.metric is not None else "-", str(t.total_rank),
+        test = f"{t.test_metric:.4f}" if t.test_metric is not None else ("no test split" if no_test else "-")
+        table.add_row(str(t.number), f"{t.metric:.4f}" if t.metric is not None else "-", test, str(t.total_rank),
                       t.rank_summary(), f"{t.trainable_params:,}" if t.trainable_params else "-", t.run_id or "-")
+    if note:
+        table.caption = f"test: {note}; the validation metric chose the trial, the test split was not used in the search"
     if not result.best:
         console.print(f"study {result.study_name}: no complete trial yet "
                       f"({result.n_pruned} pruned, {result.n_failed} failed)")
