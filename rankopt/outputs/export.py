@@ -26,6 +26,7 @@ from typing import Any
 
 from rankopt.errors import RankoptError
 from rankopt.outputs.card import model_card_for
+from rankopt.search.selection import check_within, select_trial  # noqa: F401 - select_trial: also imported from here
 from rankopt.tracking.urls import mask_url
 
 ADAPTER_ARTIFACTS = ("adapter", "best_adapter")  # a trial's own adapter; a study parent's copy of the best
@@ -95,67 +96,28 @@ def load_study(name: str, storage: str):
     return optuna.load_study(study_name=name, storage=storage)
 
 
-def select_trial(study, number: int | None = None, max_params: int | None = None):
-    """The trial to export, notes for the user, and why it was chosen (for the model card).
-
-    ``number`` picks one (it must be complete). Otherwise the best by the task metric among the
-    candidates: all complete trials for one objective (Optuna's ``best_trial`` unless
-    ``max_params`` narrows them), the Pareto front for two; ``max_params`` keeps those with
-    ``adapter_params <= max_params`` and falls back to the best of all, with a note, when none is small enough.
-    """
-    import optuna
-
-    TS = optuna.trial.TrialState
-    name = study.study_name
-    if number is not None:
-        match = [t for t in study.trials if t.number == number]
-        if not match:
-            raise RankoptError(f"study '{name}' has no trial {number} (it has {len(study.trials)} trials, "
-                               "numbered from 0); check --trial")
-        if match[0].state != TS.COMPLETE:
-            raise RankoptError(f"trial {number} of study '{name}' is {match[0].state.name.lower()}; only complete "
-                               "trials have a final adapter: pick a complete one or omit --trial for the best")
-        return match[0], [], "chosen with --trial"
-    complete = [t for t in study.trials if t.state == TS.COMPLETE]
-    if not complete:
-        raise RankoptError(f"study '{name}' has no complete trial yet; run `rankopt tune` until one finishes")
-    objectives = study.user_attrs.get("objectives", ["metric"])
-    mi = objectives.index("metric") if "metric" in objectives else 0
-    sign = 1.0 if study.directions[mi] == optuna.study.StudyDirection.MAXIMIZE else -1.0
-    single = len(study.directions) == 1
-    pool = f"{len(complete)} complete trials" if single else f"the {len(study.best_trials)} Pareto-optimal trials"
-    if single and max_params is None:
-        return study.best_trial, [], f"best metric of {pool}"
-    candidates = complete if single else study.best_trials
-    notes, reason = [], f"best metric of {pool}"
-    if max_params is not None:
-        small = [t for t in candidates if t.user_attrs.get("adapter_params", float("inf")) <= max_params]
-        if small:
-            candidates, reason = small, f"best metric of {pool} with at most {max_params:,} adapter params"
-        else:
-            notes.append(f"no {'complete' if single else 'Pareto'} trial has at most {max_params:,} adapter "
-                         "params; exporting the best by metric instead")
-    return max(candidates, key=lambda t: sign * t.values[mi]), notes, reason
-
-
 def find_source(*, study: str | None = None, storage: str | None = None, tracking_uri: str | None = None,
-                trial: int | None = None, run_id: str | None = None, max_params: int | None = None) -> Source:
+                trial: int | None = None, run_id: str | None = None, max_params: int | None = None,
+                within: float | None = None) -> Source:
     """Resolve the CLI's choice (study + trial, or a run id) to an MLflow run."""
     from rankopt.search.trials import default_storage
     from rankopt.tracking.mlflow_runs import default_tracking_uri
 
+    check_within(within)
     if (study is None) == (run_id is None):
         raise RankoptError("pass --study NAME (its best trial, or --trial N) or --run-id ID, exactly one of them")
-    if run_id is not None and (trial is not None or max_params is not None):
-        raise RankoptError("--trial and --max-params choose within a study; they do not go with --run-id")
-    if trial is not None and max_params is not None:
-        raise RankoptError("pass --trial or --max-params, not both")
+    if run_id is not None and (trial is not None or max_params is not None or within is not None):
+        raise RankoptError("--trial, --max-params and --within choose within a study; they do not go with --run-id")
+    chosen_by = [flag for flag, value in (("--trial", trial), ("--max-params", max_params), ("--within", within))
+                 if value is not None]
+    if len(chosen_by) > 1:
+        raise RankoptError(f"pass {' or '.join(chosen_by)}, not both: each one chooses the trial")
     uri = tracking_uri or default_tracking_uri(runs_folder(storage))
     if run_id is not None:
         require_sqlite_file(uri, "MLflow tracking store", "--tracking-uri")
         return Source(run_id=run_id, tracking_uri=uri)
     found = load_study(study, storage or default_storage(runs_folder(None)))
-    chosen, notes, reason = select_trial(found, trial, max_params)
+    chosen, notes, reason = select_trial(found, trial, max_params, within)
     require_sqlite_file(uri, "MLflow tracking store", "--tracking-uri")
     mlflow_run = chosen.user_attrs.get("mlflow_run_id")
     if not mlflow_run:
@@ -204,7 +166,7 @@ def _command(out: Path, **opts: Any) -> str:
         flag = "--" + key.replace("_", "-")
         if value is True:
             parts.append(flag)
-        elif value not in (None, False):
+        elif value is not None and value is not False:  # 0 is a value (--within 0), False is an unset flag
             parts += [flag, mask_url(str(value))]
     parts += ["--out", str(out)]
     return " ".join(shlex.quote(p) for p in parts)
@@ -229,13 +191,14 @@ def _model_source(meta: dict[str, Any], adapter_config: dict[str, Any]):
 def export(out: str | Path, *, study: str | None = None, storage: str | None = None,
            tracking_uri: str | None = None, trial: int | None = None, run_id: str | None = None,
            merge: bool = False, force: bool = False, max_params: int | None = None,
-           register: str | None = None, command: str | None = None) -> ExportResult:
+           register: str | None = None, command: str | None = None, within: float | None = None) -> ExportResult:
     """Write the chosen trial's adapter (or merged model) to ``out``, with tokenizer, card and rankopt.json.
 
     Example:
         >>> from rankopt.outputs.export import export
         >>> export("best-sst2", study="sst2")  # doctest: +SKIP
         >>> export("sst2-merged", study="sst2", trial=3, merge=True, register="sst2-lora")  # doctest: +SKIP
+        >>> export("sst2-small", study="sst2", within=0.01)  # the smallest within 1 point  # doctest: +SKIP
     """
     from rankopt.tracking import mlflow_runs
     from rankopt.adapters.peft_format import atomic_folder, head_num_labels, read_adapter
@@ -247,9 +210,10 @@ def export(out: str | Path, *, study: str | None = None, storage: str | None = N
     if register is not None and not register.strip():
         raise RankoptError("--register needs a model name")
     command = command or _command(out, study=study, storage=storage, tracking_uri=tracking_uri, trial=trial,
-                                  run_id=run_id, max_params=max_params, merge=merge, force=force, register=register)
+                                  run_id=run_id, max_params=max_params, within=within, merge=merge, force=force,
+                                  register=register)
     source = find_source(study=study, storage=storage, tracking_uri=tracking_uri, trial=trial, run_id=run_id,
-                         max_params=max_params)
+                         max_params=max_params, within=within)
     client = mlflow_runs.client_for(source.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         folder, run = fetch_adapter(client, source.run_id, Path(tmp))

@@ -160,6 +160,8 @@ class TuneResult:
     study: optuna.Study = field(repr=False, default=None)
     metric_name: str = "metric"
     test_note: str | None = None  # which split scored the best trial(s), or why none did
+    within: float | None = None  # the DELTA of ``smallest``
+    smallest: TrialSummary | None = None  # fewest adapter params within ``within`` of the best
 
 
 def summarize(trial: optuna.trial.FrozenTrial) -> TrialSummary:
