@@ -87,6 +87,8 @@ def train(preset: Annotated[str, typer.Argument(help="preset name (see search_sp
     except RankoptError as exc:
         _fail(str(exc))
         return
+    if result.artifacts:
+        typer.echo(f"artifacts (adapter, plots): {result.artifacts}")
     typer.echo(f"{result.metric_name} {result.metric:.4f} | total rank {result.total_rank} over "
                f"{len(result.ranks)} layers | trainable params {result.trainable_params:,} | "
                f"{result.seconds:.0f}s | mlflow run {result.run_id}")
@@ -125,6 +127,8 @@ def tune(preset: Annotated[str, typer.Argument(help="preset name (see search_spa
                    err=True)
         raise typer.Exit(130) from None
     print_tune_result(result)
+    if result.artifacts:
+        typer.echo(f"trial artifacts (adapters, plots): {result.artifacts}")
 
 
 @app.command()

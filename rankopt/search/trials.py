@@ -162,6 +162,7 @@ class TuneResult:
     test_note: str | None = None  # which split scored the best trial(s), or why none did
     within: float | None = None  # the DELTA of ``smallest``
     smallest: TrialSummary | None = None  # fewest adapter params within ``within`` of the best
+    artifacts: str | None = None  # where the study's MLflow experiment keeps its files
 
 
 def summarize(trial: optuna.trial.FrozenTrial) -> TrialSummary:

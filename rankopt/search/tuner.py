@@ -183,7 +183,7 @@ def start_tracking(study: optuna.Study, cfg: Config, tracking_uri: str | None, o
     from rankopt.tracking import mlflow_runs
 
     client = mlflow_runs.client_for(tracking_uri or mlflow_runs.default_tracking_uri(out))
-    exp_id = mlflow_runs.ensure_experiment(client, cfg.task.name, out / "mlartifacts" if not tracking_uri else None)
+    exp_id = mlflow_runs.ensure_experiment(client, cfg.task.name, mlflow_runs.artifact_root(tracking_uri, out))
     tracker = mlflow_runs.StudyTracker(client, exp_id, study.study_name, base_model=resolve_model_path(cfg.model.name))
     parent = tracker.start_study(study.user_attrs.get("mlflow_parent_run_id"),
                                  {"study": study.study_name, "preset": cfg.task.name,
@@ -279,7 +279,16 @@ def run_trials(prepared: PreparedStudy, *, timeout: float | None = None, callbac
                       n_complete=states.count(TS.COMPLETE), n_pruned=states.count(TS.PRUNED),
                       n_failed=states.count(TS.FAIL), parent_run_id=tracker.parent_run_id if tracker else None,
                       study=study, metric_name=cfg.task.metric, test_note=test_note, within=within,
-                      smallest=smallest_summary)
+                      smallest=smallest_summary, artifacts=_artifacts(tracker))
+
+
+def _artifacts(tracker) -> str | None:
+    """Where the study's experiment keeps trial artifacts, to tell the user (None without tracking)."""
+    if tracker is None:
+        return None
+    from rankopt.tracking.mlflow_runs import artifact_folder
+
+    return artifact_folder(tracker.client, tracker.experiment_id)
 
 
 def tune(preset: str | Config, overrides: dict[str, Any] | list[str] | None = None, *, n_trials: int | None = None,
