@@ -173,3 +173,23 @@ def test_the_report_shows_the_test_score_of_the_scored_trials(study, tmp_path):
     assert "<th>test accuracy</th>" in table
     row = re.search(rf'<tr class="best"><td>{best.number}</td>(.*?)</tr>', table, re.S).group(1)
     assert f"<td>{value:.4g}</td>" in row
+
+
+def test_an_export_whose_test_data_went_away_still_exports(study, tmp_path, monkeypatch):
+    import rankopt.training.setup
+    from rankopt.outputs.export import export
+
+    monkeypatch.setattr(rankopt.training.setup, "_DATA_CACHE", {})  # a fresh process: the data is read again
+
+    reloaded = optuna.load_study(study_name="tiny", storage=study.storage)
+    unscored = [t for t in reloaded.trials if t.number not in holdout.recorded(reloaded)]
+    assert unscored, "the module's study has three trials; at most two are scored by the tests before this one"
+    data, moved = study.root / "data", study.root / "data-moved"
+    data.rename(moved)
+    try:
+        result = export(tmp_path / "a", study="tiny", storage=study.storage, trial=unscored[0].number)
+    finally:
+        moved.rename(data)
+    assert result.test_metric is None and result.test_note.startswith("not measured (")
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+    assert "| accuracy (test, held out) | not measured (" in (tmp_path / "a" / "README.md").read_text()

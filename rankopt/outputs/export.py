@@ -275,7 +275,10 @@ def _test_score(source: Source, run, meta: dict[str, Any], client, storage: str 
         cfg = _study_config(study, meta)
         trial = next(t for t in study.trials if t.number == source.trial)
         if cfg is not None:
-            holdout.score_trials(study, cfg, [trial], client)
+            try:
+                holdout.score_trials(study, cfg, [trial], client)
+            except RankoptError as exc:  # the data moved or went away: the export itself still stands
+                return None, f"not measured ({exc})"
     entry = holdout.recorded(study).get(source.trial)
     if entry is None:
         return None, holdout.note(study) or "not measured"
