@@ -45,7 +45,7 @@ import optuna
 import torch
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "search_cost_grid.json"
-KEYS = ("controller.target_rank", "training.lr")
+KEYS = ("controller.target_rank", "training.lr", "controller.importance")
 
 
 def higher_is_better(metric: str) -> bool:
@@ -65,30 +65,44 @@ def setup_of(args: argparse.Namespace) -> dict:
             "eval_every": args.eval_every, "seed": args.seed}
 
 
-def point_config(args: argparse.Namespace, budget: float, lr: float):
+def point_config(args: argparse.Namespace, budget: float, lr: float, importance: str | None = None):
     from rankopt.config import resolve_config
     from rankopt.config import parse_overrides
 
     over = {**parse_overrides(args.set), "training.steps": args.steps, "training.eval_every": args.eval_every,
             "training.seed": args.seed, KEYS[0]: budget, KEYS[1]: lr}
+    if importance is not None:
+        over[KEYS[2]] = importance
     return resolve_config(args.preset, over, data_dir=args.data)
 
 
-def train_point(args: argparse.Namespace, budget: float, lr: float) -> dict:
+def importances(args: argparse.Namespace) -> list[str]:
+    """The importance kinds of the grid: ``--importances``, else the preset's own (one kind)."""
+    return list(args.importances or [point_config(args, args.budgets[0], args.lrs[0]).controller.importance])
+
+
+def key(point: dict) -> tuple:
+    """(budget, lr, importance) of a recorded point; files from before the third dimension hold the preset's."""
+    return point["budget"], point["lr"], point.get("importance", "sensitivity")
+
+
+def train_point(args: argparse.Namespace, budget: float, lr: float, importance: str | None = None) -> dict:
     """One real fine-tune of a grid point, untracked: its evaluation curve, final rank and wall time."""
     from rankopt.api import train
 
-    cfg = point_config(args, budget, lr)
+    cfg = point_config(args, budget, lr, importance)
+    kind = cfg.controller.importance
     try:
         result = train(cfg, track=False)
     except Exception as exc:  # a diverged run is a data point too: the worst metric
-        print(f"  budget={budget:g} lr={lr:g} failed: {exc}", file=sys.stderr)
-        return {"budget": budget, "lr": lr, "metric_name": cfg.task.metric, "failed": str(exc)[:500],
+        print(f"  budget={budget:g} lr={lr:g} importance={kind} failed: {exc}", file=sys.stderr)
+        return {"budget": budget, "lr": lr, "importance": kind, "metric_name": cfg.task.metric,
+                "failed": str(exc)[:500],
                 "curve": [[step, -math.inf if higher_is_better(cfg.task.metric) else math.inf]
                           for step in eval_steps(args.steps, args.eval_every)],
                 "seconds": None, "total_rank": None}
     curve = [[step, metrics[cfg.task.metric]] for step, metrics in result.eval_history]
-    return {"budget": budget, "lr": lr, "metric_name": cfg.task.metric, "curve": curve,
+    return {"budget": budget, "lr": lr, "importance": kind, "metric_name": cfg.task.metric, "curve": curve,
             "seconds": round(result.seconds, 2), "total_rank": result.total_rank}
 
 
@@ -115,26 +129,28 @@ def save_grid(path: Path, setup: dict, points: list[dict]) -> None:
 def record_grid(args: argparse.Namespace) -> list[dict]:
     setup = setup_of(args)
     points = load_grid(args.out, setup)
-    done = {(p["budget"], p["lr"]) for p in points}
-    for budget in args.budgets:
-        for lr in args.lrs:
-            if (budget, lr) in done:
-                continue
-            if args.replay_only:
-                raise SystemExit(f"error: {args.out} has no point budget={budget:g} lr={lr:g}; run without "
-                                 "--replay-only to record it")
-            point = train_point(args, budget, lr)
-            points.append(point)
-            save_grid(args.out, setup, points)
-            print(f"budget={budget:g} lr={lr:g}: {point['metric_name']}={point['curve'][-1][1]:.4f} "
-                  f"total rank {point['total_rank']} ({point['seconds']} s)", flush=True)
-    wanted = {(b, lr) for b in args.budgets for lr in args.lrs}
-    return [p for p in points if (p["budget"], p["lr"]) in wanted]
+    done = {key(p) for p in points}
+    kinds = importances(args)
+    for kind in kinds:  # one importance kind after the other: a partial recording is a whole smaller grid
+        for budget in args.budgets:
+            for lr in args.lrs:
+                if (budget, lr, kind) in done:
+                    continue
+                if args.replay_only:
+                    raise SystemExit(f"error: {args.out} has no point budget={budget:g} lr={lr:g} importance={kind}; "
+                                     "run without --replay-only to record it")
+                point = train_point(args, budget, lr, kind if args.importances else None)
+                points.append(point)
+                save_grid(args.out, setup, points)
+                print(f"budget={budget:g} lr={lr:g} importance={kind}: {point['metric_name']}="
+                      f"{point['curve'][-1][1]:.4f} total rank {point['total_rank']} ({point['seconds']} s)", flush=True)
+    wanted = {(b, lr, kind) for b in args.budgets for lr in args.lrs for kind in kinds}
+    return [p for p in points if key(p) in wanted]
 
 
 def verify(args: argparse.Namespace, best: dict) -> bool:
     """Train the grid's best point again; replay is sound only if the curve comes out the same."""
-    again = train_point(args, best["budget"], best["lr"])
+    again = train_point(args, best["budget"], best["lr"], key(best)[2] if args.importances else None)
     diff = max(abs(a[1] - b[1]) for a, b in zip(best["curve"], again["curve"]))
     same = [a[0] for a in best["curve"]] == [b[0] for b in again["curve"]] and diff == 0
     shown = diff * display_scale(best["metric_name"])
@@ -145,20 +161,27 @@ def verify(args: argparse.Namespace, best: dict) -> bool:
 
 
 def run_search(points: dict[tuple, list], args: argparse.Namespace, search, seed: int,
-               higher: bool = True) -> list[dict]:
-    """One Optuna study over the recorded grid; per trial: the steps it ran and the best metric so far."""
+               higher: bool = True, enqueue: tuple = ()) -> list[dict]:
+    """One Optuna study over the recorded grid; per trial: the steps it ran and the best metric so far.
+
+    ``enqueue``: grid points (budget, lr, importance) the study tries first, before the sampler.
+    """
     from rankopt.config import Distribution
     from rankopt.search.trials import make_pruner, make_sampler, suggest
 
+    kinds = sorted({k[2] for k in points})
     space = {KEYS[0]: Distribution(type="categorical", choices=list(args.budgets)),
-             KEYS[1]: Distribution(type="categorical", choices=list(args.lrs))}
+             KEYS[1]: Distribution(type="categorical", choices=list(args.lrs)),
+             KEYS[2]: Distribution(type="categorical", choices=kinds)}
     study = optuna.create_study(direction="maximize" if higher else "minimize", sampler=make_sampler(search, seed, 1),
                                 pruner=make_pruner(search, args.eval_every, args.steps))
+    for point in enqueue:
+        study.enqueue_trial(dict(zip(KEYS, point)))
     log: list[dict] = []
 
     def objective(trial: optuna.Trial) -> float:
         values = suggest(trial, space)
-        curve = points[values[KEYS[0]], values[KEYS[1]]]
+        curve = points[values[KEYS[0]], values[KEYS[1]], values[KEYS[2]]]
         for step, metric in curve:
             trial.report(metric, step)
             if step != curve[-1][0] and trial.should_prune():
@@ -176,20 +199,45 @@ def run_search(points: dict[tuple, list], args: argparse.Namespace, search, seed
             best = entry["value"]
         entry.update(spent=spent, best=best)
     best_params = study.best_trial.params if any(e["value"] is not None for e in log) else {}
-    log[-1]["best_point"] = (best_params.get(KEYS[0]), best_params.get(KEYS[1]))
+    log[-1]["best_point"] = tuple(best_params.get(k) for k in KEYS)
     return log
 
 
-def searches(own) -> dict[str, object]:
-    """The preset's sampler + pruner (built as rankopt tune builds them), then without pruning, then random."""
+def searches(own, levers: bool = False, start: tuple | None = None) -> dict[str, tuple]:
+    """name -> (search config, enqueued points): the preset's sampler + pruner (built as rankopt tune builds
+    them), then without pruning, then random; with ``levers`` the variations the issue asks to measure."""
     combos = dict.fromkeys([(own.sampler, own.pruner), (own.sampler, "none"), ("random", own.pruner),
                             ("random", "none")])
     out = {}
     for i, (sampler, pruner) in enumerate(combos):
         name = f"{sampler} + {pruner} pruner" if pruner != "none" else f"{sampler}, no pruner"
-        out["rankopt tune: " + name if i == 0 else name] = own.model_copy(update={"sampler": sampler,
-                                                                                 "pruner": pruner})
+        out["rankopt tune: " + name if i == 0 else name] = (own.model_copy(update={"sampler": sampler,
+                                                                                  "pruner": pruner}), ())
+    if not levers:
+        return out
+    tpe = own.model_copy(update={"sampler": "tpe"})
+    for pruner in ("successive_halving", "hyperband"):
+        out[f"tpe + {pruner}"] = (tpe.model_copy(update={"pruner": pruner}), ())
+        out[f"random + {pruner}"] = (tpe.model_copy(update={"sampler": "random", "pruner": pruner}), ())
+    for after in (0.0, 0.5):
+        out[f"tpe + {own.pruner}, prune_after {after:g}"] = (tpe.model_copy(update={"prune_after": after}), ())
+    for startup in (4, 8):
+        out[f"tpe + {own.pruner}, {startup} startup trials"] = (tpe.model_copy(update={"startup_trials": startup}), ())
+    if start is not None:
+        out[f"tpe + {own.pruner}, preset's point enqueued"] = (tpe, (start,))
+        out["tpe, no pruner, preset's point enqueued"] = (tpe.model_copy(update={"pruner": "none"}), (start,))
     return out
+
+
+def _preset_point(args: argparse.Namespace) -> tuple:
+    """The grid point nearest the preset's own values (budget; lr on a log scale; its importance kind)."""
+    from rankopt.config import parse_overrides, resolve_config
+
+    preset = resolve_config(args.preset, parse_overrides(args.set), data_dir=args.data)
+    budget = min(args.budgets, key=lambda b: abs(b - preset.controller.target_rank))
+    lr = min(args.lrs, key=lambda v: abs(math.log(v / preset.training.lr)))
+    kinds = importances(args)
+    return budget, lr, preset.controller.importance if preset.controller.importance in kinds else kinds[0]
 
 
 def summarize(args: argparse.Namespace, grid: list[dict]) -> tuple[list[dict], dict]:
@@ -197,15 +245,16 @@ def summarize(args: argparse.Namespace, grid: list[dict]) -> tuple[list[dict], d
     metric = grid[0]["metric_name"]
     higher, scale = higher_is_better(metric), display_scale(metric)
     sign = 1 if higher else -1
-    curves = {(p["budget"], p["lr"]): p["curve"] for p in grid}
+    curves = {key(p): p["curve"] for p in grid}
     best_point = max(grid, key=lambda p: sign * p["curve"][-1][1])
     grid_best = best_point["curve"][-1][1]
     grid_steps = sum(p["curve"][-1][0] for p in grid)
     goal = grid_best - sign * args.tolerance / scale
-    search_cfg = point_config(args, args.budgets[0], args.lrs[0]).search
+    preset = point_config(args, args.budgets[0], args.lrs[0])
+    start = _preset_point(args)
     rows = []
-    for name, search in searches(search_cfg).items():
-        logs = [run_search(curves, args, search, seed, higher) for seed in range(args.reps)]
+    for name, (search, enqueue) in searches(preset.search, args.levers, start).items():
+        logs = [run_search(curves, args, search, seed, higher, enqueue) for seed in range(args.reps)]
         row = {"search": name, "reps": args.reps}
         for k in args.trial_counts:
             finite = [scale * b for b in (log[min(k, len(log)) - 1]["best"] for log in logs) if math.isfinite(b)]
@@ -215,10 +264,11 @@ def summarize(args: argparse.Namespace, grid: list[dict]) -> tuple[list[dict], d
         row["reached"] = sum(math.isfinite(r) for r in reach) / len(reach)
         row["median_steps"] = statistics.median(reach)
         row["share_of_grid"] = row["median_steps"] / grid_steps
+        row["on_target"] = sum(r <= args.target_share * grid_steps for r in reach) / len(reach)
         row["modal_best_point"] = collections.Counter(log[-1]["best_point"] for log in logs).most_common(1)[0][0]
         rows.append(row)
     grid_row = {"search": f"full grid ({len(grid)} runs)", "reps": 1, "reached": 1.0, "median_steps": grid_steps,
-                "share_of_grid": 1.0, "modal_best_point": (best_point["budget"], best_point["lr"]),
+                "share_of_grid": 1.0, "on_target": float(args.target_share >= 1), "modal_best_point": key(best_point),
                 **{f"best@{k}": scale * grid_best for k in args.trial_counts},
                 **{f"sd@{k}": 0.0 for k in args.trial_counts}}
     info = {"grid_best": grid_best, "grid_steps": grid_steps, "best_point": best_point, "scale": scale,
@@ -232,29 +282,34 @@ def print_tables(args: argparse.Namespace, grid: list[dict], rows: list[dict], i
     unit = "points" if scale == 100 else metric
     print(f"\n# grid: {args.preset}, {args.steps} steps, eval every {args.eval_every}, seed {args.seed}; "
           f"{shown} (final evaluation)")
-    print("| budget \\ lr | " + " | ".join(f"{lr:g}" for lr in args.lrs) + " |")
-    print("|---|" + "---|" * len(args.lrs))
-    final = {(p["budget"], p["lr"]): scale * p["curve"][-1][1] for p in grid}
-    for b in args.budgets:
-        print(f"| {b:g} | " + " | ".join(f"{final[b, lr]:.1f}" for lr in args.lrs) + " |")
+    final = {key(p): scale * p["curve"][-1][1] for p in grid}
+    for kind in sorted({k[2] for k in final}):
+        print(f"\nimportance {kind}:\n")
+        print("| budget \\ lr | " + " | ".join(f"{lr:g}" for lr in args.lrs) + " |")
+        print("|---|" + "---|" * len(args.lrs))
+        for b in args.budgets:
+            cells = (final.get((b, lr, kind)) for lr in args.lrs)
+            print(f"| {b:g} | " + " | ".join("—" if c is None else f"{c:.1f}" for c in cells) + " |")
     bp = info["best_point"]
     best = scale * info["grid_best"]
-    print(f"\nGrid best: budget {bp['budget']:g}, lr {bp['lr']:g}: {best:.1f}; full grid "
+    print(f"\nGrid best: budget {bp['budget']:g}, lr {bp['lr']:g}, importance {key(bp)[2]}: {best:.1f}; full grid "
           f"{info['grid_steps']} steps, {info['grid_seconds'] / 60:.1f} min of training.")
     print(f"\n# search cost: {args.reps} sampler seeds per search, up to {args.max_trials} trials each; target: within "
           f"{args.tolerance:g} {unit} of the grid's best ({best:.1f}); torch {torch.__version__}, "
           f"optuna {optuna.__version__}")
     head = " | ".join(f"best after {k} trials" for k in args.trial_counts)
-    print(f"| search | {head} | steps to target (median) | % of grid | reached | best point found most often |")
-    print("|---|" + "---|" * len(args.trial_counts) + "---|---|---|---|")
+    print(f"| search | {head} | steps to target (median) | % of grid | reached | reached in <= "
+          f"{100 * args.target_share:.0f} % | best point found most often |")
+    print("|---|" + "---|" * len(args.trial_counts) + "---|---|---|---|---|")
     for r in rows:
         bests = " | ".join("—" if r[f"best@{k}"] is None else f"{r[f'best@{k}']:.1f} ± {r[f'sd@{k}']:.1f}"
                            for k in args.trial_counts)
         steps = "not reached" if math.isinf(r["median_steps"]) else f"{r['median_steps']:.0f}"
         share = "—" if math.isinf(r["median_steps"]) else f"{100 * r['share_of_grid']:.0f} %"
-        budget, lr = r["modal_best_point"]
-        point = "—" if budget is None else f"{budget:g} / {lr:g}"
-        print(f"| {r['search']} | {bests} | {steps} | {share} | {100 * r['reached']:.0f} % | {point} |")
+        budget, lr, kind = r["modal_best_point"]
+        point = "—" if budget is None else f"{budget:g} / {lr:g} / {kind}"
+        print(f"| {r['search']} | {bests} | {steps} | {share} | {100 * r['reached']:.0f} % | "
+              f"{100 * r['on_target']:.0f} % | {point} |")
     print(json.dumps({"rows": rows, "grid_best": info["grid_best"], "grid_steps": info["grid_steps"]},
                      default=str))
 
@@ -266,6 +321,8 @@ def main() -> None:
     ap.add_argument("--data", default=None, help="data folder for the preset (as rankopt train --data)")
     ap.add_argument("--budgets", nargs="+", type=float, default=[1.0, 2.0, 4.0, 8.0], help="controller.target_rank")
     ap.add_argument("--lrs", nargs="+", type=float, default=[5e-4, 1e-3, 2e-3, 4e-3], help="training.lr")
+    ap.add_argument("--importances", nargs="+", default=None, choices=["sensitivity", "energy"],
+                    help="controller.importance kinds (a third grid dimension; default: the preset's only)")
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--eval-every", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0, help="training seed of every grid point")
@@ -276,6 +333,9 @@ def main() -> None:
     ap.add_argument("--trial-counts", nargs="+", type=int, default=[8, 16], help="report the best after these")
     ap.add_argument("--max-trials", type=int, default=32, help="trials per search (points may repeat)")
     ap.add_argument("--tolerance", type=float, default=0.5, help="points below the grid's best that count")
+    ap.add_argument("--target-share", type=float, default=0.4, help="share of the grid's compute the target allows")
+    ap.add_argument("--levers", action="store_true", help="also replay the pruner / prune_after / TPE startup / "
+                    "enqueued-start variations")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

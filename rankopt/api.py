@@ -26,7 +26,7 @@ def train(preset: str | Config, overrides: dict[str, Any] | list[str] | None = N
     """
     cfg = resolve_config(preset, overrides, data_dir)
     data = prepare_data(cfg)
-    adapted = build_model(cfg, data.num_labels)
+    adapted = build_model(cfg, data.num_labels, data.label_names)
     callbacks = list(callbacks or [])
     if not track:
         return train_adapted(cfg, adapted, data, callbacks)
@@ -38,7 +38,7 @@ def train(preset: str | Config, overrides: dict[str, Any] | list[str] | None = N
     out.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or mlflow_runs.default_tracking_uri(out)
     client = mlflow_runs.client_for(uri)
-    exp_id = mlflow_runs.ensure_experiment(client, cfg.task.name, out / "mlartifacts" if not tracking_uri else None)
+    exp_id = mlflow_runs.ensure_experiment(client, cfg.task.name, mlflow_runs.artifact_root(tracking_uri, out))
     run = client.create_run(exp_id, run_name=run_name, tags={"rankopt.kind": "train", "rankopt.task": cfg.task.name})
     run_id = run.info.run_id
     mlflow_runs.log_params(client, run_id, cfg.model_dump(exclude={"search"}))
@@ -52,6 +52,7 @@ def train(preset: str | Config, overrides: dict[str, Any] | list[str] | None = N
         raise
     client.set_terminated(run_id, "FINISHED")
     result.run_id = run_id
+    result.artifacts = mlflow_runs.artifact_folder(client, exp_id)
     return result
 
 

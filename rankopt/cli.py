@@ -20,6 +20,9 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a p
 DataOpt = Annotated[Optional[str], typer.Option("--data", help="folder of train/validation (or test) files")]
 UriOpt = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI (default: SQLite under --out)")]
 OutOpt = Annotated[str, typer.Option("--out", help="output folder for stores and artifacts")]
+WithinOpt = Annotated[Optional[float], typer.Option(
+    "--within", help="the trial with the fewest adapter params whose metric is within DELTA of the best "
+    "(metric units: 0.01 = 1 accuracy point; from the Pareto set for two objectives)")]
 
 
 @app.callback()
@@ -84,6 +87,8 @@ def train(preset: Annotated[str, typer.Argument(help="preset name (see search_sp
     except RankoptError as exc:
         _fail(str(exc))
         return
+    if result.artifacts:
+        typer.echo(f"artifacts (adapter, plots): {result.artifacts}")
     typer.echo(f"{result.metric_name} {result.metric:.4f} | total rank {result.total_rank} over "
                f"{len(result.ranks)} layers | trainable params {result.trainable_params:,} | "
                f"{result.seconds:.0f}s | mlflow run {result.run_id}")
@@ -95,7 +100,8 @@ def tune(preset: Annotated[str, typer.Argument(help="preset name (see search_spa
          timeout: Annotated[Optional[float], typer.Option("--timeout", help="stop starting trials after S seconds")] = None,
          study: Annotated[Optional[str], typer.Option("--study", help="study name (default: the task name)")] = None,
          storage: Annotated[Optional[str], typer.Option("--storage", help="Optuna RDB URL (default: SQLite under --out)")] = None,
-         tracking_uri: UriOpt = None, data: DataOpt = None, set_: SetOpt = None, out: OutOpt = "runs") -> None:
+         tracking_uri: UriOpt = None, data: DataOpt = None, set_: SetOpt = None, out: OutOpt = "runs",
+         within: WithinOpt = None) -> None:
     """Search the rank budget (and the preset's other knobs) with Optuna; rerun to resume."""
     from rankopt.config import resolve_config
     from rankopt.training.progress import TrialProgress, print_tune_result
@@ -110,7 +116,7 @@ def tune(preset: Annotated[str, typer.Argument(help="preset name (see search_spa
         try:
             result = tune_api(cfg, n_trials=trials, timeout=timeout, study_name=study, storage=storage,
                               tracking_uri=tracking_uri, out=out, callbacks_for_trial=progress.for_trial,
-                              on_trial_end=progress.trial_ended)
+                              on_trial_end=progress.trial_ended, within=within)
         finally:
             progress.close()
     except RankoptError as exc:
@@ -121,6 +127,8 @@ def tune(preset: Annotated[str, typer.Argument(help="preset name (see search_spa
                    err=True)
         raise typer.Exit(130) from None
     print_tune_result(result)
+    if result.artifacts:
+        typer.echo(f"trial artifacts (adapters, plots): {result.artifacts}")
 
 
 @app.command()
@@ -133,14 +141,15 @@ def export(out: Annotated[str, typer.Option("--out", help="folder to write (must
            merge: Annotated[bool, typer.Option("--merge", help="write a plain transformers model with the adapter folded in")] = False,
            force: Annotated[bool, typer.Option("--force", help="replace an existing --out folder")] = False,
            max_params: Annotated[Optional[int], typer.Option("--max-params", help="best trial with at most P adapter params (Pareto front for two objectives)")] = None,
-           register: Annotated[Optional[str], typer.Option("--register", help="also register it in the MLflow Model Registry under NAME")] = None) -> None:
+           register: Annotated[Optional[str], typer.Option("--register", help="also register it in the MLflow Model Registry under NAME")] = None,
+           within: WithinOpt = None) -> None:
     """Write a tuned adapter as a PEFT folder (or a merged model), with tokenizer and model card."""
     from rankopt.outputs.export import export as export_api
 
     try:
         _quiet_libraries()
         result = export_api(out, study=study, storage=storage, tracking_uri=tracking_uri, trial=trial, run_id=run_id,
-                            merge=merge, force=force, max_params=max_params, register=register)
+                            merge=merge, force=force, max_params=max_params, register=register, within=within)
     except RankoptError as exc:
         _fail(str(exc))
         return
@@ -148,8 +157,13 @@ def export(out: Annotated[str, typer.Option("--out", help="folder to write (must
         typer.echo(f"note: {note}", err=True)
     src = result.source
     what = f"trial {src.trial} of study '{src.study}'" if src.study and src.trial is not None else f"run {src.run_id}"
+    if within is not None:
+        what += f" ({src.reason})"
     metric = f"{result.metric_name} {result.metric:.4f} | " if result.metric is not None else ""
     params = f" | adapter params {result.adapter_params:,}" if result.adapter_params is not None else ""
+    if result.metric_name is not None:
+        test = f"{result.test_metric:.4f}" if result.test_metric is not None else result.test_note
+        metric += f"test {result.metric_name} {test} | "
     typer.echo(f"exported {what}: {metric}total rank {sum(result.ranks.values())} over {len(result.ranks)} layers"
                f"{params} -> {result.out}{' (merged)' if result.merged else ''}")
     if result.registered:
@@ -161,20 +175,22 @@ def report(study: Annotated[str, typer.Option("--study", help="study to report o
            storage: Annotated[Optional[str], typer.Option("--storage", help="Optuna RDB URL (default: sqlite:///runs/optuna.db)")] = None,
            tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI (default: mlflow.db beside the study storage)")] = None,
            out: Annotated[Optional[str], typer.Option("--out", help="folder to write (default: reports/STUDY beside the study storage; must not exist, unless --force)")] = None,
-           force: Annotated[bool, typer.Option("--force", help="replace an existing --out folder")] = False) -> None:
+           force: Annotated[bool, typer.Option("--force", help="replace an existing --out folder")] = False,
+           within: WithinOpt = None) -> None:
     """Write a study's HTML report (figures inlined, PNGs beside it) and log it to the study's MLflow run."""
     from rankopt.outputs.report import report as report_api
 
     try:
         _quiet_libraries()
-        result = report_api(study, storage=storage, tracking_uri=tracking_uri, out=out, force=force)
+        result = report_api(study, storage=storage, tracking_uri=tracking_uri, out=out, force=force, within=within)
     except RankoptError as exc:
         _fail(str(exc))
         return
     for note in result.notes:
         typer.echo(f"note: {note}", err=True)
     logged = f" | logged to MLflow run {result.run_id} under report/" if result.run_id else ""
-    typer.echo(f"report of study '{result.study}' (best trial {result.best_trial}, {len(result.figures)} figures)"
+    smallest = f", smallest within {within:g}: trial {result.smallest_trial}" if result.smallest_trial is not None else ""
+    typer.echo(f"report of study '{result.study}' (best trial {result.best_trial}{smallest}, {len(result.figures)} figures)"
                f"{logged} -> {result.html}")
 
 

@@ -59,8 +59,12 @@ class TaskConfig(_Section):
     metric: Literal[CLASSIFICATION_METRICS + REGRESSION_METRICS + CAUSAL_LM_METRICS] = "accuracy"
     train_split: str = "train"
     eval_split: str = "validation"
+    test_split: str | None = Field(
+        "test", description="held-out split that scores the selected trial(s) once, after the study (never "
+        "during it); the default 'test' is used when the data has a labelled one; null: none")
     max_train_samples: int | None = Field(None, ge=1)
     max_eval_samples: int | None = Field(None, ge=1)
+    max_test_samples: int | None = Field(None, ge=1, description="score on a seeded subsample (default: all)")
     max_length: int = Field(128, ge=8, le=4096)
 
     @model_validator(mode="after")

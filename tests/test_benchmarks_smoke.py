@@ -101,6 +101,23 @@ def test_search_cost_records_replays_and_verifies(tiny_preset_file, tmp_path):
     assert last_json(again.stdout) == out
 
 
+def test_search_cost_with_an_importance_dimension_and_the_levers(tiny_preset_file, tmp_path):
+    grid = tmp_path / "grid.json"
+    args = ["--preset", str(tiny_preset_file), "--budgets", "1", "2", "--lrs", "1e-2", "--importances", "sensitivity",
+            "energy", "--steps", "4", "--eval-every", "2", "--reps", "2", "--trial-counts", "2", "--max-trials", "4",
+            "--out", str(grid), "--threads", "1", "--levers"]
+    proc = run_script("search_cost.py", *args)
+    points = json.loads(grid.read_text())["points"]
+    assert sorted((p["budget"], p["importance"]) for p in points) == [(1, "energy"), (1, "sensitivity"),
+                                                                       (2, "energy"), (2, "sensitivity")]
+    assert "importance energy:" in proc.stdout and "importance sensitivity:" in proc.stdout
+    rows = {r["search"]: r for r in last_json(proc.stdout)["rows"]}
+    for lever in ("tpe + hyperband", "tpe + successive_halving", "tpe + median, prune_after 0.5",
+                  "tpe + median, 8 startup trials", "tpe + median, preset's point enqueued"):
+        assert 0 <= rows[lever]["on_target"] <= 1 and rows[lever]["median_steps"] > 0
+    assert len(rows["full grid (4 runs)"]["modal_best_point"]) == 3  # budget, lr, importance
+
+
 def test_gpu_overhead_on_cpu_with_a_tiny_decoder():
     pytest.importorskip("bitsandbytes", reason="the 4bit variant needs bitsandbytes (the 'quant' extra)")
     proc = run_script("gpu_overhead.py", "--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch", "2",

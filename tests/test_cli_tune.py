@@ -99,7 +99,7 @@ def test_tune_prints_the_best_trial_table(preset_file, tmp_path):
         assert column in table
     row = next(line for line in table.splitlines() if best.user_attrs["mlflow_run_id"] in line)
     cells = [c.strip() for c in row.strip("│┃| ").split("│")]
-    assert cells[:3] == [str(best.number), f"{best.value:.4f}", "36"]
+    assert cells[:4] == [str(best.number), f"{best.value:.4f}", "no test split", "36"]  # validation, test, budget
     # one line per finished trial on stderr, while it runs
     assert "trial 0: fail" in proc.stderr and "TrainingDiverged" in proc.stderr
     assert "trial 1: complete" in proc.stderr

@@ -24,10 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 SST2 = REPO.parent / "shared" / "data" / "glue" / "sst2"
 POSITIVE = "good great fine lovely superb nice".split()
 NEGATIVE = "bad awful poor dull ugly boring".split()
+LABELS = ("negative", "positive")  # named labels, mapped to ids in sorted order: negative 0, positive 1
 
 
 def make_tiny_project(root: Path, trials: int = 3) -> Path:
-    """A 2-layer random BERT with a 20-word vocabulary, a jsonl sentiment task and a preset."""
+    """A 2-layer random BERT with a 20-word vocabulary, a jsonl sentiment task (named labels) and a preset."""
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
     words = ["the", "film", "was", "and", *POSITIVE, *NEGATIVE]
@@ -42,11 +43,11 @@ def make_tiny_project(root: Path, trials: int = 3) -> Path:
                         intermediate_size=48, max_position_embeddings=32, num_labels=2)
     BertForSequenceClassification(config).save_pretrained(model_dir)
     rng = random.Random(0)
-    for split, n in (("train", 64), ("validation", 32)):
+    for split, n in (("train", 64), ("validation", 32), ("test", 24)):
         rows = []
         for i in range(n):
             a, b = rng.sample(POSITIVE if i % 2 else NEGATIVE, 2)
-            rows.append(json.dumps({"sentence": f"the film was {a} and {b}", "label": i % 2}))
+            rows.append(json.dumps({"sentence": f"the film was {a} and {b}", "label": LABELS[i % 2]}))
         (data_dir / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
     preset = root / "tiny.yml"
     preset.write_text(f"""
@@ -171,6 +172,72 @@ def test_peft_and_merged_exports_match_the_in_process_model(tiny, trained, tmp_p
     assert not (merged_dir / "adapter_config.json").exists()  # else transformers would load it as an adapter
     assert {"config.json", "model.safetensors", "README.md", "rankopt.json"} <= {p.name for p in merged_dir.iterdir()}
     assert "library_name: transformers" in (merged_dir / "README.md").read_text()
+
+
+def _card_code(folder: Path) -> str:
+    """The Python block of the "Use" section of an exported model card."""
+    card = (folder / "README.md").read_text()
+    return card.split("## Use", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_exports_carry_the_label_names_and_the_largest_rank(tiny, trained, tmp_path):
+    """Served as exported, both forms answer with the task's names, not LABEL_0/LABEL_1."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    result = trained.result
+    peft_dir, merged_dir = tmp_path / "adapter", tmp_path / "merged"
+    export(peft_dir, run_id=result.run_id, tracking_uri=trained.tracking)
+    export(merged_dir, run_id=result.run_id, tracking_uri=trained.tracking, merge=True)
+    names = {0: "negative", 1: "positive"}
+    merged = AutoModelForSequenceClassification.from_pretrained(merged_dir)
+    assert merged.config.id2label == names and merged.config.label2id == {"negative": 0, "positive": 1}
+    meta = json.loads((peft_dir / "rankopt.json").read_text())
+    assert meta["id2label"] == {"0": "negative", "1": "positive"}
+    # the adapter's card says how to load it with the names; run that code as a user would
+    scope: dict = {}
+    exec(_card_code(peft_dir), scope)  # noqa: S102 - the card we just wrote
+    model = scope["model"]
+    assert model.config.id2label == names
+    tokenizer = AutoTokenizer.from_pretrained(peft_dir)
+    sentences = _sentences(16)
+    live = _logits(result.adapted.model, tokenizer, sentences)
+    assert (_logits(model, tokenizer, sentences) - live).abs().max().item() < 1e-5
+    largest = max(result.ranks.values())
+    for folder in (peft_dir, merged_dir):
+        card = (folder / "README.md").read_text()
+        assert f"| largest per-layer rank (`max_lora_rank`) | {largest} |" in card
+        assert "| 0 | negative |" in card and "| 1 | positive |" in card
+    assert "--max-lora-rank 8" in (peft_dir / "README.md").read_text()  # vLLM's smallest allowed value >= largest
+
+
+def test_regression_exports_say_so(tiny, tmp_path):
+    """A regression head exports with problem_type=regression, so transformers applies MSE, not softmax."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rankopt.api import train
+
+    data = tmp_path / "scores"
+    data.mkdir()
+    for split in ("train", "validation"):
+        rows = [json.loads(line) for line in (tiny.root / "data" / f"{split}.jsonl").read_text().splitlines()]
+        (data / f"{split}.jsonl").write_text("".join(
+            json.dumps({"sentence": r["sentence"], "label": float(r["label"] == "positive")}) + "\n" for r in rows))
+    from transformers import AutoTokenizer, BertModel
+
+    base = tmp_path / "encoder"  # the encoder alone: the tiny model's own 2-label head would not fit 1 output
+    BertModel.from_pretrained(tiny.model).save_pretrained(base)
+    AutoTokenizer.from_pretrained(tiny.model).save_pretrained(base)
+    result = train(str(tiny.preset), {"task.type": "regression", "task.metric": "pearson", "task.data_dir": str(data),
+                                      "model.name": str(base), "training.steps": 4}, out=tmp_path / "runs")
+    tracking = f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    export(tmp_path / "adapter", run_id=result.run_id, tracking_uri=tracking)
+    export(tmp_path / "merged", run_id=result.run_id, tracking_uri=tracking, merge=True)
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
+    assert merged.config.problem_type == "regression" and merged.config.num_labels == 1
+    assert 'problem_type="regression"' in _card_code(tmp_path / "adapter")
+    scope: dict = {}
+    exec(_card_code(tmp_path / "adapter"), scope)  # noqa: S102
+    assert scope["model"].config.problem_type == "regression"
 
 
 def _fail_on_second_copy(monkeypatch):

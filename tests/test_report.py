@@ -116,7 +116,8 @@ def test_report_writes_one_self_contained_page_by_default_beside_the_study(tiny)
     rows = summary(page)
     assert rows["study"] == "tiny" and rows["best trial"] == str(best.number)
     assert rows["trials"].startswith("3 complete, 1 pruned, 0 failed")
-    assert rows["accuracy"] == f"{best.value:.4g}"
+    assert rows["accuracy (validation, chose the trial)"] == f"{best.value:.4g}"
+    assert rows["accuracy (test, held out)"] == "no test split (the data has no &#39;test&#39; split)"
     assert rows["total rank"] == str(best.user_attrs["total_rank"])
     assert rows["adapter params"] == f"{best.user_attrs['adapter_params']:,}"
     assert rows["parameters"] == f"controller.target_rank={best.params['controller.target_rank']:.4g}"
@@ -226,7 +227,9 @@ def test_two_objective_study_without_mlflow(tmp_path):
     for data in embedded_pngs(page):
         assert_valid_png(data)
     rows = summary(page)
-    assert rows["best trial"] == "0" and rows["f1"] == "0.8" and rows["trials"] == "3 complete, 1 pruned, 0 failed"
+    assert rows["best trial"] == "0" and rows["f1 (validation, chose the trial)"] == "0.8"
+    assert rows["trials"] == "3 complete, 1 pruned, 0 failed"
+    assert rows["f1 (test, held out)"] == "not scored"  # a study from before test scores: export scores it
     assert "note: study &#39;two&#39; has no MLflow runs" in page  # escaped, not raw
 
 

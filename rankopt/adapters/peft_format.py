@@ -104,12 +104,30 @@ def write_adapter_files(adapted: AdaptedModel, folder: Path, base_model: str, me
     """Write ``adapter_config.json``, ``adapter_model.safetensors`` and ``rankopt.json`` into ``folder``."""
     folder = Path(folder)
     meta = dict(meta or {})
-    num_labels = getattr(getattr(adapted.model, "config", None), "num_labels", None)
+    model_config = getattr(adapted.model, "config", None)
+    num_labels = getattr(model_config, "num_labels", None)
     if num_labels is not None and adapted.head_names:
         meta.setdefault("num_labels", num_labels)  # what the base model's head needs on reload
+        meta.update({k: v for k, v in label_meta(model_config).items() if k not in meta})
     save_file(peft_state_dict(adapted), str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     (folder / "adapter_config.json").write_text(json.dumps(peft_config(adapted, base_model, task_type), indent=2))
     (folder / "rankopt.json").write_text(json.dumps(meta, indent=2, default=str))
+
+
+def label_meta(model_config) -> dict[str, Any]:
+    """``id2label`` / ``label2id`` (when the task named its labels) and ``problem_type`` of a head's config.
+
+    PEFT's adapter_config.json has no place for them, so they travel in ``rankopt.json``; the
+    export puts them back on the config of a merged model and into the model card's loading code.
+    """
+    out: dict[str, Any] = {}
+    id2label = {int(i): str(n) for i, n in (getattr(model_config, "id2label", None) or {}).items()}
+    if id2label and any(name != f"LABEL_{i}" for i, name in id2label.items()):
+        out["id2label"] = {str(i): n for i, n in sorted(id2label.items())}
+        out["label2id"] = {n: i for i, n in sorted(id2label.items())}
+    if getattr(model_config, "problem_type", None):
+        out["problem_type"] = model_config.problem_type
+    return out
 
 
 def save_adapter(adapted: AdaptedModel, out: Path, base_model: str, meta: dict[str, Any] | None = None,
@@ -198,39 +216,70 @@ def merge_adapter(model: nn.Module, config: dict[str, Any], state: dict[str, tor
     return model
 
 
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM (0.14) accepts for max_lora_rank
+
+
+def serving_rank(largest: int) -> int | None:
+    """The smallest ``max_lora_rank`` vLLM accepts that covers an adapter whose largest layer rank is ``largest``."""
+    return next((r for r in VLLM_MAX_LORA_RANKS if r >= largest), None)
+
+
 def model_card(*, title: str, base_model: str, ranks: dict[str, int], metric_name: str | None,
                metric: float | None, found_by: list[tuple[str, str]], how: str, command: str, merged: bool,
-               num_labels: int | None = None, folder_name: str = "DIR", task_type: str = "SEQ_CLS") -> str:
-    """README.md for an exported folder: what it is, how good, how it was found, rank per layer, how to load."""
+               num_labels: int | None = None, folder_name: str = "DIR", task_type: str = "SEQ_CLS",
+               labels: dict[str, str] | None = None, problem_type: str | None = None,
+               test_score: str | None = None) -> str:
+    """README.md for an exported folder: what it is, how good, how it was found, rank per layer, how to load.
+
+    ``labels`` is ``id2label`` (from rankopt.json); ``test_score`` the held-out score as shown
+    (or why there is none): the validation metric chose the trial, so only the test score is unbiased.
+    """
     total = sum(ranks.values())
+    largest = max(ranks.values(), default=0)
     lines = ["---", f"library_name: {'transformers' if merged else 'peft'}", f"base_model: {base_model}",
              f"pipeline_tag: {'text-generation' if task_type == 'CAUSAL_LM' else 'text-classification'}", "tags: [rankopt, lora, adaptive-rank]", "---", "",
              f"# {title}", ""]
     kind = ("A fine-tuned model: a LoRA adapter with a different rank per layer, folded into the weights "
             "of") if merged else "A LoRA adapter with a different rank per layer for"
     lines += [f"{kind} `{base_model}`. rankopt's controller moved rank between layers during training "
-              f"(total rank {total} over {len(ranks)} layers).", ""]
+              f"(total rank {total} over {len(ranks)} layers, largest {largest}).", ""]
     lines += ["## Result", "", "| | |", "|---|---|"]
     if metric_name is not None and metric is not None:
-        lines.append(f"| {metric_name} (validation) | {metric:.4f} |")
+        lines.append(f"| {metric_name} (validation, chose this trial) | {metric:.4f} |")
+    if metric_name is not None and test_score is not None:
+        lines.append(f"| {metric_name} (test, held out) | {test_score} |")
+    lines.append(f"| largest per-layer rank (`max_lora_rank`) | {largest} |")
     lines += [f"| {label} | {value} |" for label, value in found_by]
+    if labels:
+        lines += ["", "## Labels", "", "| id | label |", "|---:|---|"]
+        lines += [f"| {i} | {name} |" for i, name in labels.items()]
     lines += ["", "## How it was made", "", how, "", "This folder was written by:", "", "```", command, "```", "",
               "The full resolved training config of the run is in `rankopt.json` (key `config`).", ""]
     lines += ["## Rank allocation", "", "| layer | rank |", "|---|---:|"]
     lines += [f"| `{name}` | {rank} |" for name, rank in ranks.items()]
     lines += [f"| **total** | **{total}** |", "", "## Use", "", "```python"]
     causal = task_type == "CAUSAL_LM"
-    labels = f", num_labels={num_labels}" if num_labels and not causal else ""
     auto = "AutoModelForCausalLM" if causal else "AutoModelForSequenceClassification"
     if merged:
         lines += [f"from transformers import {auto}, AutoTokenizer",
                   f'model = {auto}.from_pretrained("{folder_name}")',
                   f'tokenizer = AutoTokenizer.from_pretrained("{folder_name}")']
     else:
+        head = ""
+        if not causal:
+            head += f", num_labels={num_labels}" if num_labels else ""
+            head += f', problem_type="{problem_type}"' if problem_type == "regression" else ""
+            head += ", id2label=labels, label2id={name: i for i, name in labels.items()}" if labels else ""
         lines += ["from peft import PeftModel",
-                  f"from transformers import {auto}, AutoTokenizer",
-                  f'base = {auto}.from_pretrained("{base_model}"{labels})',
+                  f"from transformers import {auto}, AutoTokenizer"]
+        if labels and not causal:
+            lines.append(f"labels = {{{', '.join(f'{int(i)}: {name!r}' for i, name in labels.items())}}}")
+        lines += [f'base = {auto}.from_pretrained("{base_model}"{head})',
                   f'model = PeftModel.from_pretrained(base, "{folder_name}")',
                   f'tokenizer = AutoTokenizer.from_pretrained("{folder_name}")']
     lines += ["```", ""]
+    vllm = serving_rank(largest)
+    if vllm is not None and not merged:
+        lines += [f"Serving engines size their LoRA slots by the largest rank: with vLLM pass "
+                  f"`--max-lora-rank {vllm}` (the smallest value it accepts that covers rank {largest}).", ""]
     return "\n".join(lines)

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from rankopt.errors import RankoptError
+from rankopt.outputs.card import model_card_for
+from rankopt.search.selection import check_within, select_trial  # noqa: F401 - select_trial: also imported from here
 from rankopt.tracking.urls import mask_url
 
 ADAPTER_ARTIFACTS = ("adapter", "best_adapter")  # a trial's own adapter; a study parent's copy of the best
@@ -55,6 +57,8 @@ class ExportResult:
     ranks: dict[str, int]
     adapter_params: int | None
     registered: tuple[str, str] | None = None  # (model name, version)
+    test_metric: float | None = None  # on the held-out test split (see rankopt.search.holdout)
+    test_note: str = "not measured"  # the split and its size, or why there is no test score
 
     @property
     def notes(self) -> list[str]:
@@ -92,67 +96,28 @@ def load_study(name: str, storage: str):
     return optuna.load_study(study_name=name, storage=storage)
 
 
-def select_trial(study, number: int | None = None, max_params: int | None = None):
-    """The trial to export, notes for the user, and why it was chosen (for the model card).
-
-    ``number`` picks one (it must be complete). Otherwise the best by the task metric among the
-    candidates: all complete trials for one objective (Optuna's ``best_trial`` unless
-    ``max_params`` narrows them), the Pareto front for two; ``max_params`` keeps those with
-    ``adapter_params <= max_params`` and falls back to the best of all, with a note, when none is small enough.
-    """
-    import optuna
-
-    TS = optuna.trial.TrialState
-    name = study.study_name
-    if number is not None:
-        match = [t for t in study.trials if t.number == number]
-        if not match:
-            raise RankoptError(f"study '{name}' has no trial {number} (it has {len(study.trials)} trials, "
-                               "numbered from 0); check --trial")
-        if match[0].state != TS.COMPLETE:
-            raise RankoptError(f"trial {number} of study '{name}' is {match[0].state.name.lower()}; only complete "
-                               "trials have a final adapter: pick a complete one or omit --trial for the best")
-        return match[0], [], "chosen with --trial"
-    complete = [t for t in study.trials if t.state == TS.COMPLETE]
-    if not complete:
-        raise RankoptError(f"study '{name}' has no complete trial yet; run `rankopt tune` until one finishes")
-    objectives = study.user_attrs.get("objectives", ["metric"])
-    mi = objectives.index("metric") if "metric" in objectives else 0
-    sign = 1.0 if study.directions[mi] == optuna.study.StudyDirection.MAXIMIZE else -1.0
-    single = len(study.directions) == 1
-    pool = f"{len(complete)} complete trials" if single else f"the {len(study.best_trials)} Pareto-optimal trials"
-    if single and max_params is None:
-        return study.best_trial, [], f"best metric of {pool}"
-    candidates = complete if single else study.best_trials
-    notes, reason = [], f"best metric of {pool}"
-    if max_params is not None:
-        small = [t for t in candidates if t.user_attrs.get("adapter_params", float("inf")) <= max_params]
-        if small:
-            candidates, reason = small, f"best metric of {pool} with at most {max_params:,} adapter params"
-        else:
-            notes.append(f"no {'complete' if single else 'Pareto'} trial has at most {max_params:,} adapter "
-                         "params; exporting the best by metric instead")
-    return max(candidates, key=lambda t: sign * t.values[mi]), notes, reason
-
-
 def find_source(*, study: str | None = None, storage: str | None = None, tracking_uri: str | None = None,
-                trial: int | None = None, run_id: str | None = None, max_params: int | None = None) -> Source:
+                trial: int | None = None, run_id: str | None = None, max_params: int | None = None,
+                within: float | None = None) -> Source:
     """Resolve the CLI's choice (study + trial, or a run id) to an MLflow run."""
     from rankopt.search.trials import default_storage
     from rankopt.tracking.mlflow_runs import default_tracking_uri
 
+    check_within(within)
     if (study is None) == (run_id is None):
         raise RankoptError("pass --study NAME (its best trial, or --trial N) or --run-id ID, exactly one of them")
-    if run_id is not None and (trial is not None or max_params is not None):
-        raise RankoptError("--trial and --max-params choose within a study; they do not go with --run-id")
-    if trial is not None and max_params is not None:
-        raise RankoptError("pass --trial or --max-params, not both")
+    if run_id is not None and (trial is not None or max_params is not None or within is not None):
+        raise RankoptError("--trial, --max-params and --within choose within a study; they do not go with --run-id")
+    chosen_by = [flag for flag, value in (("--trial", trial), ("--max-params", max_params), ("--within", within))
+                 if value is not None]
+    if len(chosen_by) > 1:
+        raise RankoptError(f"pass {' or '.join(chosen_by)}, not both: each one chooses the trial")
     uri = tracking_uri or default_tracking_uri(runs_folder(storage))
     if run_id is not None:
         require_sqlite_file(uri, "MLflow tracking store", "--tracking-uri")
         return Source(run_id=run_id, tracking_uri=uri)
     found = load_study(study, storage or default_storage(runs_folder(None)))
-    chosen, notes, reason = select_trial(found, trial, max_params)
+    chosen, notes, reason = select_trial(found, trial, max_params, within)
     require_sqlite_file(uri, "MLflow tracking store", "--tracking-uri")
     mlflow_run = chosen.user_attrs.get("mlflow_run_id")
     if not mlflow_run:
@@ -201,7 +166,7 @@ def _command(out: Path, **opts: Any) -> str:
         flag = "--" + key.replace("_", "-")
         if value is True:
             parts.append(flag)
-        elif value not in (None, False):
+        elif value is not None and value is not False:  # 0 is a value (--within 0), False is an unset flag
             parts += [flag, mask_url(str(value))]
     parts += ["--out", str(out)]
     return " ".join(shlex.quote(p) for p in parts)
@@ -234,13 +199,14 @@ def check_mergeable(model_cfg) -> None:
 def export(out: str | Path, *, study: str | None = None, storage: str | None = None,
            tracking_uri: str | None = None, trial: int | None = None, run_id: str | None = None,
            merge: bool = False, force: bool = False, max_params: int | None = None,
-           register: str | None = None, command: str | None = None) -> ExportResult:
+           register: str | None = None, command: str | None = None, within: float | None = None) -> ExportResult:
     """Write the chosen trial's adapter (or merged model) to ``out``, with tokenizer, card and rankopt.json.
 
     Example:
         >>> from rankopt.outputs.export import export
         >>> export("best-sst2", study="sst2")  # doctest: +SKIP
         >>> export("sst2-merged", study="sst2", trial=3, merge=True, register="sst2-lora")  # doctest: +SKIP
+        >>> export("sst2-small", study="sst2", within=0.01)  # the smallest within 1 point  # doctest: +SKIP
     """
     from rankopt.tracking import mlflow_runs
     from rankopt.adapters.peft_format import atomic_folder, head_num_labels, read_adapter
@@ -252,9 +218,10 @@ def export(out: str | Path, *, study: str | None = None, storage: str | None = N
     if register is not None and not register.strip():
         raise RankoptError("--register needs a model name")
     command = command or _command(out, study=study, storage=storage, tracking_uri=tracking_uri, trial=trial,
-                                  run_id=run_id, max_params=max_params, merge=merge, force=force, register=register)
+                                  run_id=run_id, max_params=max_params, within=within, merge=merge, force=force,
+                                  register=register)
     source = find_source(study=study, storage=storage, tracking_uri=tracking_uri, trial=trial, run_id=run_id,
-                         max_params=max_params)
+                         max_params=max_params, within=within)
     client = mlflow_runs.client_for(source.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         folder, run = fetch_adapter(client, source.run_id, Path(tmp))
@@ -265,12 +232,15 @@ def export(out: str | Path, *, study: str | None = None, storage: str | None = N
             check_mergeable(model_cfg)
         num_labels = meta.get("num_labels") or head_num_labels(state, adapter_config.get("modules_to_save") or [])
         tokenizer = load_tokenizer(model_cfg.name, model_cfg.trust_remote_code)
-        model = _merged_model(model_cfg, task_type, num_labels, adapter_config, state) if merge else None
+        model = _merged_model(model_cfg, task_type, num_labels, adapter_config, state, meta) if merge else None
         ranks = _ranks_in_model_order(state, meta)
         metrics = run.data.metrics
         adapter_params = int(metrics["adapter_params"]) if "adapter_params" in metrics else None
-        card = _card(source, meta, adapter_config, ranks, num_labels, adapter_params,
-                     metrics.get("trainable_params"), command, merge, out)
+        test_metric, test_note = _test_score(source, run, meta, client, storage, from_study=study is not None)
+        shown = f"{test_metric:.4f} ({test_note})" if test_metric is not None else test_note
+        card = model_card_for(source, meta, adapter_config, ranks, num_labels, adapter_params,
+                     metrics.get("trainable_params"), command, merge, out, shown)
+        meta["test"] = {"metric": test_metric, "note": test_note}
         meta["export"] = {"source_run_id": source.run_id, "tracking_uri": mask_url(source.tracking_uri),
                           "study": source.study, "trial": source.trial, "params": source.params, "merged": merge,
                           "command": command, "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -287,18 +257,76 @@ def export(out: str | Path, *, study: str | None = None, storage: str | None = N
             if register:
                 registered = register_folder(client, source, dest, register.strip(), card, merge)
     return ExportResult(out=out, merged=merge, source=source, metric_name=meta.get("metric_name"),
-                        metric=meta.get("metric"), ranks=ranks, adapter_params=adapter_params, registered=registered)
+                        metric=meta.get("metric"), ranks=ranks, adapter_params=adapter_params, registered=registered,
+                        test_metric=test_metric, test_note=test_note)
+
+
+def _test_score(source: Source, run, meta: dict[str, Any], client, storage: str | None,
+                from_study: bool) -> tuple[float | None, str]:
+    """The exported trial's held-out score, and where it comes from (or why there is none).
+
+    A study's trial is scored once (:mod:`rankopt.search.holdout`): if tuning did not score it
+    (it was not the best, or the study predates test scores), it is scored now and recorded.
+    A run exported by id keeps the ``test_<metric>`` its run logged, if any.
+    """
+    from rankopt.search import holdout
+    from rankopt.search.trials import default_storage
+
+    metric = meta.get("metric_name")
+    if metric is None:
+        return None, "not measured"
+    if not from_study or source.trial is None:
+        value = run.data.metrics.get(f"test_{metric}")
+        split = run.data.tags.get("rankopt.test_split")
+        return (value, f"split '{split}'") if value is not None else (None, "not measured (export from a study "
+                                                                               "to score it on its test split)")
+    study = load_study(source.study, storage or default_storage(runs_folder(None)))
+    if source.trial not in holdout.recorded(study):
+        cfg = _study_config(study, meta)
+        trial = next(t for t in study.trials if t.number == source.trial)
+        if cfg is not None:
+            try:
+                holdout.score_trials(study, cfg, [trial], client)
+            except RankoptError as exc:  # the data moved or went away: the export itself still stands
+                return None, f"not measured ({exc})"
+    entry = holdout.recorded(study).get(source.trial)
+    if entry is None:
+        return None, holdout.note(study) or "not measured"
+    return entry["metrics"].get(metric), f"{entry['examples']:,} examples of split '{entry['split']}'"
+
+
+def _study_config(study, meta: dict[str, Any]):
+    """The config a study was tuned with (stored on it), else the one in the adapter's rankopt.json."""
+    from rankopt.config import Config
+    from rankopt.search.studies import CONFIG_ATTR
+
+    for raw in (study.user_attrs.get(CONFIG_ATTR), meta.get("config")):
+        if isinstance(raw, dict):
+            try:
+                return Config.model_validate(raw)
+            except Exception:  # noqa: BLE001 - a config from another rankopt version
+                continue
+    return None
 
 
 def _merged_model(model_cfg, task_type: str, num_labels: int | None, adapter_config: dict[str, Any],
-                  state: dict):
-    """The base model (loaded by rankopt.tasks.modeling) with the adapter folded into its weights."""
+                  state: dict, meta: dict[str, Any]):
+    """The base model (loaded by rankopt.tasks.modeling) with the adapter folded into its weights.
+
+    The task's label names and problem type (from rankopt.json) go on its config, so the saved
+    model predicts ``topic names``, not ``LABEL_0``.
+    """
     from rankopt.adapters.peft_format import merge_adapter
-    from rankopt.tasks.modeling import load_pretrained
+    from rankopt.tasks.modeling import load_pretrained, name_labels
 
     if num_labels is None and task_type != "causal_lm":
         raise RankoptError("cannot tell the number of labels of this adapter's head; export without --merge")
-    return merge_adapter(load_pretrained(model_cfg, num_labels or 0, task_type), adapter_config, state)
+    model = load_pretrained(model_cfg, num_labels or 0, task_type)
+    if task_type != "causal_lm":
+        name_labels(model, meta.get("id2label"))
+        if meta.get("problem_type"):
+            model.config.problem_type = meta["problem_type"]
+    return merge_adapter(model, adapter_config, state)
 
 
 def _ranks_in_model_order(state: dict, meta: dict[str, Any]) -> dict[str, int]:
@@ -307,47 +335,6 @@ def _ranks_in_model_order(state: dict, meta: dict[str, Any]) -> dict[str, int]:
     ranks = adapter_ranks(state)
     order = [n for n in (meta.get("ranks") or {}) if n in ranks]  # rankopt wrote them in the model's order
     return {n: ranks[n] for n in order} | ranks
-
-
-def _card(source: Source, meta: dict[str, Any], adapter_config: dict[str, Any], ranks: dict[str, int],
-          num_labels: int | None, adapter_params: int | None, trainable: float | None, command: str,
-          merged: bool, out: Path) -> str:
-    from rankopt.adapters.peft_format import model_card
-
-    task = (meta.get("config") or {}).get("task", {}).get("name", "rankopt")
-    origin = f"study {source.study}, trial {source.trial}" if source.study else f"run {source.run_id[:8]}"
-    return model_card(title=f"{task} ({origin})", base_model=adapter_config.get("base_model_name_or_path", "?"),
-                      ranks=ranks, metric_name=meta.get("metric_name"), metric=meta.get("metric"),
-                      found_by=_card_rows(source, adapter_params, trainable), how=_provenance(source),
-                      command=command, merged=merged, num_labels=num_labels, folder_name=str(out),
-                      task_type=adapter_config.get("task_type") or "SEQ_CLS")
-
-
-def _card_rows(source: Source, adapter_params: int | None, trainable: float | None) -> list[tuple[str, str]]:
-    rows = []
-    if adapter_params is not None:
-        rows.append(("adapter parameters", f"{adapter_params:,}"))
-    if trainable is not None:
-        rows.append(("trainable parameters (adapter + head)", f"{int(trainable):,}"))
-    if source.study:
-        rows.append(("Optuna study", f"`{source.study}`"))
-    if source.trial is not None:
-        rows.append(("trial", f"{source.trial} ({source.reason})"))
-    if source.params:
-        rows.append(("trial params", ", ".join(f"`{k}={_short(v)}`" for k, v in source.params.items())))
-    rows.append(("MLflow run", f"`{source.run_id}`"))
-    return rows
-
-
-def _provenance(source: Source) -> str:
-    if source.study and source.trial is not None:
-        return (f"The Optuna study `{source.study}` ran one fine-tune per trial, each logged as an MLflow run; "
-                f"trial {source.trial} was taken ({source.reason}).")
-    return f"One rankopt fine-tune, logged as MLflow run `{source.run_id}`."
-
-
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def register_folder(client, source: Source, folder: Path, name: str, description: str,

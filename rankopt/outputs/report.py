@@ -23,6 +23,8 @@ from typing import Any
 
 from rankopt.errors import RankoptError
 from rankopt.outputs.export import require_sqlite_file, runs_folder, load_study, select_trial
+from rankopt.search import holdout
+from rankopt.search.selection import check_within
 from rankopt.tracking.urls import mask_url
 
 HTML_NAME = "report.html"
@@ -49,6 +51,7 @@ class TrialRow:
     trainable_params: int | None
     ranks: dict[str, int]
     params: dict[str, Any]
+    test_metric: float | None = None  # on the held-out test split, for the trials scored after the study
 
 
 @dataclass
@@ -62,11 +65,14 @@ class ReportResult:
     counts: dict[str, int]
     run_id: str | None = None  # the parent MLflow run that holds ``report/``
     notes: list[str] = field(default_factory=list)
+    smallest_trial: int | None = None  # with ``within``: the fewest adapter params within DELTA of the best
 
 
 def report(study: str, storage: str | None = None, tracking_uri: str | None = None, out: str | Path | None = None,
-           force: bool = False) -> ReportResult:
+           force: bool = False, within: float | None = None) -> ReportResult:
     """Write ``report.html`` (figures inlined) and its PNGs to ``out`` and log them to the study's MLflow run.
+
+    ``within`` DELTA marks the trial ``rankopt export --within DELTA`` would take.
 
     Example:
         >>> import rankopt
@@ -79,24 +85,29 @@ def report(study: str, storage: str | None = None, tracking_uri: str | None = No
     out = Path(out) if out is not None else runs_folder(storage) / "reports" / _folder_name(study)
     if out.exists() and not force:
         raise RankoptError(f"{out} already exists; choose another --out or pass --force to replace it")
+    check_within(within)
     found = load_study(study, storage or default_storage(runs_folder(None)))
     best, _, _ = select_trial(found)
+    smallest = select_trial(found, within=within)[0] if within is not None else None
     uri = tracking_uri or default_tracking_uri(runs_folder(storage))
     notes: list[str] = []
     client, parent = _tracking(found, best, uri, notes)
     history = _rank_history(client, best, notes)
     rows = [_row(t, found) for t in found.trials]
+    for row in rows:
+        row.test_metric = holdout.score_of(found, row.number, _metric_name(found))
     counts = {s: sum(r.state == s for r in rows) for s in ("complete", "pruned", "failed", "running", "waiting")}
     from rankopt.adapters.peft_format import atomic_folder
 
     with atomic_folder(out, force=force) as dest:
         figures = _figures(found, rows, best.number, history, dest, notes)
-        page = _page(found, rows, best, counts, {name: dest / name for name in figures}, parent, notes)
+        page = _page(found, rows, best, counts, {name: dest / name for name in figures}, parent, notes,
+                     (smallest, within) if smallest is not None else None)
         (dest / HTML_NAME).write_text(page, encoding="utf-8")
     if client is not None and parent is not None:
         client.log_artifacts(parent, str(out), "report")
     return ReportResult(html=out / HTML_NAME, study=study, best_trial=best.number, figures=figures, counts=counts,
-                        run_id=parent, notes=notes)
+                        run_id=parent, notes=notes, smallest_trial=smallest.number if smallest is not None else None)
 
 
 def _folder_name(study: str) -> str:
@@ -237,7 +248,7 @@ def _metric_name(study) -> str:
 
 
 def _page(study, rows: list[TrialRow], best, counts: dict[str, int], figures: dict[str, Path],
-          parent: str | None, notes: list[str]) -> str:
+          parent: str | None, notes: list[str], smallest=None) -> str:
     """The HTML, every value escaped by Jinja's autoescape, every figure a base64 data URI."""
     import jinja2
 
@@ -246,11 +257,20 @@ def _page(study, rows: list[TrialRow], best, counts: dict[str, int], figures: di
     summary = [("study", study.study_name),
                ("trials", ", ".join(shown)),
                ("best trial", str(best.number)),
-               (_metric_name(study), _fmt(best_row.metric)),
+               (f"{_metric_name(study)} (validation, chose the trial)", _fmt(best_row.metric)),
+               (f"{_metric_name(study)} (test, held out)", _test_cell(study, best_row)),
                ("total rank", _fmt(best_row.total_rank)),
                ("adapter params", _fmt(best_row.adapter_params)),
                ("trainable params (adapter + head)", _fmt(best_row.trainable_params)),
                ("parameters", ", ".join(f"{k}={_fmt(v)}" for k, v in best.params.items()) or "-")]
+    small_number = None
+    if smallest is not None:
+        trial, within = smallest
+        small_number = trial.number
+        row = next(r for r in rows if r.number == trial.number)
+        summary.append((f"smallest within {within:g} of the best",
+                        f"trial {row.number}: {_metric_name(study)} {_fmt(row.metric)}, test {_test_cell(study, row)}, "
+                        f"{_fmt(row.adapter_params)} adapter params"))
     if parent:
         summary.append(("MLflow parent run", parent))
     images = [{"name": name, "caption": FIGURES[name],
@@ -258,7 +278,16 @@ def _page(study, rows: list[TrialRow], best, counts: dict[str, int], figures: di
               for name, path in figures.items()]
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     return env.from_string(TEMPLATE).render(study=study.study_name, summary=summary, images=images, notes=notes,
-                                            rows=rows, best=best.number, metric=_metric_name(study), fmt=_fmt)
+                                            rows=rows, best=best.number, metric=_metric_name(study), fmt=_fmt,
+                                            smallest=small_number)
+
+
+def _test_cell(study, row: TrialRow) -> str:
+    """The row's test score, or why there is none ("no test split", "not scored": only selected trials are)."""
+    if row.test_metric is not None:
+        return _fmt(row.test_metric)
+    note = holdout.note(study)
+    return note if note and note.startswith("no test split") else "not scored"
 
 
 def _fmt(value: Any) -> str:
@@ -277,7 +306,7 @@ TEMPLATE = """<!DOCTYPE html>
 <style>
 body { font-family: system-ui, sans-serif; max-width: 960px; margin: 2em auto; padding: 0 1em; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; } td, th { border: 1px solid #ccc; padding: .25em .6em; }
-th { background: #f4f4f4; text-align: left; } tr.best { background: #fff4d6; }
+th { background: #f4f4f4; text-align: left; } tr.best { background: #fff4d6; } tr.smallest { background: #e3f4e1; }
 figure { margin: 2em 0; } img { max-width: 100%; } figcaption { color: #555; font-size: .9em; }
 .note { color: #8a5a00; }
 </style></head><body>
@@ -291,10 +320,10 @@ figure { margin: 2em 0; } img { max-width: 100%; } figcaption { color: #555; fon
 <img src="{{ image.src }}" alt="{{ image.name }}"><figcaption>{{ image.caption }}</figcaption></figure>
 {% endfor %}
 <h2>All trials</h2>
-<table id="trials"><tr><th>trial</th><th>state</th><th>{{ metric }}</th><th>total rank</th><th>budget</th>
+<table id="trials"><tr><th>trial</th><th>state</th><th>{{ metric }}</th><th>test {{ metric }}</th><th>total rank</th><th>budget</th>
 <th>adapter params</th><th>parameters</th></tr>
-{% for r in rows %}<tr{% if r.number == best %} class="best"{% endif %}><td>{{ r.number }}</td><td>{{ r.state }}</td>
-<td>{{ fmt(r.metric) }}</td><td>{{ fmt(r.total_rank) }}</td><td>{{ fmt(r.budget) }}</td>
+{% for r in rows %}<tr{% if r.number == best %} class="best"{% elif r.number == smallest %} class="smallest"{% endif %}><td>{{ r.number }}{% if r.number == smallest %} (smallest within the margin){% endif %}</td><td>{{ r.state }}</td>
+<td>{{ fmt(r.metric) }}</td><td>{{ fmt(r.test_metric) }}</td><td>{{ fmt(r.total_rank) }}</td><td>{{ fmt(r.budget) }}</td>
 <td>{{ fmt(r.adapter_params) }}</td><td>{% for k, v in r.params.items() %}{{ k }}={{ fmt(v) }} {% endfor %}</td></tr>
 {% endfor %}</table>
 </body></html>

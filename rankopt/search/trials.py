@@ -131,6 +131,8 @@ class TrialSummary:
     ranks: dict[str, int] = field(default_factory=dict)
     trainable_params: int | None = None
     run_id: str | None = None
+    adapter_params: int | None = None
+    test_metric: float | None = None  # on the held-out test split, scored once after the study
 
     @property
     def metric(self) -> float | None:
@@ -156,6 +158,11 @@ class TuneResult:
     n_failed: int
     parent_run_id: str | None
     study: optuna.Study = field(repr=False, default=None)
+    metric_name: str = "metric"
+    test_note: str | None = None  # which split scored the best trial(s), or why none did
+    within: float | None = None  # the DELTA of ``smallest``
+    smallest: TrialSummary | None = None  # fewest adapter params within ``within`` of the best
+    artifacts: str | None = None  # where the study's MLflow experiment keeps its files
 
 
 def summarize(trial: optuna.trial.FrozenTrial) -> TrialSummary:
@@ -163,7 +170,8 @@ def summarize(trial: optuna.trial.FrozenTrial) -> TrialSummary:
     return TrialSummary(number=trial.number, state=trial.state.name.lower(), values=trial.values,
                         params=trial.params, total_rank=attrs.get("total_rank"),
                         ranks=json.loads(attrs["ranks"]) if "ranks" in attrs else {},
-                        trainable_params=attrs.get("trainable_params"), run_id=attrs.get("mlflow_run_id"))
+                        trainable_params=attrs.get("trainable_params"), run_id=attrs.get("mlflow_run_id"),
+                        adapter_params=attrs.get("adapter_params"))
 
 
 def best_trials(study: optuna.Study) -> list[TrialSummary]:

@@ -20,7 +20,9 @@ from rankopt.errors import RankoptError
 from rankopt.training.events import Callback
 from rankopt.tasks.modeling import resolve_model_path
 from rankopt.search.trials import (ReportToTrial, TuneResult, best_trials, default_storage, make_pruner, make_sampler,
-                            objective_directions, suggest, trial_config)
+                            objective_directions, suggest, summarize, trial_config)
+from rankopt.search import holdout
+from rankopt.search.selection import check_within, smallest_within
 from rankopt.search.studies import (CONFIG_ATTR, LIMIT_ATTR, StaleTrialHandler, open_storage, retried_from,
                              tally)
 from rankopt.training.memory import release_memory
@@ -75,7 +77,7 @@ class Objective:
         try:
             cfg = trial_config(self.base, values)
             data = prepare_data(cfg)
-            adapted = build_model(cfg, data.num_labels)
+            adapted = build_model(cfg, data.num_labels, data.label_names)
         except RankoptError as exc:
             reason = mask_text(str(exc))
             trial.set_user_attr("fail_reason", reason)
@@ -189,7 +191,7 @@ def start_tracking(study: optuna.Study, cfg: Config, tracking_uri: str | None, o
     from rankopt.tracking import mlflow_runs
 
     client = mlflow_runs.client_for(tracking_uri or mlflow_runs.default_tracking_uri(out))
-    exp_id = mlflow_runs.ensure_experiment(client, cfg.task.name, out / "mlartifacts" if not tracking_uri else None)
+    exp_id = mlflow_runs.ensure_experiment(client, cfg.task.name, mlflow_runs.artifact_root(tracking_uri, out))
     tracker = mlflow_runs.StudyTracker(client, exp_id, study.study_name, base_model=resolve_model_path(cfg.model.name))
     parent = tracker.start_study(study.user_attrs.get("mlflow_parent_run_id"),
                                  {"study": study.study_name, "preset": cfg.task.name,
@@ -246,8 +248,12 @@ def prepare_study(preset: str | Config, overrides: dict[str, Any] | list[str] | 
 
 
 def run_trials(prepared: PreparedStudy, *, timeout: float | None = None, callbacks_for_trial=None,
-               on_trial_end=None) -> TuneResult:
-    """Run the prepared study's trials in this process, then close its parent run."""
+               on_trial_end=None, within: float | None = None) -> TuneResult:
+    """Run the prepared study's trials in this process, score the selected ones on the test split, close the parent run.
+
+    The selected trials are the best (or the Pareto set) and, with ``within``, the smallest
+    trial within that DELTA of the best (:func:`rankopt.search.selection.smallest_within`).
+    """
     study, cfg, tracker = prepared.study, prepared.cfg, prepared.tracker
     objective = Objective(cfg, tracker, callbacks_for_trial, checkpoints=prepared.checkpoints)
     status = "FINISHED"
@@ -255,32 +261,60 @@ def run_trials(prepared: PreparedStudy, *, timeout: float | None = None, callbac
         if prepared.trials > 0:
             study.optimize(objective, n_trials=prepared.trials, timeout=timeout, catch=(Exception,),
                            callbacks=[on_trial_end] if on_trial_end else None)
+        best = best_trials(study)
+        smallest = smallest_within(study, within)[0] if within is not None and best else None
+        # after the search, never during it: the selected trial(s) once on the held-out split
+        wanted = {b.number for b in best} | ({smallest.number} if smallest else set())
+        selected = [t for t in study.trials if t.number in wanted]
+        scores = holdout.score_trials(study, cfg, selected, tracker.client if tracker else None,
+                                      tracker.parent_run_id if tracker else None)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
         if tracker is not None:
             tracker.end_study(study, status)
+    smallest_summary = summarize(smallest) if smallest is not None else None
+    for summary in [*best, *([smallest_summary] if smallest_summary else [])]:
+        summary.test_metric = (scores.get(summary.number) or {}).get("metrics", {}).get(cfg.task.metric)
+    test_note = holdout.note(study)
+    if tracker is None and test_note and test_note.startswith("split"):
+        test_note = "not scored: tracking is off, so no adapter was logged to score"
     states = [t.state for t in study.trials]
     TS = optuna.trial.TrialState
     return TuneResult(study_name=study.study_name, storage=_mask(prepared.storage),
-                      objectives=list(cfg.search.objectives), best=best_trials(study),
+                      objectives=list(cfg.search.objectives), best=best,
                       n_complete=states.count(TS.COMPLETE), n_pruned=states.count(TS.PRUNED),
                       n_failed=states.count(TS.FAIL), parent_run_id=tracker.parent_run_id if tracker else None,
-                      study=study)
+                      study=study, metric_name=cfg.task.metric, test_note=test_note, within=within,
+                      smallest=smallest_summary, artifacts=_artifacts(tracker))
+
+
+def _artifacts(tracker) -> str | None:
+    """Where the study's experiment keeps trial artifacts, to tell the user (None without tracking)."""
+    if tracker is None:
+        return None
+    from rankopt.tracking.mlflow_runs import artifact_folder
+
+    return artifact_folder(tracker.client, tracker.experiment_id)
 
 
 def tune(preset: str | Config, overrides: dict[str, Any] | list[str] | None = None, *, n_trials: int | None = None,
          timeout: float | None = None, study_name: str | None = None, storage: str | None = None,
          tracking_uri: str | None = None, data_dir: str | None = None, out: str | Path = "runs",
-         track: bool = True, callbacks_for_trial=None, on_trial_end=None) -> TuneResult:
+         track: bool = True, callbacks_for_trial=None, on_trial_end=None, within: float | None = None) -> TuneResult:
     """Run (or resume) an Optuna study over adaptive-rank fine-tunes of one preset.
+
+    ``within`` DELTA also picks (and scores on the test split) the trial with the fewest adapter
+    params whose metric is within DELTA of the best: ``result.smallest``.
 
     Example:
         >>> import rankopt
         >>> result = rankopt.tune("demo", n_trials=2)  # doctest: +SKIP
         >>> result.best[0].metric, result.best[0].total_rank  # doctest: +SKIP
     """
+    check_within(within)  # a bad DELTA fails before anything is written
     prepared = prepare_study(preset, overrides, n_trials=n_trials, study_name=study_name, storage=storage,
                              tracking_uri=tracking_uri, data_dir=data_dir, out=out, track=track)
-    return run_trials(prepared, timeout=timeout, callbacks_for_trial=callbacks_for_trial, on_trial_end=on_trial_end)
+    return run_trials(prepared, timeout=timeout, callbacks_for_trial=callbacks_for_trial, on_trial_end=on_trial_end,
+                      within=within)

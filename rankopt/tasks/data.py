@@ -20,7 +20,11 @@ FILE_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "par
 
 @dataclass
 class TaskData:
-    """Tokenized train and evaluation sets, ready for a DataLoader (``num_labels`` is 0 for causal LM)."""
+    """Tokenized train and evaluation sets, ready for a DataLoader (``num_labels`` is 0 for causal LM).
+
+    ``test`` is the held-out split (tokenized like ``eval``) or None, ``test_note`` says which split
+    it is or why there is none. The trainer never reads it: only the selected trials are scored on it.
+    """
 
     train: datasets.Dataset
     eval: datasets.Dataset
@@ -32,6 +36,8 @@ class TaskData:
     @property
     def training_collator(self):
         return self.train_collator or self.collator
+    test: datasets.Dataset | None = None
+    test_note: str = "no test split"
 
 
 def _split_file(folder: Path, split: str) -> Path | None:
@@ -55,6 +61,13 @@ def _load_local(task: TaskConfig) -> datasets.DatasetDict:
             raise RankoptError(f"no '{split}' file (.jsonl/.json/.csv/.parquet) in {folder}; add one or set "
                                f"task.{'train' if role == 'train' else 'eval'}_split")
         files[role] = path
+    if task.test_split:
+        test = _split_file(folder, task.test_split)
+        if test is not None and test != files["eval"]:
+            files["test"] = test
+        elif test is None and task.test_split != "test":
+            raise RankoptError(f"no '{task.test_split}' file (.jsonl/.json/.csv/.parquet) in {folder}; add one or "
+                               "set task.test_split (null for none)")
     out = {}
     for role, path in files.items():
         try:
@@ -76,7 +89,13 @@ def _load_hub(task: TaskConfig) -> datasets.DatasetDict:
     if missing:
         raise RankoptError(f"dataset '{name}' has no split {missing[0]!r} (it has {sorted(loaded)}); "
                            "set task.train_split / task.eval_split")
-    return datasets.DatasetDict({"train": loaded[task.train_split], "eval": loaded[task.eval_split]})
+    out = {"train": loaded[task.train_split], "eval": loaded[task.eval_split]}
+    if task.test_split in loaded and task.test_split != task.eval_split:
+        out["test"] = loaded[task.test_split]
+    elif task.test_split and task.test_split != "test" and task.test_split not in loaded:
+        raise RankoptError(f"dataset '{name}' has no split {task.test_split!r} (it has {sorted(loaded)}); "
+                           "set task.test_split (null for none)")
+    return datasets.DatasetDict(out)
 
 
 def _load_builtin(task: TaskConfig) -> datasets.DatasetDict:
@@ -96,6 +115,8 @@ def load_raw(task: TaskConfig) -> datasets.DatasetDict:
     else:
         raw = _load_hub(task)
     for role, split in raw.items():
+        if role == "test":
+            continue  # a test split without labels is no test split (see _labelled_test), not an error
         missing = [c for c in task.columns() if c not in split.column_names]
         if missing:
             keys = "task.prompt_column / task.response_column" if task.type == "causal_lm" else \
@@ -109,6 +130,35 @@ def _subsample(ds: datasets.Dataset, limit: int | None, seed: int) -> datasets.D
     if limit is None or limit >= len(ds):
         return ds
     return ds.shuffle(seed=seed).select(range(limit))
+
+
+def _missing_label(value, task_type: str) -> bool:
+    """GLUE's hub test splits hold -1 where the label is secret; files may leave it empty."""
+    if value is None or value == "":
+        return True
+    return task_type != "causal_lm" and not isinstance(value, str) and value == -1
+
+
+def _labelled_test(task: TaskConfig, test: datasets.Dataset | None) -> tuple[datasets.Dataset | None, str]:
+    """The raw test split if it can score a model, and a note saying which split it is or why there is none."""
+    if not task.test_split:
+        return None, "no test split (task.test_split is null)"
+    if test is None:
+        if task.data_dir and task.eval_split == "validation" and task.test_split == "test" and \
+                _split_file(Path(task.data_dir), "validation") is None and _split_file(Path(task.data_dir), "test"):
+            return None, "no test split (the test file serves as validation: there is no validation file)"
+        return None, f"no test split (the data has no '{task.test_split}' split)"
+    label = task.response_column if task.type == "causal_lm" else task.label_column
+    missing = [c for c in task.columns() if c not in test.column_names]
+    if missing and missing != [label]:
+        raise RankoptError(f"test data has no column {missing[0]!r} (columns: {', '.join(test.column_names)}); "
+                           "set task.test_split=null or fix the file")
+    if missing or all(_missing_label(v, task.type) for v in test[label]):
+        return None, f"no test split ('{task.test_split}' has no labels)"
+    if any(_missing_label(v, task.type) for v in test[label]):
+        raise RankoptError(f"some rows of the '{task.test_split}' split have no label; drop them, or set "
+                           "task.test_split=null")
+    return test, f"split '{task.test_split}'"
 
 
 def _label_space(task: TaskConfig, raw: datasets.DatasetDict) -> tuple[int, list[str] | None, dict | None]:
@@ -125,7 +175,11 @@ def _label_space(task: TaskConfig, raw: datasets.DatasetDict) -> tuple[int, list
     num = max(values) + 1
     if task.num_labels and task.num_labels < num:
         raise RankoptError(f"task.num_labels={task.num_labels} but labels go up to {num - 1}; raise task.num_labels")
-    return task.num_labels or num, None, None
+    feature = raw["train"].features.get(task.label_column)
+    names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None  # a hub dataset's names
+    if names is not None and len(names) != (task.num_labels or num):
+        names = None
+    return task.num_labels or num, names, None
 
 
 def prompt_response_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str,
@@ -167,20 +221,32 @@ def _prepare_causal_lm(task: TaskConfig, raw: datasets.DatasetDict, tokenizer: P
         train = pack(train, task.max_length)
         train_collator = PackedCollator(tokenizer.pad_token_id or 0)
     return TaskData(train=train, eval=tokenized["eval"], num_labels=0, label_names=None,
-                    collator=collator, train_collator=train_collator)
+                    collator=collator, train_collator=train_collator,
+                    test=tokenized.get("test"))
 
 
 def prepare(task: TaskConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> TaskData:
     """Load, check, subsample and tokenize the task's data (once; reuse the result across trials)."""
     raw = load_raw(task)
+    test, test_note = _labelled_test(task, raw.get("test"))
     raw = datasets.DatasetDict({
         "train": _subsample(raw["train"], task.max_train_samples, seed),
         "eval": _subsample(raw["eval"], task.max_eval_samples, seed),
     })
+    if test is not None:
+        raw["test"] = _subsample(test, task.max_test_samples, seed)
     if task.type == "causal_lm":
-        return _prepare_causal_lm(task, raw, tokenizer)
+        data = _prepare_causal_lm(task, raw, tokenizer)
+        data.test_note = test_note
+        return data
     num_labels, names, to_id = _label_space(task, raw)
     cols = task.text_columns
+    if test is not None and task.type == "classification":
+        known = set(to_id) if to_id is not None else set(range(num_labels))
+        unseen = sorted(set(raw["test"][task.label_column]) - known, key=str)
+        if unseen:
+            raise RankoptError(f"the '{task.test_split}' split has label {unseen[0]!r}, which train and validation "
+                               "never show; fix the data or set task.test_split=null")
 
     def encode(batch: dict) -> dict:
         texts = [[str(t) for t in batch[c]] for c in cols]
@@ -197,5 +263,6 @@ def prepare(task: TaskConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0)
         role: split.map(encode, batched=True, remove_columns=split.column_names) for role, split in raw.items()
     }
     return TaskData(train=tokenized["train"], eval=tokenized["eval"], num_labels=num_labels,
-                    label_names=names, collator=DataCollatorWithPadding(tokenizer))
+                    label_names=names, collator=DataCollatorWithPadding(tokenizer), test=tokenized.get("test"),
+                    test_note=test_note)
 

@@ -106,6 +106,21 @@ def _load(path: str, task_type: str, num_labels: int, trust_remote_code: bool, d
     return model.eval()
 
 
+def name_labels(model: nn.Module, label_names: list[str] | dict | None) -> None:
+    """Put the task's label names on the model's config (``id2label`` / ``label2id``).
+
+    Without them a saved model predicts ``LABEL_0 .. LABEL_K``; with them a pipeline or a
+    serving engine returns the task's own names. ``label_names`` is a list (id order) or an
+    ``{id: name}`` map as read back from JSON (keys may be strings).
+    """
+    if not label_names:
+        return
+    items = enumerate(label_names) if isinstance(label_names, list) else label_names.items()
+    id2label = {int(i): str(name) for i, name in items}
+    model.config.id2label = id2label
+    model.config.label2id = {name: i for i, name in id2label.items()}
+
+
 def load_pretrained(cfg: ModelConfig, num_labels: int, task_type: str = "classification",
                     device: str = "cpu") -> nn.Module:
     """A fresh copy of the pretrained model for ``task_type`` (the base weights are loaded once per process).

@@ -20,6 +20,35 @@ def default_tracking_uri(out: Path) -> str:
     return f"sqlite:///{(Path(out) / 'mlflow.db').resolve()}"
 
 
+def artifact_root(tracking_uri: str | None, out: Path) -> Path | None:
+    """Where new experiments keep their artifacts (plots, adapters), for stores that do not decide it.
+
+    A tracking server (http, databricks) and a file store choose for themselves: None. Without a
+    server MLflow would put them in ``./mlruns`` of whatever folder the command was started from;
+    instead they go beside the SQLite database (``runs/mlflow.db`` -> ``runs/mlartifacts``), or under
+    ``--out`` for another database (PostgreSQL, MySQL) or an in-memory SQLite.
+    """
+    if tracking_uri is None:
+        return (Path(out) / "mlartifacts").resolve()
+    scheme = tracking_uri.split(":", 1)[0].split("+")[0].lower()
+    if scheme in ("http", "https", "databricks", "file"):
+        return None
+    if scheme == "sqlite":
+        path = tracking_uri[len("sqlite:///"):] if tracking_uri.startswith("sqlite:///") else ""
+        if path and path != ":memory:":
+            return (Path(path).parent / "mlartifacts").resolve()
+    return (Path(out) / "mlartifacts").resolve()
+
+
+def artifact_folder(client, experiment_id: str) -> str:
+    """The experiment's artifact location as a user reads it: a path for local files, else the URI."""
+    from urllib.parse import unquote, urlsplit
+
+    location = client.get_experiment(experiment_id).artifact_location
+    parts = urlsplit(location)
+    return unquote(parts.path) if parts.scheme in ("file", "") else location
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{'a': {'b': 1}}`` -> ``{'a.b': 1}``, the form MLflow params take."""
     flat: dict[str, Any] = {}

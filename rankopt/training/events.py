@@ -38,6 +38,7 @@ class TrainResult:
     seconds: float
     adapted: Any = field(repr=False, default=None)  # the AdaptedModel, for export
     run_id: str | None = None  # the MLflow run, when tracked
+    artifacts: str | None = None  # where that run's experiment keeps its files (a folder, or a server's URI)
 
     @property
     def total_rank(self) -> int:

@@ -79,20 +79,41 @@ class TrialProgress:
 
 
 def print_tune_result(result, console: Console | None = None) -> None:
-    """The best trial (or the Pareto set) as a table on stdout."""
+    """The best trial (or the Pareto set) as a table on stdout, its validation metric beside its test score.
+
+    With ``--within`` the smallest good trial gets a row too (marked), unless it is already listed.
+    """
     from rich.table import Table
 
-    console = console or Console(width=None if Console().is_terminal else 160)
-    title = "Pareto set" if len(result.objectives) > 1 else "best trial"
-    table = Table(title=f"study {result.study_name}: {title}  ({result.n_complete} complete, "
-                        f"{result.n_pruned} pruned, {result.n_failed} failed)")
-    for col in ("trial", "metric", "budget (total rank)", "per-layer ranks", "trainable params", "mlflow run"):
-        table.add_column(col, no_wrap=True)
-    for t in result.best:
-        table.add_row(str(t.number), f"{t.metric:.4f}" if t.metric is not None else "-", str(t.total_rank),
-                      t.rank_summary(), f"{t.trainable_params:,}" if t.trainable_params else "-", t.run_id or "-")
+    console = console or Console(width=None if Console().is_terminal else 200)  # piped: one line per row
     if not result.best:
         console.print(f"study {result.study_name}: no complete trial yet "
                       f"({result.n_pruned} pruned, {result.n_failed} failed)")
         return
+    title = "Pareto set" if len(result.objectives) > 1 else "best trial"
+    table = Table(title=f"study {result.study_name}: {title}  ({result.n_complete} complete, "
+                        f"{result.n_pruned} pruned, {result.n_failed} failed)")
+    metric = getattr(result, "metric_name", "metric")
+    note = getattr(result, "test_note", None)
+    smallest, within = getattr(result, "smallest", None), getattr(result, "within", None)
+    no_test = note is None or note.startswith("no test split")
+    columns = ["trial", f"validation {metric}", f"test {metric}", "budget (total rank)", "per-layer ranks",
+               "adapter params", "trainable params", "mlflow run"]
+    for col in columns + (["chosen"] if smallest else []):
+        table.add_column(col, no_wrap=True)
+    rows = list(result.best)
+    if smallest is not None and smallest.number not in {t.number for t in rows}:
+        rows.append(smallest)
+    for t in rows:
+        test = f"{t.test_metric:.4f}" if t.test_metric is not None else ("no test split" if no_test else "-")
+        cells = [str(t.number), f"{t.metric:.4f}" if t.metric is not None else "-", test, str(t.total_rank),
+                 t.rank_summary(), f"{t.adapter_params:,}" if t.adapter_params else "-",
+                 f"{t.trainable_params:,}" if t.trainable_params else "-", t.run_id or "-"]
+        if smallest is not None:
+            marks = (["best"] if t is result.best[0] else []) + \
+                    ([f"smallest within {within:g}"] if t.number == smallest.number else [])
+            cells.append(", ".join(marks))
+        table.add_row(*cells)
+    if note:
+        table.caption = f"test: {note}; the validation metric chose the trial, the test split was not used in the search"
     console.print(table)

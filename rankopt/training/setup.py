@@ -14,7 +14,7 @@ from torch import nn
 from rankopt.adapters.model import AdaptedModel, adapt, find_head
 from rankopt.config import Config
 from rankopt.tasks.data import TaskData, prepare
-from rankopt.tasks.modeling import load_pretrained, load_tokenizer
+from rankopt.tasks.modeling import load_pretrained, load_tokenizer, name_labels
 from rankopt.training.precision import keep_head_float32
 
 
@@ -46,21 +46,26 @@ def _reset_head(model: nn.Module, heads: list[str], seed: int) -> None:
                         module.bias.zero_()
 
 
-def load_base(cfg: Config, num_labels: int) -> nn.Module:
-    """A fresh copy of the pretrained model with its task head drawn from ``cfg.training.seed``."""
+def load_base(cfg: Config, num_labels: int, label_names: list[str] | None = None) -> nn.Module:
+    """A fresh copy of the pretrained model with its task head drawn from ``cfg.training.seed``.
+
+    ``label_names`` (the task's, in id order) go on the model's config, and from there into
+    every adapter and merged model exported from this run.
+    """
     from rankopt.devices import check_device
 
     check_device(cfg.training.device)  # a device this machine lacks fails here, in one line
     model = load_pretrained(cfg.model, num_labels, cfg.task.type, cfg.training.device)
+    name_labels(model, label_names)
     heads = find_head(model)
     keep_head_float32(model, heads)  # trained in float32 whatever the base's dtype
     _reset_head(model, heads, cfg.training.seed)
     return model
 
 
-def build_model(cfg: Config, num_labels: int) -> AdaptedModel:
+def build_model(cfg: Config, num_labels: int, label_names: list[str] | None = None) -> AdaptedModel:
     """The pretrained model with adapters on its target layers, checked against the rank budget."""
-    model = load_base(cfg, num_labels)
+    model = load_base(cfg, num_labels, label_names)
     adapted = adapt(model, cfg.model.target_modules, cfg.adapter.init_rank, cfg.adapter.alpha,
                     cfg.adapter.dropout, seed=cfg.training.seed, rslora=cfg.adapter.rslora)
     cfg.budget(len(adapted.adapters))  # raises when the budget cannot be met
