@@ -65,3 +65,19 @@ def test_layers_without_gradients_are_left_out():
     tracker = SensitivityTracker(0.85, 0.85)
     tracker.update(layers)
     assert layers[2] not in tracker.ema and len(tracker.ema) == 5
+
+
+def test_penalty_gradient_is_exactly_zero_on_factors_orthonormal_up_to_rounding():
+    """Rounding-noise gradients would become ~lr-sized Adam steps on components whose lam is ~0."""
+    g = torch.Generator().manual_seed(1)
+    layer = SVDLinear(nn.Linear(384, 384), 8, scale=2.0, generator=g)
+    with torch.no_grad():
+        layer.lora_P.copy_(torch.linalg.qr(torch.randn(384, 8, generator=g))[0])
+        layer.lora_Q.copy_(torch.linalg.qr(torch.randn(384, 8, generator=g))[0].T)
+    deviation = (layer.lora_P.T @ layer.lora_P - torch.eye(8)).abs().max()
+    assert 0 < deviation < 1e-5  # orthonormal to float rounding, not exactly
+    grads = torch.autograd.grad(orthogonality_penalty([layer]), [layer.lora_P, layer.lora_Q])
+    assert all(torch.count_nonzero(grad) == 0 for grad in grads)
+    with torch.no_grad():
+        layer.lora_P[:, 0] += 0.05 * layer.lora_P[:, 1]  # real drift is still pulled back
+    assert torch.autograd.grad(orthogonality_penalty([layer]), [layer.lora_P])[0].abs().max() > 1e-3

@@ -12,7 +12,7 @@ from collections import defaultdict
 
 import torch
 
-from rankopt.adapters.layer import SVDLinear
+from rankopt.adapters.layer import SVDLinear, beyond_rounding
 
 
 def same_shape_groups(layers) -> list[list[SVDLinear]]:
@@ -25,14 +25,17 @@ def same_shape_groups(layers) -> list[list[SVDLinear]]:
 
 
 def orthogonality_penalty(layers) -> torch.Tensor:
-    """Sum over layers of ||P^T P - I||_F^2 + ||Q Q^T - I||_F^2, one batched product per group."""
+    """Sum over layers of ||P^T P - I||_F^2 + ||Q Q^T - I||_F^2, one batched product per group.
+
+    Deviations within float rounding are ignored, as in :meth:`SVDLinear.orthogonality_penalty`.
+    """
     total = None
     for group in same_shape_groups(layers):
         p = torch.stack([layer.lora_P for layer in group])  # (G, out, r)
         q = torch.stack([layer.lora_Q for layer in group])  # (G, r, in)
         eye = torch.eye(group[0].rank, device=p.device, dtype=p.dtype)
-        term = (torch.bmm(p.transpose(1, 2), p) - eye).square().sum() + \
-            (torch.bmm(q, q.transpose(1, 2)) - eye).square().sum()
+        term = beyond_rounding(torch.bmm(p.transpose(1, 2), p) - eye).square().sum() + \
+            beyond_rounding(torch.bmm(q, q.transpose(1, 2)) - eye).square().sum()
         total = term if total is None else total + term
     return total if total is not None else torch.zeros(())
 
