@@ -37,6 +37,22 @@ METHODS = ("rankopt", "rankopt_fixed", "peft_lora", "peft_adalora", "peft_eva", 
 LABELS = {"rankopt": "rankopt", "rankopt_fixed": "rankopt, controller off", "peft_lora": "PEFT LoRA",
           "peft_adalora": "PEFT AdaLoRA", "peft_eva": "PEFT LoRA+EVA", "peft_rslora": "PEFT rsLoRA",
           "peft_lora_trunc": "PEFT LoRA 2r, SVD-truncated"}
+
+def _commit() -> str:
+    """The commit the rows were measured on (rankopt rows from different code are not comparable)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "rankopt"],
+                               cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except OSError:
+        return "unknown"
+
+
+CODE = _commit()
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "quality_equal_size.jsonl"  # 2026-12 grid
 
 
@@ -73,7 +89,8 @@ def run_one(method: str, task: str, budget: int, lr: float, seed: int, args: arg
         params, total_rank = effective_adapter_params(model, method), None
     return {"task": task, "metric_name": cfg.task.metric, "metric": metrics[cfg.task.metric], "method": method,
             "budget": budget, "lr": lr, "seed": seed, "steps": args.steps, "train_samples": args.train_samples,
-            "adapter_params": params, "total_rank": total_rank, "seconds": round(time.perf_counter() - started, 1)}
+            "adapter_params": params, "total_rank": total_rank, "seconds": round(time.perf_counter() - started, 1),
+            "code": CODE}
 
 
 def load_results(path: Path) -> list[dict]:
