@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rankopt import distributed
 from rankopt.config import Config, resolve_config
 from rankopt.tasks.modeling import resolve_model_path
 from rankopt.training.events import Callback, TrainResult
@@ -19,16 +20,22 @@ def train(preset: str | Config, overrides: dict[str, Any] | list[str] | None = N
           track: bool = True, run_name: str | None = None) -> TrainResult:
     """Fine-tune once with adaptive ranks; log to MLflow unless ``track`` is False.
 
+    Started under ``torchrun`` (several processes), the fine-tune runs data-parallel: every
+    process must call this with the same arguments; only rank 0 logs to MLflow, and every process
+    returns the same result (``run_id`` set on rank 0 only).
+
     Example:
         >>> import rankopt
         >>> result = rankopt.train("demo", {"training.steps": 60})  # doctest: +SKIP
         >>> result.metric, result.total_rank  # doctest: +SKIP
     """
     cfg = resolve_config(preset, overrides, data_dir)
+    procs = distributed.init_from_environment(cfg.training.device)
+    distributed.check_divisible(cfg.training.batch_size)  # before anything is written
     data = prepare_data(cfg)
     adapted = build_model(cfg, data.num_labels, data.label_names)
     callbacks = list(callbacks or [])
-    if not track:
+    if not track or not procs.main:
         return train_adapted(cfg, adapted, data, callbacks)
     from rankopt.tracking import mlflow_runs
 

@@ -14,7 +14,7 @@ import pytest
 import rankopt
 
 ROOT = Path(rankopt.__file__).parent
-FOUNDATION = {"errors", "config", "devices"}  # top-level modules every package may use
+FOUNDATION = {"errors", "config", "devices", "distributed"}  # top-level modules every package may use
 # package -> what it may import besides the foundation (and itself)
 ALLOWED = {
     "adapters": set(),
@@ -26,7 +26,7 @@ ALLOWED = {
     "search": {"adapters", "controller", "tasks", "training", "tracking"},
     "outputs": {"adapters", "figures", "search", "tasks", "tracking", "training"},
 }
-LOWER = {"errors": set(), "devices": {"errors"}, "config": {"errors"}}
+LOWER = {"errors": set(), "devices": {"errors"}, "config": {"errors"}, "distributed": {"errors"}}
 
 
 def rankopt_imports(path: Path) -> list[tuple[int, str]]:

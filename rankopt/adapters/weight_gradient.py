@@ -16,10 +16,12 @@ where the task's gradient points, not in random directions that catch ~||G||_F /
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from rankopt import distributed
 from rankopt.adapters.layer import SVDLinear
 
 
@@ -48,6 +50,7 @@ class WeightGradientProbe:
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed + 104729)
         self.k = 0
+        self._step = 0
         self.exclude_span = True
         self._rows: dict[SVDLinear, list[list]] = {}  # layer -> [x rows, d rows or None, weight] per forward
         self._pairs: dict[SVDLinear, GradientPairs] | None = None
@@ -60,6 +63,7 @@ class WeightGradientProbe:
         only, so a run resumed from a checkpoint probes exactly as the uninterrupted one did.
         """
         self.clear()
+        self._step = step
         self.generator.manual_seed(self.seed + 104729 + step)
         self.k, self.exclude_span = k, exclude_span
         for layer in self.layers.values():
@@ -76,17 +80,30 @@ class WeightGradientProbe:
 
     @property
     def pairs(self) -> dict[SVDLinear, GradientPairs]:
-        """Each recorded layer's top ``k`` pairs of its step's weight gradient (computed once, on first use)."""
+        """Each recorded layer's top ``k`` pairs of its step's weight gradient (computed once, on first use).
+
+        Under data parallelism every process holds the rows of its own shard; the products with
+        G are summed over processes (:func:`rankopt.distributed.all_sum`), so all of them find the
+        pairs of the global batch's gradient, from the same seeded start.
+        """
         if self._pairs is None:
             self.disarm()
             self._pairs = {}
-            for layer, records in self._rows.items():
-                done = [(x, d, w) for x, d, w in records if d is not None]
-                if not done:
+            parallel = distributed.current().parallel
+            start = torch.Generator().manual_seed(self.seed + 3 * 104729 + self._step)
+            for layer in self.layers.values():
+                done = [(x, d, w) for x, d, w in self._rows.get(layer, []) if d is not None]
+                if not done and not parallel:
                     continue
-                x = torch.cat([xr.float() * w ** 0.5 for xr, _, w in done])
-                d = torch.cat([dr.float() * w ** 0.5 for _, dr, w in done])
-                found = top_pairs(layer, x, d, self.k, self.iters, self.exclude_span, self.generator)
+                if done:
+                    x = torch.cat([xr.float() * w ** 0.5 for xr, _, w in done])
+                    d = torch.cat([dr.float() * w ** 0.5 for _, dr, w in done])
+                else:  # this process's shard never reached the layer: it adds nothing to the sum
+                    device = layer.lora_P.device
+                    x = torch.zeros(0, layer.in_features, device=device)
+                    d = torch.zeros(0, layer.out_features, device=device)
+                found = top_pairs(layer, x, d, self.k, self.iters, self.exclude_span, start,
+                                  reduce=distributed.all_sum if parallel else None)
                 if found is not None:
                     self._pairs[layer] = found
             self._rows = {}
@@ -122,24 +139,32 @@ def _off(basis: torch.Tensor | None, m: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def top_pairs(layer: SVDLinear, x: torch.Tensor, d: torch.Tensor, k: int, iters: int = 4,
-              exclude_span: bool = True, generator: torch.Generator | None = None) -> GradientPairs | None:
-    """Top ``k`` singular pairs of G = d^T x (off the layer's P/Q span if ``exclude_span``)."""
+              exclude_span: bool = True, generator: torch.Generator | None = None,
+              reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> GradientPairs | None:
+    """Top ``k`` singular pairs of G = d^T x (off the layer's P/Q span if ``exclude_span``).
+
+    ``reduce`` sums a product over processes when x and d are one shard's rows of G's sum.
+    """
+    reduce = reduce or (lambda t: t)
     basis_out = basis_in = None
     if exclude_span:
         basis_out = torch.linalg.qr(layer.lora_P.detach().float())[0]
         basis_in = torch.linalg.qr(layer.lora_Q.detach().float().T)[0]
-    if not (torch.isfinite(x).all() and torch.isfinite(d).all()):
-        return None  # an overflowed or diverged step says nothing about where to grow
+    broken = ((~torch.isfinite(x)).any() | (~torch.isfinite(d)).any()).to(torch.float32)
+    rows = torch.tensor(float(x.shape[0]), device=x.device)
+    broken, rows = reduce(torch.stack([broken, rows])).tolist()
+    if broken or not rows:
+        return None  # an overflowed or diverged step (on any process) says nothing about where to grow
     taken = basis_out.shape[1] if basis_out is not None else 0
     k = min(k, layer.out_features - taken, layer.in_features - taken)
     if k < 1:
         return None
 
     def times(v):  # G' v: (out, k)
-        return _off(basis_out, d.T @ (x @ _off(basis_in, v)))
+        return _off(basis_out, reduce(d.T @ (x @ _off(basis_in, v))))
 
     def times_t(u):  # G'^T u: (in, k)
-        return _off(basis_in, x.T @ (d @ _off(basis_out, u)))
+        return _off(basis_in, reduce(x.T @ (d @ _off(basis_out, u))))
 
     v = torch.randn(layer.in_features, k, generator=generator).to(x.device)
     v = torch.linalg.qr(_off(basis_in, v))[0]

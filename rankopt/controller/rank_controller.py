@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rankopt import distributed
 from rankopt.adapters.layer import Resize, SVDLinear
 from rankopt.adapters.weight_gradient import WeightGradientProbe
 from rankopt.controller.allocation import allocate
@@ -38,6 +39,10 @@ class RankController:
     final phase (from t_f) nothing grows unless the budget cannot be met otherwise, so the last
     reallocation never swaps trained components for fresh zero ones.
 
+    Under data parallelism (:mod:`rankopt.distributed`) the scores come from the gradients summed
+    over processes, the plan is rank 0's, broadcast, and the gradient pairs are found from products
+    summed over processes; the trainer then broadcasts rank 0's resized tensors.
+
     ``growth="gradient"``: on the step before a reallocation a :class:`WeightGradientProbe`
     finds each layer's top weight-gradient pairs off its span, and new components start along
     them (lam = 0, so growth stays function-preserving); ``growth="random"``: random orthogonal
@@ -59,7 +64,9 @@ class RankController:
         # step at which each component was grown (-1: there from the start), for layers that grew
         self.born: dict[SVDLinear, torch.Tensor] = {}
         self.growth = growth
-        self.probe = (WeightGradientProbe(layers, max_tokens=probe_tokens, seed=seed)
+        # under data parallelism each process probes its shard: probe_tokens stays the global sample
+        per_process = max(1, probe_tokens // distributed.current().world)
+        self.probe = (WeightGradientProbe(layers, max_tokens=per_process, seed=seed)
                       if growth == "gradient" and max_grow > 0 else None)
 
     def before_step(self, step: int) -> None:
@@ -98,6 +105,9 @@ class RankController:
             self.probe.clear()
         plan = allocate(list(scores[self.importance].values()), budget, self.min_rank, self.max_rank,
                         0 if final else self.max_grow, protect=[self.young(layer, step) for layer in layers])
+        # every process scores the same summed gradients; rank 0's plan is still the one all apply,
+        # so no rounding difference can ever give two processes different shapes
+        plan = distributed.broadcast_object(plan)
         resizes: list[Resize] = []
         for layer, alloc in zip(layers, plan):
             old_rank = layer.rank

@@ -21,10 +21,15 @@ def target_count(batch: dict, causal_lm: bool) -> int:
     return int(np.count_nonzero(labels[:, 1:].numpy() != -100))
 
 
-def micro_batch_weights(batches: list[dict], causal_lm: bool) -> list[float]:
-    """Weight of each micro-batch's mean loss: its targets over all targets (0 for one without any)."""
-    counts = [target_count(b, causal_lm) for b in batches]
-    total = sum(counts)
+def micro_batch_weights(batches: list[dict], causal_lm: bool, shards: list[dict] | None = None) -> list[float]:
+    """Weight of each micro-batch's mean loss: its targets over all targets (0 for one without any).
+
+    With ``shards`` (this process's rows of each micro-batch, under data parallelism) the weights
+    are those of the shards' mean losses, still over the targets of the whole global batch, so
+    that the gradients summed over processes are those of the global batch's mean loss.
+    """
+    total = sum(target_count(b, causal_lm) for b in batches)
+    counts = [target_count(b, causal_lm) for b in (batches if shards is None else shards)]
     return [c / total if total else 0.0 for c in counts]
 
 

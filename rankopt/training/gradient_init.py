@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import torch
 
+from rankopt import distributed
 from rankopt.adapters.model import AdaptedModel, lora_scale
 from rankopt.adapters.weight_gradient import WeightGradientProbe
 from rankopt.config import Config
 from rankopt.controller import allocate
 from rankopt.tasks.data import TaskData
+from rankopt.training.accumulation import micro_batch_weights, to_device
 from rankopt.training.precision import Precision
 
 
@@ -32,15 +34,19 @@ def gradient_start(cfg: Config, adapted: AdaptedModel, data: TaskData) -> dict[s
     generator = torch.Generator().manual_seed(cfg.training.seed + 65537)
     n = min(len(data.train), a.init_examples)
     rows = torch.randperm(len(data.train), generator=generator)[:n].tolist()
-    batch = {k: v.to(cfg.training.device) for k, v in data.collator([data.train[i] for i in rows]).items()}
+    whole = data.collator([data.train[i] for i in rows])
+    mine = distributed.shard(whole)  # data parallel: each process passes its rows, the probe sums over processes
+    share = micro_batch_weights([whole], cfg.task.type == "causal_lm", [mine])[0]
+    batch = to_device(mine, cfg.training.device)
     model = adapted.model
     was_training = model.training
-    probe = WeightGradientProbe(layers, max_tokens=4096, iters=4, seed=cfg.training.seed)
+    probe = WeightGradientProbe(layers, max_tokens=4096 // distributed.current().world, iters=4,
+                                seed=cfg.training.seed)
     probe.arm(most, exclude_span=False)
     model.eval()  # no dropout: the pass draws nothing from the RNG, so runs and resumes stay seeded alike
     try:
         with Precision(cfg.training.precision, cfg.training.device).autocast():
-            loss = model(**batch).loss
+            loss = model(**batch).loss * share
         loss.float().backward()  # no loss scaling needed: the probe normalises what it finds
     finally:
         probe.disarm()

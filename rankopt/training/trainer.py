@@ -6,6 +6,12 @@ the orthogonality penalty -> clip -> optimizer step -> lr step -> zero grad -> r
 layers, rebuild optimizer state) -> evaluate when due. No step reads a value back from the device
 unless it has to (losses are read every ``training.log_every`` steps, see :mod:`.loss_log`).
 Everything else listens through callbacks.
+
+Data parallel (several processes under ``torchrun``, see :mod:`rankopt.distributed`): every
+process draws the same global micro-batches and trains on its rows of each; the trainable
+gradients (and the loss) are summed over processes right after the backward, before anything
+reads them, so the controller, clipping and the optimizer see the global batch's gradient on
+every process. Evaluation is sharded by batch and gathered.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from rankopt import distributed
 from rankopt.tasks import metrics as task_metrics
 from rankopt.adapters.model import AdaptedModel, orthogonality_penalty
 from rankopt.config import Config
@@ -53,23 +60,31 @@ def build_controller(cfg: Config, adapted: AdaptedModel) -> RankController | Non
 
 @torch.no_grad()
 def evaluate(adapted: AdaptedModel, data: TaskData, task_type: str, batch_size: int,
-             device: str = "cpu") -> dict[str, float]:
-    """Loss and every task metric on the evaluation split."""
+             device: str = "cpu", procs: distributed.Processes | None = None) -> dict[str, float]:
+    """Loss and every task metric on the evaluation split.
+
+    With ``procs`` of several processes each evaluates every world-th batch and the results are
+    gathered (all of them must call it); without, this process evaluates the whole split alone.
+    """
     model = adapted.model
     was_training = model.training
     model.eval()
     loader = DataLoader(data.eval, batch_size=batch_size, shuffle=False, collate_fn=data.collator)
+    procs = procs or distributed.Processes()
     try:
         if task_type == "causal_lm":
-            return _language_model_metrics(model, loader, device)
-        return _prediction_metrics(model, loader, task_type, device)
+            return _language_model_metrics(model, loader, device, procs)
+        return _prediction_metrics(model, loader, task_type, device, procs)
     finally:
         model.train(was_training)
 
 
-def _prediction_metrics(model, loader: DataLoader, task_type: str, device: str) -> dict[str, float]:
+def _prediction_metrics(model, loader: DataLoader, task_type: str, device: str,
+                        procs: distributed.Processes) -> dict[str, float]:
     outputs, labels, losses, count = [], [], 0.0, 0
-    for batch in loader:
+    for i, batch in enumerate(loader):
+        if i % procs.world != procs.rank:
+            continue
         batch = {k: v.to(device) for k, v in batch.items()}
         out = model(**batch)
         n = batch["labels"].shape[0]
@@ -77,22 +92,31 @@ def _prediction_metrics(model, loader: DataLoader, task_type: str, device: str) 
         count += n
         outputs.append(out.logits.float().cpu().numpy())
         labels.append(batch["labels"].cpu().numpy())
+    if procs.parallel:  # the metrics need every prediction (MCC, correlations are not means)
+        parts = distributed.gather_objects((outputs, labels, losses, count))
+        outputs = [o for part in parts for o in part[0]]
+        labels = [y for part in parts for y in part[1]]
+        losses, count = sum(part[2] for part in parts), sum(part[3] for part in parts)
     result = task_metrics.compute(task_type, np.concatenate(outputs), np.concatenate(labels))
     result["loss"] = losses / max(count, 1)
     return result
 
 
-def _language_model_metrics(model, loader: DataLoader, device: str) -> dict[str, float]:
+def _language_model_metrics(model, loader: DataLoader, device: str, procs: distributed.Processes) -> dict[str, float]:
     """Mean loss per response token over the whole split (not per batch), and its perplexity.
 
     Logits are never collected, nor computed for the whole batch at once (see :mod:`.lm_loss`).
     """
     total, tokens = 0.0, 0
-    for batch in loader:
+    for i, batch in enumerate(loader):
+        if i % procs.world != procs.rank:
+            continue
         loss_sum, n = summed_target_loss(model, to_device(batch, device))
         if n:
             total += float(loss_sum)
             tokens += n
+    if procs.parallel:
+        total, tokens = distributed.all_sum(torch.tensor([total, float(tokens)], dtype=torch.float64)).tolist()
     return task_metrics.language_model_metrics(total / tokens if tokens else float("nan"))
 
 
@@ -107,6 +131,7 @@ class Stepper:
         self.cfg, self.adapted = cfg, adapted
         self.events = events or CallbackList()
         self.device = t.device
+        self.procs = distributed.current()
         check_trainable_dtypes(adapted)
         if t.gradient_checkpointing:
             enable_gradient_checkpointing(adapted.model)
@@ -115,6 +140,9 @@ class Stepper:
         self.scheduler = build_scheduler(self.optimizer, t.scheduler, t.steps, t.warmup_ratio)
         self.controller = build_controller(cfg, adapted)
         self.params = adapted.trainable_parameters()
+        if self.procs.parallel:  # every process starts from rank 0's adapters and head, as DDP does
+            distributed.check_same(adapted.ranks(), "the adapters' ranks")
+            distributed.broadcast_tensors(self.params)
         self.history = [RankEvent(step=0, budget=adapted.total_rank(), ranks=adapted.ranks())]
         self.losses = LossLog()
         self.skipped_steps = 0  # fp16 steps whose gradients overflowed
@@ -131,6 +159,7 @@ class Stepper:
         if self.controller is not None:
             self.controller.before_step(step)  # arms the gradient probe before a growing reallocation
         loss = self._accumulate(as_micro_batches(batch))
+        loss = distributed.sum_gradients(self.params, loss)  # before anything reads them (one process: no-op)
         finite = self.precision.unscale_and_check(self.optimizer, self.params)
         if not finite:
             self.skipped_steps += 1
@@ -151,6 +180,7 @@ class Stepper:
         if reallocating and (change := self.controller.step(step)) is not None:
             apply_resizes(self.optimizer, change.resizes)
             self.params = self.adapted.trainable_parameters()
+            distributed.broadcast_tensors(self.params)  # new components: rank 0's directions on every process
             event = RankEvent(step=step, budget=change.budget, ranks=change.ranks,
                               scores={k: tensor_lists(v) for k, v in change.scores.items()})
             self.history.append(event)
@@ -158,11 +188,16 @@ class Stepper:
         return loss
 
     def _accumulate(self, micro_batches: list[dict]) -> torch.Tensor:
-        """Backward every micro-batch, weighted so the gradient is that of the whole batch's mean loss."""
+        """Backward every micro-batch, weighted so the gradient is that of the whole batch's mean loss.
+
+        Under data parallelism each process backwards its shard of every micro-batch, weighted by
+        the shard's share of the global batch's targets: the sum over processes is the global gradient.
+        """
         model = self.adapted.model
-        weights = micro_batch_weights(micro_batches, self.cfg.task.type == "causal_lm")
+        shards = [distributed.shard(micro, self.procs) for micro in micro_batches] if self.procs.parallel else None
+        weights = micro_batch_weights(micro_batches, self.cfg.task.type == "causal_lm", shards)
         total = torch.zeros((), device=self.device)
-        for micro, weight in zip(micro_batches, weights):
+        for micro, weight in zip(shards or micro_batches, weights):
             if not weight:
                 continue  # no targets in it: nothing to learn, and its mean loss would be 0/0
             with self.precision.autocast():
@@ -186,6 +221,7 @@ def train_adapted(cfg: Config, adapted: AdaptedModel, data: TaskData,
     goes on exactly as the uninterrupted one would have.
     """
     t = cfg.training
+    distributed.check_divisible(t.batch_size)
     events = CallbackList(callbacks)
     adapted.model.to(t.device).train()
     torch.manual_seed(t.seed)
@@ -207,10 +243,10 @@ def train_adapted(cfg: Config, adapted: AdaptedModel, data: TaskData,
     for step in range(stepper.done + 1, t.steps + 1):
         stepper.step([next(batches) for _ in range(accum)])
         if step % t.eval_every == 0 or step == t.steps:
-            metrics = evaluate(adapted, data, cfg.task.type, t.eval_batch_size, t.device)
+            metrics = evaluate(adapted, data, cfg.task.type, t.eval_batch_size, t.device, stepper.procs)
             evals.append((step, metrics))
             events.on_eval(step, metrics)
-            if checkpointer is not None:
+            if checkpointer is not None and stepper.procs.main:  # the others read it on a resume
                 checkpointer.after_eval(stepper, evals)
     final = evals[-1][1]
     result = TrainResult(
