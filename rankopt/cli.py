@@ -20,6 +20,9 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a p
 DataOpt = Annotated[Optional[str], typer.Option("--data", help="folder of train/validation (or test) files")]
 UriOpt = Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI (default: SQLite under --out)")]
 OutOpt = Annotated[str, typer.Option("--out", help="output folder for stores and artifacts")]
+NprocOpt = Annotated[int, typer.Option(
+    "--nproc-per-node", help="data-parallel processes for one fine-tune on this machine (one per GPU); "
+    "the same as starting the command under `torchrun --nproc-per-node N -m rankopt`")]
 WithinOpt = Annotated[Optional[float], typer.Option(
     "--within", help="the trial with the fewest adapter params whose metric is within DELTA of the best "
     "(metric units: 0.01 = 1 accuracy point; from the Pareto set for two objectives)")]
@@ -64,28 +67,96 @@ def _no_traceback_for_user_errors(record) -> bool:
 
 
 def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
+    from rankopt import distributed
+    from rankopt.launcher import leave_error
+
+    # data parallel: every process hits the same user error, and one line says it
+    if not leave_error(message) and distributed.current().main:
+        typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
+
+
+def _launch(nproc: int) -> None:
+    """With ``--nproc-per-node N`` > 1, start this command as N processes and exit with their outcome."""
+    from rankopt.launcher import launch
+
+    try:
+        code = launch(nproc, sys.argv[1:])
+    except RankoptError as exc:
+        _fail(str(exc))
+        return
+    if code >= 0:
+        raise typer.Exit(code)
+
+
+def _lost_peer(exc: BaseException) -> None:
+    """A collective failed: a peer died, hung past the timeout, or the group could not form."""
+    from rankopt import distributed
+
+    from rankopt.launcher import LAUNCHED_HERE
+
+    if os.environ.get(LAUNCHED_HERE):
+        raise typer.Exit(1)  # rankopt's launcher says which process died, in one line
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    typer.echo(f"error: data-parallel process {distributed.current().rank} lost its peers ({first[:300]}); the "
+               f"job stopped (a peer died, or hung longer than {distributed.TIMEOUT_ENV} seconds)", err=True)
+    raise typer.Exit(1)
+
+
+def _sigterm_interrupts() -> None:
+    """Under a launcher, SIGTERM (sent when a peer died) ends the run like Ctrl-C: recorded, not lost."""
+    import signal
+
+    from rankopt import distributed
+
+    if distributed.launched() and signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        def interrupt(signum, frame):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+            if sys.exc_info()[0] is None:  # not while an error is already on its way out
+                raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 @app.command()
 def train(preset: Annotated[str, typer.Argument(help="preset name (see search_spaces/) or a .yml path")],
-          set_: SetOpt = None, data: DataOpt = None, tracking_uri: UriOpt = None, out: OutOpt = "runs") -> None:
+          set_: SetOpt = None, data: DataOpt = None, tracking_uri: UriOpt = None, out: OutOpt = "runs",
+          nproc_per_node: NprocOpt = 1) -> None:
     """Fine-tune once with the preset's values, adapting ranks during training."""
+    from rankopt import distributed
     from rankopt.config import resolve_config
     from rankopt.api import train as train_api
     from rankopt.training.progress import ProgressBar
 
+    if nproc_per_node != 1:
+        _launch(nproc_per_node)
     try:
         _quiet_libraries()
+        _sigterm_interrupts()
         cfg = resolve_config(preset, set_, data)
-        bar = ProgressBar(cfg.training.steps, description=f"train {cfg.task.name}")
+        procs = distributed.init_from_environment(cfg.training.device)
+        bar = ProgressBar(cfg.training.steps, description=f"train {cfg.task.name}") if procs.main else None
         try:
-            result = train_api(cfg, tracking_uri=tracking_uri, out=out, callbacks=[bar])
+            result = train_api(cfg, tracking_uri=tracking_uri, out=out, callbacks=[bar] if bar else [])
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
+        distributed.shutdown()
     except RankoptError as exc:
         _fail(str(exc))
+        return
+    except RuntimeError as exc:
+        if not distributed.is_peer_failure(exc):
+            raise
+        _lost_peer(exc)
+        return
+    except KeyboardInterrupt:
+        from rankopt.launcher import LAUNCHED_HERE
+
+        if distributed.current().main and not os.environ.get(LAUNCHED_HERE):
+            typer.echo("interrupted: a started MLflow run is marked KILLED", err=True)
+        raise typer.Exit(130) from None
+    if not procs.main:
         return
     if result.artifacts:
         typer.echo(f"artifacts (adapter, plots): {result.artifacts}")
@@ -101,17 +172,22 @@ def tune(preset: Annotated[str, typer.Argument(help="preset name (see search_spa
          study: Annotated[Optional[str], typer.Option("--study", help="study name (default: the task name)")] = None,
          storage: Annotated[Optional[str], typer.Option("--storage", help="Optuna RDB URL (default: SQLite under --out)")] = None,
          tracking_uri: UriOpt = None, data: DataOpt = None, set_: SetOpt = None, out: OutOpt = "runs",
-         within: WithinOpt = None) -> None:
+         within: WithinOpt = None, nproc_per_node: NprocOpt = 1) -> None:
     """Search the rank budget (and the preset's other knobs) with Optuna; rerun to resume."""
+    from rankopt import distributed
     from rankopt.config import resolve_config
     from rankopt.training.progress import TrialProgress, print_tune_result
     from rankopt.search.tuner import tune as tune_api
 
+    if nproc_per_node != 1:
+        _launch(nproc_per_node)
     try:
         _quiet_libraries()
+        _sigterm_interrupts()
         if trials is not None and trials < 0:
             raise RankoptError("--trials must be 0 or more")
         cfg = resolve_config(preset, set_, data)
+        procs = distributed.init_from_environment(cfg.training.device)
         progress = TrialProgress(cfg.training.steps)
         try:
             result = tune_api(cfg, n_trials=trials, timeout=timeout, study_name=study, storage=storage,
@@ -119,13 +195,22 @@ def tune(preset: Annotated[str, typer.Argument(help="preset name (see search_spa
                               on_trial_end=progress.trial_ended, within=within)
         finally:
             progress.close()
+        distributed.shutdown()
     except RankoptError as exc:
         _fail(str(exc))
         return
+    except RuntimeError as exc:
+        if not distributed.is_peer_failure(exc):
+            raise
+        _lost_peer(exc)
+        return
     except KeyboardInterrupt:
-        typer.echo("interrupted: the current trial was recorded as failed; run the same command to resume",
-                   err=True)
+        if distributed.current().main:
+            typer.echo("interrupted: the current trial was recorded as failed; run the same command to resume",
+                       err=True)
         raise typer.Exit(130) from None
+    if result is None or not procs.main:
+        return  # a data-parallel follower: rank 0 reports
     print_tune_result(result)
     if result.artifacts:
         typer.echo(f"trial artifacts (adapters, plots): {result.artifacts}")
@@ -229,12 +314,15 @@ def worker(preset: Annotated[Optional[str], typer.Argument(help="preset to creat
            trials: Annotated[Optional[int], typer.Option("--trials", help="most trials this worker runs (default: until the study's limit)")] = None,
            device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:K: pins this worker to one GPU (sets training.device)")] = None,
            checkpoint_dir: Annotated[Optional[str], typer.Option("--checkpoint-dir", help="trial checkpoints; shared storage for workers on several machines (default: OUT/checkpoints)")] = None,
-           data: DataOpt = None, set_: SetOpt = None, out: OutOpt = "runs") -> None:
+           data: DataOpt = None, set_: SetOpt = None, out: OutOpt = "runs", nproc_per_node: NprocOpt = 1) -> None:
     """Join a study in a shared database and take trials until its trial limit is reached."""
+    from rankopt import distributed
     from rankopt.training.progress import TrialProgress
     from rankopt.tracking.urls import mask_text
     from rankopt.search.worker import run_worker
 
+    if nproc_per_node != 1:
+        _launch(nproc_per_node)
     try:
         _quiet_libraries()
         _show_rankopt_warnings()
@@ -253,13 +341,22 @@ def worker(preset: Annotated[Optional[str], typer.Argument(help="preset to creat
                                 callbacks_for_trial=progress.for_trial, on_trial_end=trial_ended)
         finally:
             progress.close()
+        distributed.shutdown()
     except RankoptError as exc:
         _fail(mask_text(str(exc)))
         return
+    except RuntimeError as exc:
+        if not distributed.is_peer_failure(exc):
+            raise
+        _lost_peer(exc)
+        return
     except KeyboardInterrupt:
-        typer.echo("interrupted: the current trial was handed back; another worker resumes it from its checkpoint",
-                   err=True)
+        if distributed.current().main:
+            typer.echo("interrupted: the current trial was handed back; another worker resumes it from its "
+                       "checkpoint", err=True)
         raise typer.Exit(130) from None
+    if result is None:
+        return  # a data-parallel follower: rank 0 reports
     t = result.tally
     ran = ", ".join(map(str, result.ran)) or "none"
     typer.echo(f"worker done ({result.reason}): ran trials {ran} | study '{result.study_name}': {t.settled}/"
