@@ -14,6 +14,7 @@ from typing import Any
 
 import optuna
 
+from rankopt import distributed
 from rankopt.training.setup import build_model, prepare_data
 from rankopt.config import Config, resolve_config
 from rankopt.errors import RankoptError
@@ -21,7 +22,7 @@ from rankopt.training.events import Callback
 from rankopt.tasks.modeling import resolve_model_path
 from rankopt.search.trials import (ReportToTrial, TuneResult, best_trials, default_storage, make_pruner, make_sampler,
                             objective_directions, suggest, summarize, trial_config)
-from rankopt.search import holdout
+from rankopt.search import data_parallel, holdout
 from rankopt.search.selection import check_within, smallest_within
 from rankopt.search.studies import (CONFIG_ATTR, LIMIT_ATTR, StaleTrialHandler, open_storage, retried_from,
                              tally)
@@ -70,8 +71,10 @@ class Objective:
             release_memory()
 
     def _run(self, trial: optuna.Trial) -> float | tuple[float, float]:
-        values = suggest(trial, self.base.search.space)
         retry_of = retried_from(trial)
+        data_parallel.announce(trial.number if retry_of is None else retry_of)  # the other processes join in
+        shared = data_parallel.shared(trial)  # suggestions and pruning decisions reach every process
+        values = suggest(shared, self.base.search.space)
         if retry_of is not None:
             trial.set_user_attr("retry_of", retry_of)
         try:
@@ -89,7 +92,7 @@ class Objective:
         checkpoint = None
         if self.checkpoints is not None and self.checkpoints.every > 0:
             checkpoint = self.checkpoints.for_trial(trial.number if retry_of is None else retry_of, cfg.model_dump())
-        callbacks: list[Callback] = [ReportToTrial(trial, cfg.task.metric, can_prune=len(self.objectives) == 1,
+        callbacks: list[Callback] = [ReportToTrial(shared, cfg.task.metric, can_prune=len(self.objectives) == 1,
                                                     final_step=cfg.training.steps)]
         callbacks += self.callbacks_for_trial(trial, cfg)
         run_id = None
@@ -258,9 +261,12 @@ def run_trials(prepared: PreparedStudy, *, timeout: float | None = None, callbac
     objective = Objective(cfg, tracker, callbacks_for_trial, checkpoints=prepared.checkpoints)
     status = "FINISHED"
     try:
-        if prepared.trials > 0:
-            study.optimize(objective, n_trials=prepared.trials, timeout=timeout, catch=(Exception,),
-                           callbacks=[on_trial_end] if on_trial_end else None)
+        try:
+            if prepared.trials > 0:
+                study.optimize(objective, n_trials=prepared.trials, timeout=timeout, catch=(Exception,),
+                               callbacks=[on_trial_end] if on_trial_end else None)
+        finally:
+            data_parallel.release_followers()  # the rest (test split, plots) is rank 0's alone
         best = best_trials(study)
         smallest = smallest_within(study, within)[0] if within is not None and best else None
         # after the search, never during it: the selected trial(s) once on the held-out split
@@ -302,8 +308,12 @@ def _artifacts(tracker) -> str | None:
 def tune(preset: str | Config, overrides: dict[str, Any] | list[str] | None = None, *, n_trials: int | None = None,
          timeout: float | None = None, study_name: str | None = None, storage: str | None = None,
          tracking_uri: str | None = None, data_dir: str | None = None, out: str | Path = "runs",
-         track: bool = True, callbacks_for_trial=None, on_trial_end=None, within: float | None = None) -> TuneResult:
+         track: bool = True, callbacks_for_trial=None, on_trial_end=None,
+         within: float | None = None) -> TuneResult | None:
     """Run (or resume) an Optuna study over adaptive-rank fine-tunes of one preset.
+
+    Started under ``torchrun``, every trial trains data-parallel (:mod:`rankopt.search.data_parallel`):
+    rank 0 runs the study and returns the result; the other processes return None.
 
     ``within`` DELTA also picks (and scores on the test split) the trial with the fewest adapter
     params whose metric is within DELTA of the best: ``result.smallest``.
@@ -314,7 +324,13 @@ def tune(preset: str | Config, overrides: dict[str, Any] | list[str] | None = No
         >>> result.best[0].metric, result.best[0].total_rank  # doctest: +SKIP
     """
     check_within(within)  # a bad DELTA fails before anything is written
-    prepared = prepare_study(preset, overrides, n_trials=n_trials, study_name=study_name, storage=storage,
-                             tracking_uri=tracking_uri, data_dir=data_dir, out=out, track=track)
+    distributed.init_from_environment(resolve_config(preset, overrides, data_dir).training.device)
+    prepared, cfg, checkpoints = data_parallel.set_up(
+        lambda: prepare_study(preset, overrides, n_trials=n_trials, study_name=study_name, storage=storage,
+                              tracking_uri=tracking_uri, data_dir=data_dir, out=out, track=track),
+        lambda p: (p.cfg, p.checkpoints))
+    if prepared is None:
+        data_parallel.follow(cfg, checkpoints)
+        return None
     return run_trials(prepared, timeout=timeout, callbacks_for_trial=callbacks_for_trial, on_trial_end=on_trial_end,
                       within=within)

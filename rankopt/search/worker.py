@@ -18,6 +18,8 @@ from typing import Any
 
 import optuna
 
+from rankopt import distributed
+from rankopt.search import data_parallel
 from rankopt.training.setup import build_model, prepare_data
 from rankopt.config import Config, build_config, parse_overrides, resolve_config
 from rankopt.devices import check_device
@@ -80,8 +82,13 @@ def worker_config(stored: dict | None, preset: str | None, overrides: list[str] 
 def run_worker(study_name: str, storage: str, preset: str | None = None, overrides: list[str] | None = None, *,
                data_dir: str | None = None, tracking_uri: str | None = None, max_trials: int | None = None,
                device: str | None = None, out: str | Path = "runs", checkpoint_dir: str | Path | None = None,
-               track: bool = True, callbacks_for_trial=None, on_trial_end=None) -> WorkerResult:
-    """Take trials of ``study_name`` until its trial limit (or ``max_trials`` here) is reached."""
+               track: bool = True, callbacks_for_trial=None, on_trial_end=None) -> WorkerResult | None:
+    """Take trials of ``study_name`` until its trial limit (or ``max_trials`` here) is reached.
+
+    Started under ``torchrun``, this worker's trials train data-parallel: rank 0 is the worker
+    (storage, lock, heartbeats, MLflow) and returns the result; the other processes follow its
+    trials (:mod:`rankopt.search.data_parallel`) and return None.
+    """
     check_storage_url(storage)
     if tracking_uri is not None:
         check_tracking_uri(tracking_uri)
@@ -89,6 +96,39 @@ def run_worker(study_name: str, storage: str, preset: str | None = None, overrid
         check_device(device)
     if max_trials is not None and max_trials < 0:
         raise RankoptError("--trials must be 0 or more")
+    distributed.init_from_environment(device)
+    joined, cfg, checkpoints = data_parallel.set_up(
+        lambda: _join(study_name, storage, preset, overrides, data_dir, tracking_uri, device, out, checkpoint_dir,
+                      track),
+        lambda j: (j.cfg, j.checkpoints))
+    if joined is None:
+        data_parallel.follow(cfg, checkpoints)
+        return None
+    try:
+        objective = Objective(cfg, joined.tracker, callbacks_for_trial, checkpoints=checkpoints)
+        return _loop(joined.study, storage, joined.lock, objective, cfg, joined.tracker, max_trials, joined.on_stale,
+                     on_trial_end)
+    finally:
+        data_parallel.release_followers()
+        joined.lock.close()
+
+
+@dataclass
+class _Joined:
+    """A worker that has joined its study: what its trial loop needs."""
+
+    study: optuna.Study
+    lock: StudyLock
+    cfg: Config
+    tracker: Any
+    on_stale: StaleTrialHandler
+    checkpoints: Any  # a CheckpointStore
+
+
+def _join(study_name: str, storage: str, preset: str | None, overrides: list[str] | None, data_dir: str | None,
+          tracking_uri: str | None, device: str | None, out: str | Path, checkpoint_dir: str | Path | None,
+          track: bool) -> _Joined:
+    """The study's config (stored, or the preset's for a new study), checked; the study, its lock and MLflow side."""
     from_preset = worker_config(None, preset, overrides, data_dir, device) if preset is not None else None
     stored = _stored_study(storage, study_name)
     if stored is None and preset is None:
@@ -126,10 +166,10 @@ def run_worker(study_name: str, storage: str, preset: str | None = None, overrid
 
         checkpoints = CheckpointStore(Path(checkpoint_dir) if checkpoint_dir else out / "checkpoints", study_name,
                                       cfg.search.checkpoint_every)
-        objective = Objective(cfg, tracker, callbacks_for_trial, checkpoints=checkpoints)
-        return _loop(study, storage, lock, objective, cfg, tracker, max_trials, on_stale, on_trial_end)
-    finally:
+    except BaseException:
         lock.close()
+        raise
+    return _Joined(study, lock, cfg, tracker, on_stale, checkpoints)
 
 
 def _loop(study: optuna.Study, storage: str, lock: StudyLock, objective: Objective, cfg: Config, tracker,
@@ -167,6 +207,7 @@ def _loop(study: optuna.Study, storage: str, lock: StudyLock, objective: Objecti
                 break
             if decision == Decision.WAIT:
                 time.sleep(min(10, max(1, cfg.search.heartbeat_interval)))
+                data_parallel.keep_waiting()  # this worker's other processes wait with it
         else:
             result.reason = f"this worker ran its {max_trials} trial(s)"
         result.tally = tally(study)
