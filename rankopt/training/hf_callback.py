@@ -9,6 +9,10 @@
 The Trainer owns the loop; the callback reads gradients before each optimizer step (the
 sensitivity EMA), reallocates ranks at the scheduled steps after it, and swaps the resized
 tensors into the Trainer's optimizer with the survivors' Adam state carried over.
+
+One process only: under torchrun the Trainer wraps the model in DistributedDataParallel, whose
+gradient buckets cannot follow parameters that change shape, so the callback refuses to start
+there (``torchrun -m rankopt train`` is rankopt's data-parallel path).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from rankopt import distributed
 from rankopt.adapters.model import AdaptedModel
 from rankopt.config import ControllerConfig
 from rankopt.controller import BudgetSchedule, RankController
@@ -40,6 +45,12 @@ class RankControllerCallback(TrainerCallback):
         self.history: list[RankEvent] = [RankEvent(step=0, budget=adapted.total_rank(), ranks=adapted.ranks())]
 
     def on_train_begin(self, args, state, control, **kwargs):
+        world = max(getattr(args, "world_size", 1), distributed.current().world)
+        if world > 1:
+            raise RankoptError(f"RankControllerCallback runs in one process, not {world}: DistributedDataParallel "
+                               "cannot follow adapters that change shape; for data-parallel adaptive ranks use "
+                               "`torchrun --nproc-per-node N -m rankopt train PRESET`, or run this Trainer in one "
+                               "process")
         layers = self.adapted.adapters
         target = round(self.cfg.target_rank * len(layers))
         if target < len(layers) * self.cfg.min_rank:
