@@ -79,12 +79,12 @@ def run_one(method: str, task: str, budget: int, lr: float, seed: int, args: arg
     data = prepare_data(cfg)
     started = time.perf_counter()
     if method.startswith("rankopt"):
-        result = train_adapted(cfg, build_model(cfg, data.num_labels), data)
+        result = train_adapted(cfg, build_model(cfg, data.num_labels, label_mean=data.label_mean), data)
         metrics, params, total_rank = result.metrics, result.adapter_params, result.total_rank
     else:
         from peft_baselines import effective_adapter_params, peft_model, train_peft
 
-        model = peft_model(cfg, load_base(cfg, data.num_labels), method, budget, 2 * budget)
+        model = peft_model(cfg, load_base(cfg, data.num_labels, label_mean=data.label_mean), method, budget, 2 * budget)
         metrics = train_peft(cfg, model, data, method, budget)
         params, total_rank = effective_adapter_params(model, method), None
     return {"task": task, "metric_name": cfg.task.metric, "metric": metrics[cfg.task.metric], "method": method,

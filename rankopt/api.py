@@ -33,7 +33,7 @@ def train(preset: str | Config, overrides: dict[str, Any] | list[str] | None = N
     procs = distributed.init_from_environment(cfg.training.device)
     distributed.check_divisible(cfg.training.batch_size)  # before anything is written
     data = prepare_data(cfg)
-    adapted = build_model(cfg, data.num_labels, data.label_names)
+    adapted = build_model(cfg, data.num_labels, data.label_names, data.label_mean)
     callbacks = list(callbacks or [])
     if not track or not procs.main:
         return train_adapted(cfg, adapted, data, callbacks)

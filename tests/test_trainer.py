@@ -196,3 +196,35 @@ def test_the_controller_reads_the_task_sensitivity_not_the_penalty(tiny_config, 
         task_only = ((lam * lam.grad).abs() + (p * p.grad).abs().mean(0) + (q * q.grad).abs().mean(1)).detach()
         ema = stepper.controller.tracker.ema[adapted.adapters[name]]
         assert torch.allclose(ema, (1 - beta1) * task_only, rtol=1e-4, atol=1e-9), name
+
+
+def test_a_regression_head_starts_at_the_mean_score(tiny_preset_file, tiny_model_dir, tiny_data_dir, tmp_path):
+    """From a zero bias a fresh LoRA adapter collapses its outputs to a constant on 0-5 scores (STS-B)
+    before the head reaches their mean; starting there, the first error is the scores' spread."""
+    import json
+
+    import numpy as np
+    from transformers import AutoTokenizer, BertModel
+
+    from rankopt.config import resolve_config
+    from rankopt.training.setup import build_model, prepare_data
+
+    scores = tmp_path / "scores"
+    scores.mkdir()
+    for split in ("train", "validation"):
+        rows = [json.loads(line) for line in (tiny_data_dir / f"{split}.jsonl").read_text().splitlines()]
+        (scores / f"{split}.jsonl").write_text("".join(
+            json.dumps({"text": r["text"], "label": 4.0 if r["label"] == 1 else 1.0}) + "\n"
+            for r in rows))
+    encoder = tmp_path / "encoder"  # without the tiny model's 2-label head
+    BertModel.from_pretrained(tiny_model_dir).save_pretrained(encoder)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(encoder)
+    cfg = resolve_config(str(tiny_preset_file), {"task.type": "regression", "task.metric": "pearson",
+                                                 "task.data_dir": str(scores), "model.name": str(encoder)})
+    data = prepare_data(cfg)
+    assert data.label_mean == pytest.approx(float(np.mean(data.train["labels"])))
+    adapted = build_model(cfg, data.num_labels, data.label_names, data.label_mean)
+    untrained = evaluate(adapted, data, "regression", 16)
+    targets = np.asarray(data.eval["labels"])
+    assert untrained["loss"] < 0.5 * float(np.mean(targets**2))  # from zero it is mean(y^2) = 8.5 here
+    assert untrained["loss"] == pytest.approx(float(np.mean((targets - data.label_mean) ** 2)), abs=0.3)

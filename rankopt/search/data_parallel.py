@@ -105,7 +105,7 @@ def _follow_one(base: Config, checkpoints, number: int | None) -> None:
     try:
         cfg = trial_config(base, values)
         data = prepare_data(cfg)
-        adapted = build_model(cfg, data.num_labels, data.label_names)
+        adapted = build_model(cfg, data.num_labels, data.label_names, data.label_mean)
     except RankoptError:
         return  # rank 0 hit the same error and records it
     checkpoint = None

@@ -80,7 +80,7 @@ class Objective:
         try:
             cfg = trial_config(self.base, values)
             data = prepare_data(cfg)
-            adapted = build_model(cfg, data.num_labels, data.label_names)
+            adapted = build_model(cfg, data.num_labels, data.label_names, data.label_mean)
         except RankoptError as exc:
             reason = mask_text(str(exc))
             trial.set_user_attr("fail_reason", reason)

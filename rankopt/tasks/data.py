@@ -38,6 +38,7 @@ class TaskData:
         return self.train_collator or self.collator
     test: datasets.Dataset | None = None
     test_note: str = "no test split"
+    label_mean: float | None = None  # regression: where the head's output starts (see training.setup)
 
 
 def _split_file(folder: Path, split: str) -> Path | None:
@@ -262,7 +263,8 @@ def prepare(task: TaskConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0)
     tokenized = {
         role: split.map(encode, batched=True, remove_columns=split.column_names) for role, split in raw.items()
     }
+    scores = tokenized["train"]["labels"] if task.type == "regression" else None
     return TaskData(train=tokenized["train"], eval=tokenized["eval"], num_labels=num_labels,
                     label_names=names, collator=DataCollatorWithPadding(tokenizer), test=tokenized.get("test"),
-                    test_note=test_note)
+                    test_note=test_note, label_mean=sum(scores) / len(scores) if scores else None)
 

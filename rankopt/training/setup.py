@@ -33,8 +33,15 @@ def prepare_data(cfg: Config) -> TaskData:
     return _DATA_CACHE[key]
 
 
-def _reset_head(model: nn.Module, heads: list[str], seed: int) -> None:
-    """Re-draw the task head from ``seed`` so a run does not depend on what was loaded before it."""
+def _reset_head(model: nn.Module, heads: list[str], seed: int, label_mean: float | None = None) -> None:
+    """Re-draw the task head from ``seed`` so a run does not depend on what was loaded before it.
+
+    A regression head's output bias starts at ``label_mean``. From zero, on targets such as STS-B's
+    0-5 scores, the fastest way down the squared error is to move every prediction towards the
+    mean through the encoder, and a LoRA adapter learning at once does exactly that: its outputs
+    collapse to a constant (Pearson near 0 at every learning rate) before the head's bias, moving
+    by one learning rate per Adam step, gets there.
+    """
     std = getattr(getattr(model, "config", None), "initializer_range", 0.02)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -44,13 +51,18 @@ def _reset_head(model: nn.Module, heads: list[str], seed: int) -> None:
                     module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * std)
                     if module.bias is not None:
                         module.bias.zero_()
+        last = [m for head in heads for m in model.get_submodule(head).modules() if isinstance(m, nn.Linear)]
+        if label_mean is not None and last and last[-1].out_features == 1 and last[-1].bias is not None:
+            last[-1].bias.fill_(label_mean)
 
 
-def load_base(cfg: Config, num_labels: int, label_names: list[str] | None = None) -> nn.Module:
+def load_base(cfg: Config, num_labels: int, label_names: list[str] | None = None,
+              label_mean: float | None = None) -> nn.Module:
     """A fresh copy of the pretrained model with its task head drawn from ``cfg.training.seed``.
 
     ``label_names`` (the task's, in id order) go on the model's config, and from there into
-    every adapter and merged model exported from this run.
+    every adapter and merged model exported from this run. ``label_mean`` (regression: the
+    training targets' mean, :attr:`TaskData.label_mean`) is where the head's output starts.
     """
     from rankopt.devices import check_device
 
@@ -59,13 +71,14 @@ def load_base(cfg: Config, num_labels: int, label_names: list[str] | None = None
     name_labels(model, label_names)
     heads = find_head(model)
     keep_head_float32(model, heads)  # trained in float32 whatever the base's dtype
-    _reset_head(model, heads, cfg.training.seed)
+    _reset_head(model, heads, cfg.training.seed, label_mean)
     return model
 
 
-def build_model(cfg: Config, num_labels: int, label_names: list[str] | None = None) -> AdaptedModel:
+def build_model(cfg: Config, num_labels: int, label_names: list[str] | None = None,
+                label_mean: float | None = None) -> AdaptedModel:
     """The pretrained model with adapters on its target layers, checked against the rank budget."""
-    model = load_base(cfg, num_labels, label_names)
+    model = load_base(cfg, num_labels, label_names, label_mean)
     adapted = adapt(model, cfg.model.target_modules, cfg.adapter.init_rank, cfg.adapter.alpha,
                     cfg.adapter.dropout, seed=cfg.training.seed, rslora=cfg.adapter.rslora)
     cfg.budget(len(adapted.adapters))  # raises when the budget cannot be met
