@@ -43,7 +43,8 @@ def main(preset: str, out: str, overrides: list[str]) -> None:
     save_file(trained, str(dest / "trained.safetensors"))
     (dest / "result.json").write_text(json.dumps({
         "losses": losses.values, "metrics": result.metrics,
-        "history": [[event.step, event.ranks] for event in result.rank_history]}))
+        "history": [[event.step, event.ranks] for event in result.rank_history],
+        "rng_draw": torch.rand(4).tolist()}))  # where this process's dropout stream ended
     distributed.shutdown()
 
 

@@ -98,6 +98,7 @@ def test_both_processes_make_the_same_rank_decisions_and_end_identical(runs):
     for name, tensor in first_tensors.items():
         assert torch.equal(tensor, second_tensors[name]), name
     assert first["metrics"] == second["metrics"]
+    assert first["rng_draw"] != second["rng_draw"]  # each process's rows get their own dropout masks
 
 
 def test_two_processes_train_like_one_on_the_same_global_batches(runs):

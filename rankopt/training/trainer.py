@@ -120,6 +120,16 @@ def _language_model_metrics(model, loader: DataLoader, device: str, procs: distr
     return task_metrics.language_model_metrics(total / tokens if tokens else float("nan"))
 
 
+def reseed_for_process(seed: int, step: int, procs: distributed.Processes) -> None:
+    """Dropout masks of one process's rows its own, from (seed, step, rank).
+
+    All processes start from the same seed, so without this each would draw the same masks for
+    its shard as the others for theirs (row i of every shard dropped alike). Derived from the step,
+    the stream needs nothing in a checkpoint to resume the same way; one process never reseeds.
+    """
+    torch.manual_seed((seed * 1_000_003 + step) * procs.world + procs.rank)
+
+
 class Stepper:
     """One optimisation step at a time: the state a fine-tune carries between steps.
 
@@ -156,6 +166,8 @@ class Stepper:
         """
         t = self.cfg.training
         step = self.done + 1
+        if self.procs.parallel:
+            reseed_for_process(t.seed, step, self.procs)
         if self.controller is not None:
             self.controller.before_step(step)  # arms the gradient probe before a growing reallocation
         loss = self._accumulate(as_micro_batches(batch))
