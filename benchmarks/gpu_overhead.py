@@ -27,6 +27,16 @@ before it was built (its copy of the weights, adapters, optimizer and controller
     python benchmarks/gpu_overhead.py                          # ~6-8 min on one H100/H200
     python benchmarks/gpu_overhead.py --tiny --device cpu --steps 2 --warmup 1 --memory-steps 2  # smoke (CPU)
 
+Several GPUs (issue 14): ``--nproc-per-node N`` runs every run data-parallel on N processes, one
+GPU each (``torch.distributed.run`` underneath, NCCL), on the same global batches of ``--batch``
+rows: rankopt shards each batch and sums its gradients itself, PEFT LoRA runs under
+DistributedDataParallel on its shard. AdaLoRA is left out there (PEFT's AdaLoRA loses its
+``rank_pattern`` under DDP). Times and memory are rank 0's.
+
+    python benchmarks/gpu_overhead.py --nproc-per-node 8 --batch 64 --variants plain ckpt   # one 8-GPU node
+    python benchmarks/gpu_overhead.py --tiny --device cpu --nproc-per-node 2 --variants plain --steps 2 \
+        --warmup 1 --batch 4 --seq 16 --rank 4          # smoke (2 gloo processes)
+
 Without a CUDA GPU (and without ``--device cpu``) it exits with code 2 and says so.
 """
 
@@ -36,7 +46,9 @@ import argparse
 import copy
 import gc
 import json
+import os
 import platform
+import subprocess
 import statistics
 import sys
 import tempfile
@@ -58,6 +70,11 @@ RUNS = {
     "adalora": "PEFT AdaLoRA {init}->{r}",
 }
 VARIANTS = {"plain": list(RUNS), "ckpt": ["adaptive", "lora", "adalora"], "4bit": ["adaptive", "lora", "adalora"]}
+NOT_DATA_PARALLEL = {"adalora"}  # PEFT's AdaLoRA loses its rank_pattern under DDP
+
+
+def variant_runs(variant: str, parallel: bool) -> list[str]:
+    return [k for k in VARIANTS[variant] if not (parallel and k in NOT_DATA_PARALLEL)]
 SHAPES = {  # hidden, layers, intermediate, heads, kv heads, vocab
     "1b": (2048, 22, 5632, 32, 4, 32000),
     "tiny": (64, 2, 128, 4, 2, 256),
@@ -142,9 +159,21 @@ def build_run(args: argparse.Namespace, key: str, base: torch.nn.Module, total: 
     torch.manual_seed(0)
     peft = get_peft_model(model, config)
     dtype = next(p.dtype for n, p in peft.named_parameters() if "lora_A" in n)
+    if torch.distributed.is_initialized():  # each process steps on its shard; DDP averages the gradients
+        from torch.nn.parallel import DistributedDataParallel
+
+        peft = DistributedDataParallel(peft, device_ids=[torch.device(device).index] if device.startswith("cuda")
+                                       else None)
     stepper = PeftStepper(peft, args.lr, 0.0, "linear", total, 0.06, 1.0, adalora=key == "adalora", device=device,
                           autocast=autocast)
     return stepper, peft, dtype
+
+
+def step(key: str, stepper, batch: dict) -> None:
+    """One step on the global ``batch``: rankopt shards it itself, a DDP-wrapped PEFT model gets its shard."""
+    from rankopt import distributed
+
+    stepper.step(batch if key in ("adaptive", "adaptive-prune", "fixed") else distributed.shard(batch))
 
 
 def make_batches(n: int, vocab: int, batch: int, seq: int, device: str) -> list[dict]:
@@ -166,14 +195,14 @@ def measure_memory(args, base, device: str, vocab: int, variant: str, quant_dir:
     """Peak GiB each run adds on top of the shared base weights, each run alone."""
     out = {}
     batches = make_batches(args.memory_steps, vocab, args.batch, args.seq, device)
-    for key in VARIANTS[variant]:
+    for key in variant_runs(variant, torch.distributed.is_initialized()):
         gc.collect()
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         stepper, model, _ = build_run(args, key, base, args.memory_steps, device, variant, quant_dir)
         for batch in batches:
-            stepper.step(batch)
+            step(key, stepper, batch)
         sync(device)
         out[key] = (torch.cuda.max_memory_allocated() - before) / 2**30
         del stepper, model
@@ -185,7 +214,7 @@ def measure_memory(args, base, device: str, vocab: int, variant: str, quant_dir:
 def time_runs(args, base, device: str, vocab: int, variant: str,
               quant_dir: Path) -> tuple[dict[str, dict], dict[str, str]]:
     total = args.steps + args.warmup
-    keys = VARIANTS[variant]
+    keys = variant_runs(variant, torch.distributed.is_initialized())
     built = {key: build_run(args, key, base, total, device, variant, quant_dir) for key in keys}
     dtypes = {key: str(b[2]).removeprefix("torch.") for key, b in built.items()}
     times: dict[str, list[float]] = {key: [] for key in keys}
@@ -193,7 +222,7 @@ def time_runs(args, base, device: str, vocab: int, variant: str,
         for key in keys[i % len(keys):] + keys[:i % len(keys)]:  # rotate who goes first
             sync(device)
             t0 = time.perf_counter()
-            built[key][0].step(batch)
+            step(key, built[key][0], batch)
             sync(device)
             if i >= args.warmup:
                 times[key].append(time.perf_counter() - t0)
@@ -220,7 +249,13 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                     help="plain, ckpt (gradient checkpointing), 4bit (nf4 base via bitsandbytes)")
+    ap.add_argument("--nproc-per-node", type=int, default=1,
+                    help="data-parallel processes, one GPU each; --batch stays the global batch")
     args = ap.parse_args()
+    if args.nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:  # start the N processes, then report their outcome
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc-per-node={args.nproc_per_node}", "--max-restarts=0", *sys.argv]
+        sys.exit(subprocess.run(command).returncode)
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
         print("error: no CUDA GPU visible to torch here; the GPU benchmark (issue 13) was not run. "
@@ -231,6 +266,12 @@ def main() -> None:
         sys.exit(2)
     if args.steps + args.warmup < 2 or args.memory_steps == 1:
         ap.error("runs need at least 2 steps (AdaLoRA fixes its budget at its last step)")
+    from rankopt import distributed
+
+    procs = distributed.init_from_environment(args.device)
+    if procs.parallel:
+        distributed.check_divisible(args.batch, "--batch")
+        args.device = f"cuda:{procs.local_rank}" if cuda else "cpu"
     if cuda:
         torch.cuda.set_device(torch.device(args.device))
     if "4bit" in args.variants:
@@ -259,8 +300,12 @@ def main() -> None:
                 if key in memory:
                     row.update(peak_gib=memory[key], peak_ratio=memory[key] / memory["lora"])
                 rows.append(row)
+    distributed.shutdown()
+    if not procs.main:
+        return
     device_name = torch.cuda.get_device_name(args.device) if cuda else (platform.processor() or platform.machine())
-    print(f"# GPU overhead: random Llama-shaped decoder, {n_params / 1e9:.2f}B params, {args.dtype}, batch "
+    where = f"{procs.world} data-parallel processes (rank 0's figures), global " if procs.parallel else ""
+    print(f"# GPU overhead: random Llama-shaped decoder, {n_params / 1e9:.2f}B params, {args.dtype}, {where}batch "
           f"{args.batch} x seq {args.seq}, rank {args.rank} on {len(TARGETS)} projections per layer, {args.steps} "
           f"timed steps (+{args.warmup}) interleaved per variant; {device_name}, torch {torch.__version__}")
     print("| variant | run | adapter dtype | median step (s) | mean step (s) | median / LoRA | mean / LoRA | "

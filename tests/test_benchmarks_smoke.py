@@ -133,6 +133,29 @@ def test_gpu_overhead_on_cpu_with_a_tiny_decoder():
     assert {r["adapter_dtype"] for r in rows} == {"float32"}  # on the bf16 base, for both libraries
 
 
+def test_gpu_overhead_data_parallel_on_two_gloo_processes():
+    """The multi-GPU option on the CPU: every run data-parallel, PEFT LoRA under DDP, AdaLoRA left out."""
+    proc = run_script("gpu_overhead.py", "--tiny", "--device", "cpu", "--nproc-per-node", "2", "--variants", "plain",
+                      "--steps", "2", "--warmup", "1", "--batch", "4", "--seq", "16", "--rank", "4")
+    rows = last_json(proc.stdout)
+    assert [r["run"] for r in rows] == ["rankopt adaptive, budget 4", "rankopt adaptive, budget 4->2",
+                                        "rankopt fixed r=4", "PEFT LoRA r=4"]
+    assert all(positive(r["median_s"]) for r in rows)
+    assert "2 data-parallel processes" in proc.stdout and proc.stdout.count("# GPU overhead") == 1  # rank 0 only
+
+
+def test_data_parallel_step_time(tiny_preset_file, tmp_path):
+    """1 and 2 processes on the same global batches: both rows written, every step's loss, a table."""
+    out = tmp_path / "dp.jsonl"
+    proc = run_script("data_parallel.py", "--preset", str(tiny_preset_file), "--batch", "4", "--steps", "2",
+                      "--warmup", "1", "--repeats", "1", "--cores", "2", "--out", str(out))
+    one, two = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (one["nproc"], two["nproc"]) == (1, 2) and (one["threads_per_process"], two["threads_per_process"]) == (2, 1)
+    assert positive(one["median_step_s"]) and positive(two["median_step_s"])
+    assert len(one["losses"]) == len(two["losses"]) == 3 and all(positive(v) for v in one["losses"] + two["losses"])
+    assert "| 1 x 2 | " in proc.stdout and "| 2 x 1 | " in proc.stdout  # the table: one line per process count
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present")
 def test_gpu_overhead_says_it_was_not_run_without_a_gpu():
     proc = run_script("gpu_overhead.py", expect=2)
