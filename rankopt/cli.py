@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from typing import Annotated, Optional
 
 import typer
@@ -103,6 +104,26 @@ def _lost_peer(exc: BaseException) -> None:
     raise typer.Exit(1)
 
 
+@contextmanager
+def _one_job(interrupted: str, describe=str):
+    """How a train, tune or worker process ends when it fails: one line, once under data parallelism."""
+    from rankopt import distributed
+    from rankopt.launcher import LAUNCHED_HERE
+
+    try:
+        yield
+    except RankoptError as exc:
+        _fail(describe(str(exc)))
+    except RuntimeError as exc:
+        if not distributed.is_peer_failure(exc):
+            raise
+        _lost_peer(exc)
+    except KeyboardInterrupt:
+        if distributed.current().main and not os.environ.get(LAUNCHED_HERE):  # the launcher speaks for its own
+            typer.echo(f"interrupted: {interrupted}", err=True)
+        raise typer.Exit(130) from None
+
+
 def _sigterm_interrupts() -> None:
     """Under a launcher, SIGTERM (sent when a peer died) ends the run like Ctrl-C: recorded, not lost."""
     import signal
@@ -130,7 +151,7 @@ def train(preset: Annotated[str, typer.Argument(help="preset name (see search_sp
 
     if nproc_per_node != 1:
         _launch(nproc_per_node)
-    try:
+    with _one_job("a started MLflow run is marked KILLED"):
         _quiet_libraries()
         _sigterm_interrupts()
         cfg = resolve_config(preset, set_, data)
@@ -142,20 +163,6 @@ def train(preset: Annotated[str, typer.Argument(help="preset name (see search_sp
             if bar is not None:
                 bar.close()
         distributed.shutdown()
-    except RankoptError as exc:
-        _fail(str(exc))
-        return
-    except RuntimeError as exc:
-        if not distributed.is_peer_failure(exc):
-            raise
-        _lost_peer(exc)
-        return
-    except KeyboardInterrupt:
-        from rankopt.launcher import LAUNCHED_HERE
-
-        if distributed.current().main and not os.environ.get(LAUNCHED_HERE):
-            typer.echo("interrupted: a started MLflow run is marked KILLED", err=True)
-        raise typer.Exit(130) from None
     if not procs.main:
         return
     if result.artifacts:
@@ -181,7 +188,7 @@ def tune(preset: Annotated[str, typer.Argument(help="preset name (see search_spa
 
     if nproc_per_node != 1:
         _launch(nproc_per_node)
-    try:
+    with _one_job("the current trial was recorded as failed; run the same command to resume"):
         _quiet_libraries()
         _sigterm_interrupts()
         if trials is not None and trials < 0:
@@ -196,19 +203,6 @@ def tune(preset: Annotated[str, typer.Argument(help="preset name (see search_spa
         finally:
             progress.close()
         distributed.shutdown()
-    except RankoptError as exc:
-        _fail(str(exc))
-        return
-    except RuntimeError as exc:
-        if not distributed.is_peer_failure(exc):
-            raise
-        _lost_peer(exc)
-        return
-    except KeyboardInterrupt:
-        if distributed.current().main:
-            typer.echo("interrupted: the current trial was recorded as failed; run the same command to resume",
-                       err=True)
-        raise typer.Exit(130) from None
     if result is None or not procs.main:
         return  # a data-parallel follower: rank 0 reports
     print_tune_result(result)
@@ -323,7 +317,7 @@ def worker(preset: Annotated[Optional[str], typer.Argument(help="preset to creat
 
     if nproc_per_node != 1:
         _launch(nproc_per_node)
-    try:
+    with _one_job("the current trial was handed back; another worker resumes it from its checkpoint", mask_text):
         _quiet_libraries()
         _show_rankopt_warnings()
         progress = TrialProgress(0)
@@ -342,19 +336,6 @@ def worker(preset: Annotated[Optional[str], typer.Argument(help="preset to creat
         finally:
             progress.close()
         distributed.shutdown()
-    except RankoptError as exc:
-        _fail(mask_text(str(exc)))
-        return
-    except RuntimeError as exc:
-        if not distributed.is_peer_failure(exc):
-            raise
-        _lost_peer(exc)
-        return
-    except KeyboardInterrupt:
-        if distributed.current().main:
-            typer.echo("interrupted: the current trial was handed back; another worker resumes it from its "
-                       "checkpoint", err=True)
-        raise typer.Exit(130) from None
     if result is None:
         return  # a data-parallel follower: rank 0 reports
     t = result.tally
