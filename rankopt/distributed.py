@@ -141,10 +141,27 @@ def sum_gradients(params: list[torch.Tensor], extra: torch.Tensor | None = None)
 
 
 def all_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` summed over all processes (in place; itself on one process)."""
-    if current().parallel:
+    """``tensor`` summed over all processes (in place; itself on one process).
+
+    NCCL reduces only CUDA tensors: a CPU tensor (a few counters) makes the trip through this
+    process's GPU.
+    """
+    if not current().parallel:
+        return tensor
+    device = collective_device()
+    if tensor.device == device:
         torch.distributed.all_reduce(tensor)
-    return tensor
+        return tensor
+    moved = tensor.to(device)
+    torch.distributed.all_reduce(moved)
+    return tensor.copy_(moved)
+
+
+def collective_device() -> torch.device:
+    """Where the process group's collectives run: this process's GPU under NCCL, else the CPU."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def broadcast_object(obj=None):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import sqlite3
 import subprocess
@@ -24,7 +25,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import BertForSequenceClassification
 
-from conftest import synthetic_rows, tiny_bert_config, write_jsonl
+from conftest import FILLER, synthetic_rows, tiny_bert_config, write_jsonl
 
 pytestmark = pytest.mark.integration
 SUPPORT = Path(__file__).parent / "data_parallel_support.py"
@@ -111,6 +112,57 @@ def test_two_processes_train_like_one_on_the_same_global_batches(runs):
         torch.testing.assert_close(shared_tensors[name], tensor, atol=1e-3, rtol=0)
     assert shared["metrics"]["loss"] == pytest.approx(alone["metrics"]["loss"], rel=1e-5)
     assert shared["metrics"]["accuracy"] == alone["metrics"]["accuracy"]
+
+
+@pytest.fixture(scope="module")
+def decoder_runs(setup, vocab_file) -> Path:
+    """A random 2-layer Llama on prompt -> response rows whose responses differ in length, so the
+    processes' shards hold different numbers of target tokens; once alone, once on 2 processes."""
+    from transformers import BertTokenizerFast, LlamaConfig, LlamaForCausalLM
+
+    root = setup / "decoder"
+    tokenizer = BertTokenizerFast(vocab=str(vocab_file), eos_token="[SEP]")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.sep_token_id,
+                         initializer_range=0.2)
+    LlamaForCausalLM(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    for split, n, seed in (("train", 64, 1), ("validation", 24, 2)):
+        rng = random.Random(seed)
+        write_jsonl(root / f"{split}.jsonl", [{"prompt": "good " + " ".join(rng.sample(FILLER, 3)),
+                                               "response": " ".join(rng.sample(FILLER, rng.randint(1, 5)))}
+                                              for _ in range(n)])
+    preset = {
+        "task": {"name": "tiny-lm", "type": "causal_lm", "data_dir": str(root), "prompt_column": "prompt",
+                 "response_column": "response", "metric": "loss", "max_length": 32},
+        "model": {"name": str(root / "model"), "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]},
+        "adapter": {"init_rank": 4, "alpha": 8.0},
+        "training": {"steps": 16, "batch_size": 4, "grad_accum_steps": 2, "eval_batch_size": 8, "lr": 1e-2,
+                     "warmup_ratio": 0.0, "eval_every": 8, "seed": 0},
+        "controller": {"importance": "sensitivity", "target_rank": 2, "min_rank": 1, "max_rank": 8, "warmup": 0.1,
+                       "final": 0.2, "interval": 4, "max_grow": 2, "probe_tokens": 100000},
+    }
+    (root / "lm.yml").write_text(yaml.safe_dump(preset))
+    out = root / "runs"
+    single = subprocess.run([sys.executable, str(SUPPORT), str(root / "lm.yml"), str(out)], env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = torchrun(str(SUPPORT), str(root / "lm.yml"), str(out))
+    assert double.returncode == 0, double.stderr[-3000:]
+    return out
+
+
+def test_a_causal_lm_trains_like_one_process(decoder_runs):
+    """Per-token loss weights over the global batch's targets, and the sharded evaluation's token sums."""
+    (alone, alone_tensors), (shared, shared_tensors) = seen(decoder_runs, "rank0of1"), seen(decoder_runs, "rank0of2")
+    assert len(alone["history"]) > 2 and shared["history"] == alone["history"]
+    for step, loss in alone["losses"].items():
+        assert shared["losses"][step] == pytest.approx(loss, rel=1e-5), step
+    assert shared["metrics"]["loss"] == pytest.approx(alone["metrics"]["loss"], rel=1e-5)
+    for name, tensor in alone_tensors.items():
+        torch.testing.assert_close(shared_tensors[name], tensor, atol=1e-3, rtol=0)
 
 
 def mlflow_runs(db: Path) -> list[tuple[str, str]]:
