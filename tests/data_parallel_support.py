@@ -8,6 +8,9 @@ single-process run.
 
 ``python data_parallel_support.py hf OUT``: a ``transformers.Trainer`` with the rank controller's
 callback, which must refuse to run data-parallel.
+
+``python data_parallel_support.py tune-fail PRESET OUT``: a study whose first trial fails on rank 0
+alone (an OSError at its first evaluation).
 """
 
 from __future__ import annotations
@@ -48,6 +51,19 @@ def main(preset: str, out: str, overrides: list[str]) -> None:
     distributed.shutdown()
 
 
+class DiskFullOnRank0(Callback):
+    """Fails rank 0 alone at the first evaluation, as a full disk under its checkpoint would."""
+
+    def on_eval(self, step: int, metrics: dict) -> None:
+        if distributed.current().main:
+            raise OSError(28, "No space left on device")
+
+
+def tune_failing_on_rank_0(preset: str, out: str) -> None:
+    torch.set_num_threads(1)
+    rankopt.tune(preset, out=out, track=False, callbacks_for_trial=lambda trial, cfg: [DiskFullOnRank0()])
+
+
 def trainer_with_callback(out: str) -> None:
     import datasets
     from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
@@ -72,6 +88,9 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     if args[0] == "hf":
         trainer_with_callback(args[1])
+        sys.exit(0)
+    if args[0] == "tune-fail":
+        tune_failing_on_rank_0(args[1], args[2])
         sys.exit(0)
     overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
     main(args[0], args[1], overrides)

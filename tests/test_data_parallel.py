@@ -244,6 +244,17 @@ def test_a_worker_runs_its_trials_data_parallel(setup, tmp_path):
     assert len(runs) == 3 and {status for _, status in runs} == {"FINISHED"}  # the study's run and one per trial
 
 
+def test_a_trial_failing_on_rank_0_alone_ends_the_study(setup, tmp_path):
+    """Rank 0 must not go on to the next trial while the others are still in the failed one's collectives."""
+    proc = torchrun(str(SUPPORT), "tune-fail", str(setup / "tune.yml"), str(tmp_path / "out"), timeout=120)
+    assert proc.returncode != 0
+    assert "No space left on device" in proc.stderr
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'out' / 'optuna.db'}")
+    [study] = optuna.get_all_study_summaries(storage)
+    trials = optuna.load_study(study_name=study.study_name, storage=storage).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.FAIL]  # no second trial was started
+
+
 def test_trainer_callback_refuses_ddp_in_one_line(tmp_path):
     proc = torchrun(str(SUPPORT), "hf", str(tmp_path))
     assert proc.returncode != 0

@@ -7,8 +7,9 @@ the others; then every process draws the trial's values through optuna-integrati
 same values), builds the same config and trains its shard of each batch. Reports and pruning
 decisions go through that object too, so a pruned trial stops on every process at the same
 evaluation. Errors a trial raises on every process alike (a config that cannot be built, a
-diverged loss, pruning) end that trial everywhere; a failure on one process only (a full disk on
-rank 0) leaves the others waiting until ``RANKOPT_COLLECTIVE_TIMEOUT`` ends the job.
+diverged loss, pruning) end that trial everywhere and the study goes on. Any other error (a full
+disk on rank 0, one GPU out of memory) ends the job, as a dead process does: the others would
+otherwise sit in the lost trial's collectives while rank 0 went on to the next trial.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ from rankopt.training.setup import build_model, prepare_data
 from rankopt.training.trainer import train_adapted
 
 TRIAL, WAIT, STOP = "trial", "wait", "stop"
+
+
+def survivable() -> tuple[type[BaseException], ...]:
+    """The errors a trial may fail with while the study goes on (Optuna's ``catch``)."""
+    return (RankoptError,) if distributed.current().parallel else (Exception,)
 
 
 def shared(trial: optuna.Trial):

@@ -261,12 +261,12 @@ def run_trials(prepared: PreparedStudy, *, timeout: float | None = None, callbac
     objective = Objective(cfg, tracker, callbacks_for_trial, checkpoints=prepared.checkpoints)
     status = "FINISHED"
     try:
-        try:
-            if prepared.trials > 0:
-                study.optimize(objective, n_trials=prepared.trials, timeout=timeout, catch=(Exception,),
-                               callbacks=[on_trial_end] if on_trial_end else None)
-        finally:
-            data_parallel.release_followers()  # the rest (test split, plots) is rank 0's alone
+        if prepared.trials > 0:
+            study.optimize(objective, n_trials=prepared.trials, timeout=timeout, catch=data_parallel.survivable(),
+                           callbacks=[on_trial_end] if on_trial_end else None)
+        # the rest (test split, plots) is rank 0's alone; not after a failure, when the others may still
+        # be in the failed trial's collectives (the launcher ends them)
+        data_parallel.release_followers()
         best = best_trials(study)
         smallest = smallest_within(study, within)[0] if within is not None and best else None
         # after the search, never during it: the selected trial(s) once on the held-out split

@@ -106,10 +106,11 @@ def run_worker(study_name: str, storage: str, preset: str | None = None, overrid
         return None
     try:
         objective = Objective(cfg, joined.tracker, callbacks_for_trial, checkpoints=checkpoints)
-        return _loop(joined.study, storage, joined.lock, objective, cfg, joined.tracker, max_trials, joined.on_stale,
-                     on_trial_end)
+        result = _loop(joined.study, storage, joined.lock, objective, cfg, joined.tracker, max_trials, joined.on_stale,
+                       on_trial_end)
+        data_parallel.release_followers()  # not after a failure: the others may be in its collectives
+        return result
     finally:
-        data_parallel.release_followers()
         joined.lock.close()
 
 
@@ -197,7 +198,7 @@ def _loop(study: optuna.Study, storage: str, lock: StudyLock, objective: Objecti
                 if decision == Decision.RUN:
                     current.clear()
                     try:
-                        study.optimize(take, n_trials=1, catch=(Exception,), callbacks=callbacks)
+                        study.optimize(take, n_trials=1, catch=data_parallel.survivable(), callbacks=callbacks)
                     except KeyboardInterrupt:
                         interrupted = True
                         _hand_back(study, current.get("number"), on_stale)
