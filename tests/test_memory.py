@@ -78,9 +78,9 @@ def test_a_five_trial_study_keeps_no_trial_model_alive(tiny_preset, tmp_path, mo
     alive_at_start: list[int] = []
     real_build = tuner.build_model
 
-    def recording_build(cfg, num_labels, label_names=None):
+    def recording_build(cfg, num_labels, label_names=None, label_mean=None):
         alive_at_start.append(sum(ref() is not None for ref in built))
-        adapted = real_build(cfg, num_labels, label_names)
+        adapted = real_build(cfg, num_labels, label_names, label_mean)
         built.append(weakref.ref(adapted.model))
         return adapted
 
