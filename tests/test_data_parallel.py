@@ -33,6 +33,12 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFO
        "OMP_NUM_THREADS": "1", "RANKOPT_COLLECTIVE_TIMEOUT": "60"}
 
 
+# every reallocation grows and prunes; no token subsampling in the growth probe, so what is left
+# to differ between one process and two is rounding
+CONTROLLER = {"importance": "sensitivity", "target_rank": 2, "min_rank": 1, "max_rank": 8, "warmup": 0.1,
+              "final": 0.2, "interval": 4, "max_grow": 2, "probe_tokens": 100000}
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tokenizer) -> Path:
     """A dropout-free tiny BERT (so shards and the whole batch see the same function), data and presets."""
@@ -52,9 +58,7 @@ def setup(tmp_path_factory, tokenizer) -> Path:
         # a global batch of 8 as 2 micro-batches of 4: each process takes 2 rows of every micro-batch
         "training": {"steps": 30, "batch_size": 4, "grad_accum_steps": 2, "eval_batch_size": 16, "lr": 5e-3,
                      "warmup_ratio": 0.0, "eval_every": 10, "seed": 0},
-        # no token subsampling in the growth probe: what is left differs between runs only by rounding
-        "controller": {"importance": "sensitivity", "target_rank": 2, "min_rank": 1, "max_rank": 8, "warmup": 0.1,
-                       "final": 0.2, "interval": 4, "max_grow": 2, "probe_tokens": 100000},
+        "controller": CONTROLLER,
     }
     (root / "tiny.yml").write_text(yaml.safe_dump(preset))
     preset["training"]["steps"] = 20
@@ -78,15 +82,19 @@ def seen(out: Path, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
     return json.loads((out / name / "result.json").read_text()), load_file(str(out / name / "trained.safetensors"))
 
 
-@pytest.fixture(scope="module")
-def runs(setup) -> Path:
-    out = setup / "runs"
-    single = subprocess.run([sys.executable, str(SUPPORT), str(setup / "tiny.yml"), str(out)], env=ENV,
+def run_alone_and_on_two(preset: Path, out: Path) -> Path:
+    """The support script's fine-tune of ``preset`` in one process, then on two (results under ``out``)."""
+    single = subprocess.run([sys.executable, str(SUPPORT), str(preset), str(out)], env=ENV,
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
-    double = torchrun(str(SUPPORT), str(setup / "tiny.yml"), str(out))
+    double = torchrun(str(SUPPORT), str(preset), str(out))
     assert double.returncode == 0, double.stderr[-3000:]
     return out
+
+
+@pytest.fixture(scope="module")
+def runs(setup) -> Path:
+    return run_alone_and_on_two(setup / "tiny.yml", setup / "runs")
 
 
 def test_both_processes_make_the_same_rank_decisions_and_end_identical(runs):
@@ -141,17 +149,10 @@ def decoder_runs(setup, vocab_file) -> Path:
         "adapter": {"init_rank": 4, "alpha": 8.0},
         "training": {"steps": 16, "batch_size": 4, "grad_accum_steps": 2, "eval_batch_size": 8, "lr": 1e-2,
                      "warmup_ratio": 0.0, "eval_every": 8, "seed": 0},
-        "controller": {"importance": "sensitivity", "target_rank": 2, "min_rank": 1, "max_rank": 8, "warmup": 0.1,
-                       "final": 0.2, "interval": 4, "max_grow": 2, "probe_tokens": 100000},
+        "controller": CONTROLLER,
     }
     (root / "lm.yml").write_text(yaml.safe_dump(preset))
-    out = root / "runs"
-    single = subprocess.run([sys.executable, str(SUPPORT), str(root / "lm.yml"), str(out)], env=ENV,
-                            capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
-    double = torchrun(str(SUPPORT), str(root / "lm.yml"), str(out))
-    assert double.returncode == 0, double.stderr[-3000:]
-    return out
+    return run_alone_and_on_two(root / "lm.yml", root / "runs")
 
 
 def test_a_causal_lm_trains_like_one_process(decoder_runs):
