@@ -5,6 +5,8 @@ trained for several epochs so the methods separate. Every method ends at the sam
 final rank per adapted layer, so the same adapter parameters within 1 %) over the same 36 linears:
 
 - ``rankopt``: the adaptive controller with the presets' defaults, from 2 x budget down to it;
+- ``rankopt_params``: the same, with the budget counted in adapter parameters
+  (``controller.budget_unit: params``: the size of LoRA's adapter at that rank, spent by score per parameter);
 - ``rankopt_fixed``: the same SVD-form adapter and start at rank = budget, controller off
   (isolates what the controller adds);
 - ``peft_lora``, ``peft_rslora``, ``peft_eva``, ``peft_adalora``, ``peft_lora_trunc``: see
@@ -33,8 +35,8 @@ from pathlib import Path
 import torch
 
 GLUE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "glue"
-METHODS = ("rankopt", "rankopt_fixed", "peft_lora", "peft_adalora", "peft_eva", "peft_rslora", "peft_lora_trunc")
-LABELS = {"rankopt": "rankopt", "rankopt_fixed": "rankopt, controller off", "peft_lora": "PEFT LoRA",
+METHODS = ("rankopt", "rankopt_params", "rankopt_fixed", "peft_lora", "peft_adalora", "peft_eva", "peft_rslora", "peft_lora_trunc")
+LABELS = {"rankopt": "rankopt", "rankopt_params": "rankopt, params budget", "rankopt_fixed": "rankopt, controller off", "peft_lora": "PEFT LoRA",
           "peft_adalora": "PEFT AdaLoRA", "peft_eva": "PEFT LoRA+EVA", "peft_rslora": "PEFT rsLoRA",
           "peft_lora_trunc": "PEFT LoRA 2r, SVD-truncated"}
 
@@ -56,7 +58,8 @@ CODE = _commit()
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "quality_equal_size.jsonl"  # 2026-12 grid
 
 
-def run_config(task: str, budget: int, lr: float, seed: int, args: argparse.Namespace, fixed: bool = False):
+def run_config(task: str, budget: int, lr: float, seed: int, args: argparse.Namespace, fixed: bool = False,
+               unit: str = "rank"):
     from rankopt.config import resolve_config
 
     init = budget if fixed else 2 * budget
@@ -66,7 +69,7 @@ def run_config(task: str, budget: int, lr: float, seed: int, args: argparse.Name
         "adapter.init_rank": init, "adapter.alpha": 2 * init,
         "controller.target_rank": budget, "controller.max_rank": 4 * budget,
         "controller.warmup": 0.1, "controller.final": 0.2, "controller.interval": 10,
-        "controller.enabled": not fixed,
+        "controller.enabled": not fixed, "controller.budget_unit": unit,
     }
     return resolve_config(task, overrides, data_dir=str(args.data / task))
 
@@ -75,7 +78,8 @@ def run_one(method: str, task: str, budget: int, lr: float, seed: int, args: arg
     from rankopt.training.setup import build_model, load_base, prepare_data
     from rankopt.training.trainer import train_adapted
 
-    cfg = run_config(task, budget, lr, seed, args, fixed=method == "rankopt_fixed")
+    cfg = run_config(task, budget, lr, seed, args, fixed=method == "rankopt_fixed",
+                     unit="params" if method == "rankopt_params" else "rank")
     data = prepare_data(cfg)
     started = time.perf_counter()
     if method.startswith("rankopt"):
@@ -162,8 +166,8 @@ def run_all(args: argparse.Namespace) -> None:
                     ensure(method, task, budget, lr, seed)
 
 
-def summarize(path: Path, seeds: list[int], tasks: list[str], methods: list[str]) -> str:
-    """Markdown: mean +- std over seeds at each method's picked rate; paired t-tests of rankopt vs each."""
+def summarize(path: Path, seeds: list[int], tasks: list[str], methods: list[str], reference: str = "rankopt") -> str:
+    """Markdown: mean +- std over seeds at each method's picked rate; paired t-tests of ``reference`` vs each."""
     from scipy import stats
 
     results = [r for r in load_results(path) if r["task"] in tasks and r["method"] in methods]
@@ -195,15 +199,15 @@ def summarize(path: Path, seeds: list[int], tasks: list[str], methods: list[str]
         params = "/".join(f"{round(statistics.fmean(r['adapter_params'] for r in c['runs']) / 1000)}" if c else "—"
                           for c in row)
         lines.append(f"| {task} ({metric}) | {budget} | " + " | ".join(fmt(c) for c in row) + f" | {params} |")
-    others = [m for m in methods if m != "rankopt"]
-    lines += ["", "| task | " + " | ".join(f"rankopt − {LABELS[m]} (p)" for m in others) + " | pairs |",
+    others = [m for m in methods if m != reference]
+    lines += ["", "| task | " + " | ".join(f"{LABELS[reference]} − {LABELS[m]} (p)" for m in others) + " | pairs |",
               "|---|" + "---|" * len(others) + "---|"]
     for task in sorted({t for t, _, _ in cells}):
         out, pairs = [task], 0
         for other in others:
             a, b = [], []
             for (t, budget, m), cell in cells.items():
-                if t != task or m != "rankopt" or (t, budget, other) not in cells:
+                if t != task or m != reference or (t, budget, other) not in cells:
                     continue
                 theirs = {r["seed"]: r["metric"] for r in cells[t, budget, other]["runs"]}
                 for r in cell["runs"]:
@@ -236,13 +240,14 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSONL of finished runs (appended, resumable)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--summary", action="store_true", help="print the table from --out and exit")
+    ap.add_argument("--reference", default="rankopt", choices=METHODS, help="the method the paired tests compare")
     args = ap.parse_args()
     if args.summary:
-        print(summarize(args.out, args.seeds, args.tasks, args.methods))
+        print(summarize(args.out, args.seeds, args.tasks, args.methods, args.reference))
         return
     torch.set_num_threads(args.threads)
     run_all(args)
-    print(summarize(args.out, args.seeds, args.tasks, args.methods))
+    print(summarize(args.out, args.seeds, args.tasks, args.methods, args.reference))
 
 
 if __name__ == "__main__":

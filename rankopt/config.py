@@ -154,6 +154,9 @@ class ControllerConfig(_Section):
     enabled: bool = True
     importance: Literal["sensitivity", "energy"] = "sensitivity"
     target_rank: float = Field(4.0, gt=0, description="final mean rank per adapted layer (budget / layers)")
+    budget_unit: Literal["rank", "params"] = Field(
+        "rank", description="what the budget counts: total rank (every component alike), or adapter parameters "
+        "(the size of a uniform target_rank adapter; components compete by score per parameter)")
     min_rank: int = Field(1, ge=1)
     max_rank: int = Field(16, ge=1)
     warmup: float = Field(0.1, ge=0, lt=1, description="fraction of steps at the initial ranks")

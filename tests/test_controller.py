@@ -152,6 +152,67 @@ def test_allocate_rejects_an_impossible_budget():
         allocate(scores, budget=9, min_rank=1, max_rank=4, max_grow=1)
 
 
+# --- a budget of parameters (controller.budget_unit: params) ------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_a_cost_budget_is_spent_within_one_component_and_within_bounds(seed):
+    gen = torch.Generator().manual_seed(300 + seed)
+    ranks = torch.randint(1, 9, (5,), generator=gen).tolist()
+    costs = torch.randint(10, 60, (5,), generator=gen).tolist()
+    budget = int(torch.randint(2 * sum(costs), 6 * sum(costs), (1,), generator=gen))
+    plan = allocate(random_scores(ranks, seed), budget, min_rank=1, max_rank=8, max_grow=2, costs=costs)
+    spent = sum(a.rank * c for a, c in zip(plan, costs))
+    assert budget - max(costs) < spent <= budget
+    assert all(1 <= a.rank <= 8 for a in plan)
+    if any(a.grow > 2 for a in plan):  # growth past max_grow only where keeping everything falls short
+        assert all(a.keep.numel() == min(r, 8) for a, r in zip(plan, ranks))
+
+
+def test_a_cost_budget_ranks_components_by_score_per_cost():
+    # the wide layer's components score higher but cost 4x: per parameter the narrow one's are worth more
+    scores = [torch.tensor([3.0, 2.0, 1.0, 0.5]), torch.tensor([6.0, 5.0, 4.0, 3.0])]
+    by_rank = allocate(scores, budget=5, min_rank=1, max_rank=4, max_grow=0)
+    by_cost = allocate(scores, budget=1 * 3 + 4 * 2, min_rank=1, max_rank=4, max_grow=0, costs=[1, 4])
+    assert [a.rank for a in by_rank] == [1, 4]
+    assert [a.rank for a in by_cost] == [3, 2]  # 3 x 1 + 2 x 4 = 11, everything the budget buys
+
+
+def test_unit_costs_change_nothing():
+    for seed in range(4):
+        scores = random_scores([3, 5, 2, 4], seed)
+        plain = allocate(scores, 12, min_rank=1, max_rank=6, max_grow=2)
+        costed = allocate(scores, 12, min_rank=1, max_rank=6, max_grow=2, costs=[1, 1, 1, 1])
+        assert [(a.keep.tolist(), a.grow) for a in plain] == [(a.keep.tolist(), a.grow) for a in costed]
+
+
+def test_a_cost_budget_grows_no_slot_it_only_has_to_fill_rounding():
+    # after every real component is kept, 3 units are left: less than the costliest component (4),
+    # so no growth slot beyond max_grow (here 0: the final phase) is forced to fill them
+    scores = [torch.tensor([1.0, 1.0]), torch.tensor([1.0])]
+    plan = allocate(scores, budget=2 * 1 + 4 * 1 + 3, min_rank=1, max_rank=4, max_grow=0, costs=[1, 4])
+    assert [(a.rank, a.grow) for a in plan] == [(2, 0), (1, 0)]
+
+
+def test_a_params_budget_controller_spends_the_size_of_a_uniform_adapter():
+    layers = make_layers(4, rank=6)  # in + out + 1: 29, 29, 41, 33 parameters per component
+    sched = BudgetSchedule.from_fractions(24, 12, total_steps=60, warmup=0.1, final=0.2, interval=5)
+    controller = RankController(layers, sched, "sensitivity", min_rank=1, max_rank=10, max_grow=2, seed=0,
+                                budget_unit="params")
+    costs = [layer.in_features + layer.out_features + 1 for layer in layers.values()]
+    gen = torch.Generator().manual_seed(0)
+    for step in range(1, 61):
+        put_random_grads(layers.values(), gen)
+        controller.after_backward(step - 1)
+        change = controller.step(step)
+        if change is None:
+            continue
+        uniform = sched.budget_at(step) / len(layers) * sum(costs)
+        spent = sum(layer.rank * c for layer, c in zip(layers.values(), costs))
+        assert uniform - max(costs) < spent <= uniform
+        assert change.budget == sum(layer.rank for layer in layers.values())
+
+
 # --- the sensitivity EMA ------------------------------------------------------------------------
 
 

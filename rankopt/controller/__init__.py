@@ -7,9 +7,10 @@ model's adapter layers. It imports :mod:`rankopt.adapters` and torch, nothing ab
 The names below are the controller's surface, imported from here.
 """
 
-from rankopt.controller.allocation import Allocation, allocate
+from rankopt.controller.allocation import Allocation, allocate, component_costs, counted_in
 from rankopt.controller.importance import SensitivityTracker
 from rankopt.controller.rank_controller import Reallocation, RankController
 from rankopt.controller.schedule import BudgetSchedule
 
-__all__ = ["Allocation", "BudgetSchedule", "RankController", "Reallocation", "SensitivityTracker", "allocate"]
+__all__ = ["Allocation", "BudgetSchedule", "RankController", "Reallocation", "SensitivityTracker", "allocate",
+           "component_costs", "counted_in"]

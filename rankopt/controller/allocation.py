@@ -25,7 +25,8 @@ class Allocation:
 
 def allocate(scores: list[torch.Tensor], budget: int, min_rank: int, max_rank: int, max_grow: int,
              gains: list[torch.Tensor | None] | None = None,
-             protect: list[torch.Tensor | None] | None = None) -> list[Allocation]:
+             protect: list[torch.Tensor | None] | None = None,
+             costs: list[int] | None = None) -> list[Allocation]:
     """Split a global ``budget`` of components across layers, given each component's score.
 
     Each layer keeps its ``min_rank`` best components, and every component ``protect`` marks
@@ -36,11 +37,20 @@ def allocate(scores: list[torch.Tensor], budget: int, min_rank: int, max_rank: i
     never rewarded: it ranks below every finite one. Ties favour real components. Extra growth
     slots beyond ``max_grow`` are used only when the budget cannot be met otherwise, best gain
     first. The result sums to ``budget`` exactly.
+
+    ``costs`` (one per layer: what one component of it costs, e.g. its adapter parameters) make
+    ``budget`` a budget of cost: candidates then compete by score per unit of cost (a knapsack's
+    greedy order, so a wide layer's component must be worth its size), the fill skips what no
+    longer fits, and the result spends at most ``budget``, short of it by less than the costliest
+    component. A candidate with no finite claim (a broken score, a growth slot beyond
+    ``max_grow``) fills only a shortfall of at least that much.
     """
     n_layers = len(scores)
     ranks = [s.numel() for s in scores]
-    if not n_layers * min_rank <= budget <= n_layers * max_rank:
-        raise ValueError(f"budget {budget} is outside [{n_layers * min_rank}, {n_layers * max_rank}]")
+    cost = list(costs) if costs is not None else [1] * n_layers
+    lowest, highest = min_rank * sum(cost), max_rank * sum(cost)
+    if not lowest <= budget <= highest:
+        raise ValueError(f"budget {budget} is outside [{lowest}, {highest}]")
     gains = gains or [None] * n_layers
     protect = protect or [None] * n_layers
     clean = [_finite_or_lowest(s) for s in scores]
@@ -53,25 +63,38 @@ def allocate(scores: list[torch.Tensor], budget: int, min_rank: int, max_rank: i
         prio, values, ranked = priority[layer].tolist(), clean[layer].tolist(), order[layer].tolist()
         for pos in range(forced[layer], min(ranks[layer], max_rank)):
             i = ranked[pos]
-            pool.append((prio[i], values[i], 0, layer, pos))
+            pool.append((prio[i] / cost[layer], values[i] / cost[layer], 0, layer, pos))
         # a layer below min_rank already grows to it (below); only the room above that competes
         room = max(0, max_rank - max(ranks[layer], min_rank))
         for k, gain in enumerate(_growth_scores(values, gains[layer], room)):
-            pool.append((gain if k < max_grow else -math.inf, gain, 1, layer, k))
+            claim = gain / cost[layer]
+            pool.append((claim if k < max_grow else -math.inf, claim, 1, layer, k))
     pool.sort(key=lambda c: (-c[0], -c[1], c[2], c[3], c[4]))
     n_keep = list(forced)
     # a layer below min_rank (only possible at the first call) must grow to it
     n_grow = [max(0, min_rank - r) for r in ranks]
-    remaining = budget - sum(n_keep) - sum(n_grow)
-    for _, _, is_new, layer, _ in pool:
-        if remaining <= 0:
+    remaining = budget - sum(k * c for k, c in zip(n_keep, cost)) - sum(g * c for g, c in zip(n_grow, cost))
+    for claim, _, is_new, layer, _ in pool:
+        if remaining < min(cost):
             break
+        if cost[layer] > remaining or (claim == -math.inf and remaining < max(cost)):
+            continue
         if is_new:
             n_grow[layer] += 1
         else:
             n_keep[layer] += 1
-        remaining -= 1
+        remaining -= cost[layer]
     return [Allocation(keep=torch.sort(idx[:k]).values, grow=g) for idx, k, g in zip(order, n_keep, n_grow)]
+
+
+def component_costs(layers) -> list[int]:
+    """Adapter parameters one component adds to each layer: a column of P, an entry of lam, a row of Q."""
+    return [layer.in_features + layer.out_features + 1 for layer in layers]
+
+
+def counted_in(total_rank: int, costs: list[int] | None) -> int:
+    """A total rank as a budget in ``costs``: the size of that rank spread evenly over the layers."""
+    return total_rank if costs is None else round(total_rank * sum(costs) / len(costs))
 
 
 def _finite_or_lowest(score: torch.Tensor) -> torch.Tensor:

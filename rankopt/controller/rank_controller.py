@@ -14,17 +14,17 @@ import torch
 from rankopt import distributed
 from rankopt.adapters.layer import Resize, SVDLinear
 from rankopt.adapters.weight_gradient import WeightGradientProbe
-from rankopt.controller.allocation import allocate
+from rankopt.controller.allocation import allocate, component_costs, counted_in
 from rankopt.controller.importance import SensitivityTracker
 from rankopt.controller.schedule import BudgetSchedule
 
 
 @dataclass
 class Reallocation:
-    """What one reallocation did: the budget, new ranks, the scores of both kinds, the resizes."""
+    """What one reallocation did: the total rank reached, new ranks, the scores of both kinds, the resizes."""
 
     step: int
-    budget: int
+    budget: int  # total rank after it: the schedule's budget, or what a parameter budget bought
     ranks: dict[str, int]
     scores: dict[str, dict[str, torch.Tensor]]  # kind -> layer -> per-component score (before the change)
     resizes: list[Resize]
@@ -49,11 +49,16 @@ class RankController:
     directions. Either way a would-be component competes at its layer's weakest score. (Scoring
     it by the gain scale x sigma x typical |lam| instead was measured and lost: the top pair of a
     fresh gradient always looks steeper than trained components, so growth became churn.)
+
+    ``budget_unit="params"``: the schedule's total rank is spent as the parameters of a uniform
+    adapter of that rank, so components compete by score per parameter and a cheap layer's
+    component no longer costs the budget what a wide layer's does (see :func:`allocate`).
     """
 
     def __init__(self, layers: dict[str, SVDLinear], schedule: BudgetSchedule, importance: str,
                  min_rank: int, max_rank: int, max_grow: int, beta1: float = 0.85, beta2: float = 0.85,
-                 seed: int = 0, min_age: int = 1, growth: str = "gradient", probe_tokens: int = 512):
+                 seed: int = 0, min_age: int = 1, growth: str = "gradient", probe_tokens: int = 512,
+                 budget_unit: str = "rank"):
         self.layers = layers
         self.schedule = schedule
         self.importance = importance
@@ -64,6 +69,7 @@ class RankController:
         # step at which each component was grown (-1: there from the start), for layers that grew
         self.born: dict[SVDLinear, torch.Tensor] = {}
         self.growth = growth
+        self.costs = component_costs(layers.values()) if budget_unit == "params" else None
         # under data parallelism each process probes its shard: probe_tokens stays the global sample
         per_process = max(1, probe_tokens // distributed.current().world)
         self.probe = (WeightGradientProbe(layers, max_tokens=per_process, seed=seed)
@@ -96,7 +102,7 @@ class RankController:
         """Reallocate if ``step`` (the count of finished steps) is a reallocation step."""
         if not self.schedule.is_reallocation_step(step):
             return None
-        budget = self.schedule.budget_at(step)
+        budget = counted_in(self.schedule.budget_at(step), self.costs)
         scores = self.scores()
         layers = list(self.layers.values())
         final = step >= self.schedule.decay_end
@@ -104,7 +110,8 @@ class RankController:
         if self.probe is not None:
             self.probe.clear()
         plan = allocate(list(scores[self.importance].values()), budget, self.min_rank, self.max_rank,
-                        0 if final else self.max_grow, protect=[self.young(layer, step) for layer in layers])
+                        0 if final else self.max_grow, protect=[self.young(layer, step) for layer in layers],
+                        costs=self.costs)
         # every process scores the same summed gradients; rank 0's plan is still the one all apply,
         # so no rounding difference can ever give two processes different shapes
         plan = distributed.broadcast_object(plan)
@@ -120,7 +127,8 @@ class RankController:
             source = changes[0].source
             self.tracker.remap(layer, source)
             self._remap_birth(layer, source, step, old_rank)
-        return Reallocation(step=step, budget=budget, ranks={n: l.rank for n, l in self.layers.items()},
+        # the total rank reached: the schedule's budget in rank units, what the parameters bought in params
+        return Reallocation(step=step, budget=sum(alloc.rank for alloc in plan), ranks={n: l.rank for n, l in self.layers.items()},
                             scores=scores, resizes=resizes)
 
     def _remap_birth(self, layer: SVDLinear, source: torch.Tensor, step: int, old_rank: int) -> None:

@@ -19,7 +19,7 @@ from rankopt import distributed
 from rankopt.adapters.model import AdaptedModel, lora_scale
 from rankopt.adapters.weight_gradient import WeightGradientProbe
 from rankopt.config import Config
-from rankopt.controller import allocate
+from rankopt.controller import allocate, component_costs, counted_in
 from rankopt.tasks.data import TaskData
 from rankopt.training.accumulation import micro_batch_weights, to_device
 from rankopt.training.precision import Precision
@@ -58,7 +58,9 @@ def gradient_start(cfg: Config, adapted: AdaptedModel, data: TaskData) -> dict[s
     if any(found is None for found in pairs):
         return adapted.ranks()  # a layer the loss does not reach: keep the random start
     if c.enabled:
-        plan = allocate([found.sigma for found in pairs], initial, c.min_rank, min(c.max_rank, most), 0)
+        costs = component_costs(layers.values()) if c.budget_unit == "params" else None
+        plan = allocate([found.sigma for found in pairs], counted_in(initial, costs), c.min_rank,
+                        min(c.max_rank, most), 0, costs=costs)
         ranks = [alloc.rank for alloc in plan]
     else:
         ranks = [a.init_rank] * len(layers)

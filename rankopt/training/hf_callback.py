@@ -60,7 +60,7 @@ class RankControllerCallback(TrainerCallback):
         self.controller = RankController(layers, schedule, self.cfg.importance, self.cfg.min_rank, self.cfg.max_rank,
                                          self.cfg.max_grow, self.cfg.beta1, self.cfg.beta2, seed=self.seed,
                                          min_age=self.cfg.min_age, growth=self.cfg.growth,
-                                         probe_tokens=self.cfg.probe_tokens)
+                                         probe_tokens=self.cfg.probe_tokens, budget_unit=self.cfg.budget_unit)
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.controller is not None:  # arms the gradient probe before a growing reallocation
