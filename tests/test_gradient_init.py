@@ -50,3 +50,15 @@ def test_without_the_controller_every_layer_keeps_init_rank_and_rslora_scales_by
     assert set(ranks.values()) == {cfg.adapter.init_rank}
     assert all(math.isclose(layer.scale, cfg.adapter.alpha / math.sqrt(cfg.adapter.init_rank))
                for layer in adapted.adapters.values())
+
+
+def test_a_params_budget_start_spends_the_size_of_a_uniform_adapter(tiny_config, tiny_task_data):
+    cfg = build_config(tiny_config.model_dump(), {"adapter.init_examples": 32, "controller.budget_unit": "params"})
+    adapted = make_tiny_adapted(0)
+    ranks = gradient_start(cfg, adapted, tiny_task_data)
+    costs = {n: layer.in_features + layer.out_features + 1 for n, layer in adapted.adapters.items()}
+    uniform = cfg.adapter.init_rank * sum(costs.values())
+    spent = sum(ranks[n] * costs[n] for n in ranks)
+    assert uniform - max(costs.values()) < spent <= uniform
+    # the tiny BERT's feed-forward linears cost 1.5x its attention ones (97 vs 65 per component)
+    assert len(set(costs.values())) > 1 and len(set(ranks.values())) > 1
