@@ -35,8 +35,10 @@ from pathlib import Path
 import torch
 
 GLUE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "glue"
-METHODS = ("rankopt", "rankopt_params", "rankopt_fixed", "peft_lora", "peft_adalora", "peft_eva", "peft_rslora", "peft_lora_trunc")
-LABELS = {"rankopt": "rankopt", "rankopt_params": "rankopt, params budget", "rankopt_fixed": "rankopt, controller off", "peft_lora": "PEFT LoRA",
+METHODS = ("rankopt", "rankopt_params", "rankopt_fixed", "peft_lora", "peft_adalora", "peft_eva", "peft_rslora",
+           "peft_lora_trunc")
+LABELS = {"rankopt": "rankopt", "rankopt_params": "rankopt, params budget", "rankopt_fixed": "rankopt, controller off",
+          "peft_lora": "PEFT LoRA",
           "peft_adalora": "PEFT AdaLoRA", "peft_eva": "PEFT LoRA+EVA", "peft_rslora": "PEFT rsLoRA",
           "peft_lora_trunc": "PEFT LoRA 2r, SVD-truncated"}
 
