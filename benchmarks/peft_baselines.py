@@ -123,17 +123,20 @@ class PeftStepper:
 
 
 def train_peft(cfg: Config, model: nn.Module, data: TaskData, method: str, rank: int) -> dict[str, float]:
-    """rankopt's loop (same batches, AdamW, schedule, clipping) around a PEFT model; returns the final metrics."""
+    """rankopt's loop (same batches, AdamW, schedule, clipping) around a PEFT model; returns the final metrics.
+
+    ``model`` is already on ``cfg.training.device``: PEFT builds its adapters where the base lies (EVA's
+    stay on the meta device until :func:`eva_initialise`, so the model cannot be moved here)."""
     t = cfg.training
     if method == "peft_eva":
         eva_initialise(model, data, cfg)
     model.train()
     stepper = PeftStepper(model, t.lr, t.weight_decay, t.scheduler, t.steps, t.warmup_ratio, t.max_grad_norm,
-                          adalora=method == "peft_adalora")
+                          adalora=method == "peft_adalora", device=t.device)
     batches = seeded_batches(data, t.batch_size, t.seed)
     for _ in range(t.steps):
         if not math.isfinite(stepper.step(next(batches))):
             return {cfg.task.metric: float("nan")}
     if method == "peft_lora_trunc":
         truncate_by_svd(model, rank)
-    return evaluate(SimpleNamespace(model=model), data, cfg.task.type, t.eval_batch_size)
+    return evaluate(SimpleNamespace(model=model), data, cfg.task.type, t.eval_batch_size, t.device)

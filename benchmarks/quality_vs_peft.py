@@ -71,7 +71,7 @@ def run_config(task: str, budget: int, lr: float, seed: int, args: argparse.Name
         "adapter.init_rank": init, "adapter.alpha": 2 * init,
         "controller.target_rank": budget, "controller.max_rank": 4 * budget,
         "controller.warmup": 0.1, "controller.final": 0.2, "controller.interval": 10,
-        "controller.enabled": not fixed, "controller.budget_unit": unit,
+        "controller.enabled": not fixed, "controller.budget_unit": unit, "training.device": args.device,
     }
     return resolve_config(task, overrides, data_dir=str(args.data / task))
 
@@ -90,13 +90,14 @@ def run_one(method: str, task: str, budget: int, lr: float, seed: int, args: arg
     else:
         from peft_baselines import effective_adapter_params, peft_model, train_peft
 
-        model = peft_model(cfg, load_base(cfg, data.num_labels, label_mean=data.label_mean), method, budget, 2 * budget)
+        base = load_base(cfg, data.num_labels, label_mean=data.label_mean).to(cfg.training.device)
+        model = peft_model(cfg, base, method, budget, 2 * budget)
         metrics = train_peft(cfg, model, data, method, budget)
         params, total_rank = effective_adapter_params(model, method), None
     return {"task": task, "metric_name": cfg.task.metric, "metric": metrics[cfg.task.metric], "method": method,
             "budget": budget, "lr": lr, "seed": seed, "steps": args.steps, "train_samples": args.train_samples,
             "adapter_params": params, "total_rank": total_rank, "seconds": round(time.perf_counter() - started, 1),
-            "code": CODE}
+            "code": CODE, "device": args.device}
 
 
 def load_results(path: Path) -> list[dict]:
@@ -241,12 +242,20 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=GLUE, help="folder with one subfolder per GLUE task")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSONL of finished runs (appended, resumable)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:K (write GPU rows to their own --out)")
     ap.add_argument("--summary", action="store_true", help="print the table from --out and exit")
     ap.add_argument("--reference", default="rankopt", choices=METHODS, help="the method the paired tests compare")
     args = ap.parse_args()
     if args.summary:
         print(summarize(args.out, args.seeds, args.tasks, args.methods, args.reference))
         return
+    from rankopt.devices import check_device
+    from rankopt.errors import RankoptError
+
+    try:
+        check_device(args.device)  # before any run: a missing GPU is one line, not a traceback per task
+    except RankoptError as err:
+        ap.exit(2, f"error: {err}\n")
     torch.set_num_threads(args.threads)
     run_all(args)
     print(summarize(args.out, args.seeds, args.tasks, args.methods, args.reference))

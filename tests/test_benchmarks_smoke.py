@@ -184,11 +184,22 @@ def test_quality_vs_peft(tmp_path):
     assert sorted(r["method"] for r in results) == sorted(["rankopt", "rankopt_params", "rankopt_fixed", "peft_lora",
                                                            "peft_adalora", "peft_eva", "peft_rslora", "peft_lora_trunc"])
     assert all(0 <= r["metric"] <= 1 and r["adapter_params"] > 0 for r in results)
+    assert {r["device"] for r in results} == {"cpu"}  # a row says where it ran: GPU rows are not CPU rows
     row = {r["method"]: r for r in results}
     assert row["rankopt"]["total_rank"] == 36 * 2  # a rank budget: the total rank, whatever its layers cost
     # a parameter budget: LoRA's size at that rank (plus one lam per component), within one component
     assert abs(row["rankopt_params"]["adapter_params"] / row["peft_lora"]["adapter_params"] - 1) < 0.05
     assert "rte (accuracy)" in table_rows(proc.stdout)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_quality_vs_peft_without_the_gpu_it_asks_for(tmp_path):
+    out = tmp_path / "q.jsonl"
+    proc = run_script("quality_vs_peft.py", "--tasks", "rte", "--device", "cuda", "--out", str(out), expect=2,
+                      timeout=120)
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line, no traceback
+    assert "no CUDA GPU" in proc.stderr and "--device cpu" in proc.stderr
+    assert not out.exists()  # nothing started, nothing written
 
 
 @pytest.mark.integration
