@@ -42,10 +42,11 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=400)
     ap.add_argument("--data", type=Path, default=GLUE)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    for unit, lr in zip(("rank", "params"), args.lrs):
-        cfg = run_config(args.task, args.budget, lr, args.seed, args, unit=unit)
+    for unit, method, lr in zip(("rank", "params"), ("rankopt", "rankopt_params"), args.lrs):
+        cfg = run_config(args.task, args.budget, lr, args.seed, args, method)
         data = prepare_data(cfg)
         result = train_adapted(cfg, build_model(cfg, data.num_labels, label_mean=data.label_mean), data)
         print(json.dumps({"unit": unit, "lr": lr, "metric": result.metrics[cfg.task.metric],

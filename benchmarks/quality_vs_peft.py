@@ -60,10 +60,11 @@ CODE = _commit()
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "quality_equal_size.jsonl"  # 2026-12 grid
 
 
-def run_config(task: str, budget: int, lr: float, seed: int, args: argparse.Namespace, fixed: bool = False,
-               unit: str = "rank"):
+def run_config(task: str, budget: int, lr: float, seed: int, args: argparse.Namespace, method: str = "rankopt"):
+    """The run's config: a rankopt method's own settings, or the data, steps and budget a PEFT baseline shares."""
     from rankopt.config import resolve_config
 
+    fixed = method == "rankopt_fixed"
     init = budget if fixed else 2 * budget
     overrides = {
         "task.max_train_samples": args.train_samples, "task.max_eval_samples": args.eval_samples,
@@ -71,7 +72,8 @@ def run_config(task: str, budget: int, lr: float, seed: int, args: argparse.Name
         "adapter.init_rank": init, "adapter.alpha": 2 * init,
         "controller.target_rank": budget, "controller.max_rank": 4 * budget,
         "controller.warmup": 0.1, "controller.final": 0.2, "controller.interval": 10,
-        "controller.enabled": not fixed, "controller.budget_unit": unit, "training.device": args.device,
+        "controller.enabled": not fixed, "training.device": args.device,
+        "controller.budget_unit": "params" if method == "rankopt_params" else "rank",
     }
     return resolve_config(task, overrides, data_dir=str(args.data / task))
 
@@ -80,8 +82,7 @@ def run_one(method: str, task: str, budget: int, lr: float, seed: int, args: arg
     from rankopt.training.setup import build_model, load_base, prepare_data
     from rankopt.training.trainer import train_adapted
 
-    cfg = run_config(task, budget, lr, seed, args, fixed=method == "rankopt_fixed",
-                     unit="params" if method == "rankopt_params" else "rank")
+    cfg = run_config(task, budget, lr, seed, args, method)
     data = prepare_data(cfg)
     started = time.perf_counter()
     if method.startswith("rankopt"):
