@@ -170,11 +170,14 @@ def run_all(args: argparse.Namespace) -> None:
                     ensure(method, task, budget, lr, seed)
 
 
-def summarize(path: Path, seeds: list[int], tasks: list[str], methods: list[str], reference: str = "rankopt") -> str:
-    """Markdown: mean +- std over seeds at each method's picked rate; paired t-tests of ``reference`` vs each."""
+def summarize(path: Path, seeds: list[int], tasks: list[str], methods: list[str], reference: str = "rankopt",
+              budgets: list[int] | None = None) -> str:
+    """Markdown: mean +- std over seeds at each method's picked rate; paired t-tests of ``reference`` vs each,
+    one row per task and budget (pooling budgets would mix two comparisons in one test)."""
     from scipy import stats
 
-    results = [r for r in load_results(path) if r["task"] in tasks and r["method"] in methods]
+    results = [r for r in load_results(path) if r["task"] in tasks and r["method"] in methods
+               and (budgets is None or r["budget"] in budgets)]
     steps = max((r["steps"] for r in results), default=0)
     results = [r for r in results if r["steps"] == steps]
     cells: dict[tuple, dict] = {}
@@ -204,17 +207,15 @@ def summarize(path: Path, seeds: list[int], tasks: list[str], methods: list[str]
                           for c in row)
         lines.append(f"| {task} ({metric}) | {budget} | " + " | ".join(fmt(c) for c in row) + f" | {params} |")
     others = [m for m in methods if m != reference]
-    lines += ["", "| task | " + " | ".join(f"{LABELS[reference]} − {LABELS[m]} (p)" for m in others) + " | pairs |",
-              "|---|" + "---|" * len(others) + "---|"]
-    for task in sorted({t for t, _, _ in cells}):
-        out, pairs = [task], 0
+    lines += ["", "| task | budget | " + " | ".join(f"{LABELS[reference]} − {LABELS[m]} (p)" for m in others)
+              + " | pairs |", "|---|---|" + "---|" * len(others) + "---|"]
+    for task, budget in sorted({(t, b) for t, b, _ in cells}):
+        out, pairs = [task, str(budget)], 0
         for other in others:
             a, b = [], []
-            for (t, budget, m), cell in cells.items():
-                if t != task or m != reference or (t, budget, other) not in cells:
-                    continue
-                theirs = {r["seed"]: r["metric"] for r in cells[t, budget, other]["runs"]}
-                for r in cell["runs"]:
+            if (task, budget, reference) in cells and (task, budget, other) in cells:
+                theirs = {r["seed"]: r["metric"] for r in cells[task, budget, other]["runs"]}
+                for r in cells[task, budget, reference]["runs"]:
                     if r["seed"] in theirs:
                         a.append(100 * r["metric"])
                         b.append(100 * theirs[r["seed"]])
@@ -248,7 +249,7 @@ def main() -> None:
     ap.add_argument("--reference", default="rankopt", choices=METHODS, help="the method the paired tests compare")
     args = ap.parse_args()
     if args.summary:
-        print(summarize(args.out, args.seeds, args.tasks, args.methods, args.reference))
+        print(summarize(args.out, args.seeds, args.tasks, args.methods, args.reference, args.budgets))
         return
     from rankopt.devices import check_device
     from rankopt.errors import RankoptError
@@ -259,7 +260,7 @@ def main() -> None:
         ap.exit(2, f"error: {err}\n")
     torch.set_num_threads(args.threads)
     run_all(args)
-    print(summarize(args.out, args.seeds, args.tasks, args.methods, args.reference))
+    print(summarize(args.out, args.seeds, args.tasks, args.methods, args.reference, args.budgets))
 
 
 if __name__ == "__main__":

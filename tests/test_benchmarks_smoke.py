@@ -267,3 +267,23 @@ def test_start_and_growth_ablation_records_every_variant(tmp_path):
     assert all(math.isfinite(r["evals"][-1][1]) and r["evals"][-1][1] > 0 for r in rows)
     again = run_script("start_and_growth.py", "--seeds", "0", "--steps", "3", "--out", str(out))  # resumes: no rerun
     assert len(out.read_text().splitlines()) == 4 and "gradient start, gradient growth" in again.stdout
+
+
+def test_quality_summary_pairs_within_each_budget(tmp_path):
+    """The paired test compares runs at one budget: budget 2 and budget 4 get a row each, never one pooled row."""
+    out = tmp_path / "q.jsonl"
+    rows = []
+    for budget, gap in ((2, 0.01), (4, -0.02)):  # rankopt 1 point ahead at budget 2, 2 points behind at 4
+        for seed in range(3):
+            base = 0.7 + 0.01 * seed
+            for method, metric in (("rankopt", base + gap + 0.002 * (seed - 1)), ("peft_lora", base)):
+                rows.append({"task": "sst2", "metric_name": "accuracy", "metric": metric, "method": method,
+                             "budget": budget, "lr": 1e-3, "seed": seed, "steps": 4, "adapter_params": 10})
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run_script("quality_vs_peft.py", "--summary", "--out", str(out), "--tasks", "sst2", "--budgets", "2", "4",
+                      "--methods", "rankopt", "peft_lora", timeout=60)
+    paired = [line for line in proc.stdout.splitlines() if line.startswith("| sst2 | ")]
+    assert [line.split(" | ")[1:3] for line in paired] == [["2", "+1.0 (0.01)"], ["4", "-2.0 (0.00)"]]
+    only_four = run_script("quality_vs_peft.py", "--summary", "--out", str(out), "--tasks", "sst2", "--methods",
+                           "rankopt", "peft_lora", timeout=60)
+    assert "| sst2 (accuracy) | 2 |" not in only_four.stdout  # --budgets defaults to 4: budget 2 rows left out
