@@ -28,13 +28,15 @@ VARIANTS = {
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "start_and_growth.jsonl"
 
 
-def run(variant: str, seed: int, steps: int) -> dict:
+def run(variant: str, seed: int, steps: int, eval_samples: int | None = None) -> dict:
     import rankopt
 
     started = time.perf_counter()
-    result = rankopt.train("demo", {**VARIANTS[variant], "training.seed": seed, "training.steps": steps,
-                                    "training.eval_every": steps // 3}, track=False)
-    return {"variant": variant, "seed": seed, "steps": steps,
+    overrides = {**VARIANTS[variant], "training.seed": seed, "training.steps": steps, "training.eval_every": steps // 3}
+    if eval_samples:  # a quick look (the smoke test): the preset's whole evaluation split otherwise
+        overrides["task.max_eval_samples"] = eval_samples
+    result = rankopt.train("demo", overrides, track=False)
+    return {"variant": variant, "seed": seed, "steps": steps, "eval_samples": eval_samples,
             "evals": [(s, round(m["loss"], 4), round(m["accuracy"], 4)) for s, m in result.eval_history],
             "seconds": round(time.perf_counter() - started)}
 
@@ -58,19 +60,20 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--eval-samples", type=int, default=None, help="evaluate on this many rows (default: all)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--summary", action="store_true")
     args = ap.parse_args()
     rows = [json.loads(line) for line in args.out.read_text().splitlines()] if args.out.is_file() else []
     if not args.summary:
         torch.set_num_threads(args.threads)
-        done = {(r["variant"], r["seed"], r["steps"]) for r in rows}
+        done = {(r["variant"], r["seed"], r["steps"], r.get("eval_samples")) for r in rows}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         for seed in args.seeds:
             for variant in VARIANTS:
-                if (variant, seed, args.steps) in done:
+                if (variant, seed, args.steps, args.eval_samples) in done:
                     continue
-                row = run(variant, seed, args.steps)
+                row = run(variant, seed, args.steps, args.eval_samples)
                 with args.out.open("a") as fh:
                     fh.write(json.dumps(row) + "\n")
                 rows.append(row)

@@ -1,9 +1,9 @@
 """Real weights on real data: all-MiniLM-L6-v2 learns SST-2 sentiment through rankopt.api.train.
 
 Reads ``../shared/data/glue/sst2`` (relative to the project root) where it lies; skipped when that
-folder is not there. About a minute and a half on 2 idle CPU cores: 120 steps of 16 sentences out of
-1,000 training rows, 200 evaluation rows. The preset's own lr (2e-3, for 600 steps) is too slow for
-so short a run: from lam = 0 the adapters need ~50 steps before the accuracy leaves 0.5.
+folder is not there. About a minute on one idle CPU core: 60 steps of 16 sentences out of 1,000
+training rows, 200 evaluation rows. The preset's own lr (2e-3, for 600 steps) is too slow for so
+short a run: at 1e-2 the accuracy is 0.54 / 0.70 / 0.76 at steps 20 / 40 / 60 (0.73 at 60 with 5e-3).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ OVERRIDES = {
     "task.max_train_samples": 1000,
     "task.max_eval_samples": 200,
     "task.max_length": 64,
-    "training.steps": 120,
-    "training.eval_every": 40,
+    "training.steps": 60,
+    "training.eval_every": 30,
     "training.batch_size": 16,
-    "training.lr": 5e-3,
+    "training.lr": 1e-2,
     "training.seed": 0,
 }
 

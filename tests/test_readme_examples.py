@@ -28,7 +28,7 @@ def test_readme_has_one_example_per_verb():
 
 @pytest.mark.integration
 def test_readme_python_examples_run(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}  # one per xdist worker
     outputs = []
     for block in api_examples():
         proc = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=env, capture_output=True,
