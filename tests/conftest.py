@@ -8,6 +8,7 @@ filler words plus one marker word, ``good`` (label 1) or ``bad`` (label 0).
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -67,6 +68,15 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def tokenize_rows(tokenizer, rows: list[dict]) -> datasets.Dataset:
     enc = tokenizer([r["text"] for r in rows], truncation=True, max_length=32)
     return datasets.Dataset.from_dict({**enc, "labels": [r["label"] for r in rows]})
+
+
+def pytest_configure(config):
+    """Under xdist (CI: two workers on two cores) every worker, and every process a test starts,
+    computes on one thread: two threads per process oversubscribe the cores and slow both workers."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        os.environ.setdefault("MKL_NUM_THREADS", "1")
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

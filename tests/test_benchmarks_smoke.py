@@ -263,11 +263,12 @@ def test_step_overhead_llama7b_at_reduced_shapes():
 def test_start_and_growth_ablation_records_every_variant(tmp_path):
     needs_glue_and_minilm()
     out = tmp_path / "ablation.jsonl"
-    proc = run_script("start_and_growth.py", "--seeds", "0", "--steps", "3", "--eval-samples", "16", "--out", str(out))
+    args = ("--seeds", "0", "--steps", "3", "--eval-samples", "16", "--out", str(out))
+    proc = run_script("start_and_growth.py", *args)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 4 and {r["variant"] for r in rows} == set(table_rows(proc.stdout)) - {"variant"}
     assert all(math.isfinite(r["evals"][-1][1]) and r["evals"][-1][1] > 0 for r in rows)
-    again = run_script("start_and_growth.py", "--seeds", "0", "--steps", "3", "--out", str(out))  # resumes: no rerun
+    again = run_script("start_and_growth.py", *args)  # resumes: no rerun
     assert len(out.read_text().splitlines()) == 4 and "gradient start, gradient growth" in again.stdout
 
 
