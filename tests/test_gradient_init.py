@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from conftest import make_tiny_adapted
+from conftest import TARGETS, make_tiny_adapted, make_tiny_model
+from rankopt.adapters.model import adapt
 from rankopt.config import build_config
 from rankopt.training.gradient_init import gradient_start
 
@@ -45,7 +46,8 @@ def test_the_start_is_steeper_than_random_and_keeps_the_budget(tiny_config, tiny
 
 def test_without_the_controller_every_layer_keeps_init_rank_and_rslora_scales_by_sqrt(tiny_config, tiny_task_data):
     cfg = build_config(tiny_config.model_dump(), {"controller.enabled": False, "adapter.rslora": True})
-    adapted = make_tiny_adapted(0)
+    a = cfg.adapter
+    adapted = adapt(make_tiny_model(0), TARGETS, rank=a.init_rank, alpha=a.alpha, seed=0, rslora=True)
     ranks = gradient_start(cfg, adapted, tiny_task_data)
     assert set(ranks.values()) == {cfg.adapter.init_rank}
     assert all(math.isclose(layer.scale, cfg.adapter.alpha / math.sqrt(cfg.adapter.init_rank))
@@ -62,3 +64,13 @@ def test_a_params_budget_start_spends_the_size_of_a_uniform_adapter(tiny_config,
     assert uniform - max(costs.values()) < spent <= uniform
     # the tiny BERT's feed-forward linears cost 1.5x its attention ones (97 vs 65 per component)
     assert len(set(costs.values())) > 1 and len(set(ranks.values())) > 1
+
+
+def test_every_layer_keeps_one_scale_whatever_rank_the_split_gives_it(tiny_config, tiny_task_data):
+    # each component's lam moves by about lr per Adam step, so a per-layer alpha / rank would make the
+    # layers the gradient split favours learn the slowest; the scale stays alpha / init_rank for all
+    cfg = build_config(tiny_config.model_dump(), {"adapter.init_examples": 32})
+    adapted = make_tiny_adapted(0)
+    ranks = gradient_start(cfg, adapted, tiny_task_data)
+    assert len(set(ranks.values())) > 1
+    assert {layer.scale for layer in adapted.adapters.values()} == {cfg.adapter.alpha / cfg.adapter.init_rank}

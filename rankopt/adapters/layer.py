@@ -157,19 +157,18 @@ class SVDLinear(nn.Module):
         return changes
 
     @torch.no_grad()
-    def restart(self, u: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> None:
+    def restart(self, u: torch.Tensor, v: torch.Tensor) -> None:
         """Start over at rank k along given directions: P = u (out, k), Q = v^T, lam = 0.
 
         Before training only (the optimizer must not hold the old tensors yet). The output is
         unchanged (lam = 0); with u, v the weight gradient's top pairs, dL/dlam_i = scale sigma_i.
+        The scale stays as it was: it does not follow the new rank (see :mod:`rankopt.training.gradient_init`).
         """
         dtype, device = self.lora_P.dtype, self.lora_P.device
         p, q = _orthonormal_like(u), _orthonormal_like(v)
         self.lora_P = nn.Parameter(p.contiguous().to(device, dtype))
         self.lora_lam = nn.Parameter(torch.zeros(p.shape[1], device=device, dtype=dtype))
         self.lora_Q = nn.Parameter(q.T.contiguous().to(device, dtype))
-        if scale is not None:
-            self.scale = float(scale)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scale={self.scale:g}"

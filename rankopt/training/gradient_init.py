@@ -9,6 +9,11 @@ P and Q then start along its top singular pairs, so dL/dlam_i = scale sigma_i(G)
 start there is (LoRA-GA's idea in SVD form). With the controller on, the same pass splits the
 initial budget across layers by those sigmas (:func:`rankopt.controller.allocate` on them, as
 GoRA and EVA split once before training), and the controller keeps adapting from there.
+
+The scale stays the one :func:`~rankopt.adapters.model.adapt` gave every layer, alpha / init_rank:
+in SVD form each component has its own lam, which Adam moves by about lr per step whatever the
+layer's rank, so a scale of alpha / (that layer's rank) would make the layers this split favours
+learn the slowest (a rank-16 layer 16x slower per component than a rank-1 one).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from rankopt import distributed
-from rankopt.adapters.model import AdaptedModel, lora_scale
+from rankopt.adapters.model import AdaptedModel
 from rankopt.adapters.weight_gradient import WeightGradientProbe
 from rankopt.config import Config
 from rankopt.controller import allocate, component_costs, counted_in
@@ -66,5 +71,5 @@ def gradient_start(cfg: Config, adapted: AdaptedModel, data: TaskData) -> dict[s
         ranks = [a.init_rank] * len(layers)
     for layer, found, rank in zip(layers.values(), pairs, ranks):
         rank = min(rank, found.sigma.numel())
-        layer.restart(found.u[:, :rank], found.v[:, :rank], scale=lora_scale(a.alpha, rank, a.rslora))
+        layer.restart(found.u[:, :rank], found.v[:, :rank])
     return adapted.ranks()
