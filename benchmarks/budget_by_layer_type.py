@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    for unit, method, lr in zip(("rank", "params"), ("rankopt", "rankopt_params"), args.lrs):
+    for unit, method, lr in zip(("rank", "params"), ("rankopt_rank", "rankopt"), args.lrs):
         cfg = run_config(args.task, args.budget, lr, args.seed, args, method)
         data = prepare_data(cfg)
         result = train_adapted(cfg, build_model(cfg, data.num_labels, label_mean=data.label_mean), data)

@@ -4,9 +4,11 @@ MiniLM (the demo model) on the five GLUE tasks in ../shared/data/glue, a fixed t
 trained for several epochs so the methods separate. Every method ends at the same budget (mean
 final rank per adapted layer, so the same adapter parameters within 1 %) over the same 36 linears:
 
-- ``rankopt``: the adaptive controller with the presets' defaults, from 2 x budget down to it;
-- ``rankopt_params``: the same, with the budget counted in adapter parameters
-  (``controller.budget_unit: params``: the size of LoRA's adapter at that rank, spent by score per parameter);
+- ``rankopt``: the adaptive controller with the presets' defaults, from 2 x budget down to it; the
+  budget is counted in adapter parameters (``controller.budget_unit: params``, the default: the size
+  of LoRA's adapter at that rank, spent by score per parameter);
+- ``rankopt_rank``: the same, with the budget counted in rank (``controller.budget_unit: rank``: every
+  component counts 1, so the size follows where the rank goes);
 - ``rankopt_fixed``: the same SVD-form adapter and start at rank = budget, controller off
   (isolates what the controller adds);
 - ``peft_lora``, ``peft_rslora``, ``peft_eva``, ``peft_adalora``, ``peft_lora_trunc``: see
@@ -35,9 +37,9 @@ from pathlib import Path
 import torch
 
 GLUE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "glue"
-METHODS = ("rankopt", "rankopt_params", "rankopt_fixed", "peft_lora", "peft_adalora", "peft_eva", "peft_rslora",
+METHODS = ("rankopt", "rankopt_rank", "rankopt_fixed", "peft_lora", "peft_adalora", "peft_eva", "peft_rslora",
            "peft_lora_trunc")
-LABELS = {"rankopt": "rankopt", "rankopt_params": "rankopt, params budget", "rankopt_fixed": "rankopt, controller off",
+LABELS = {"rankopt": "rankopt", "rankopt_rank": "rankopt, rank budget", "rankopt_fixed": "rankopt, controller off",
           "peft_lora": "PEFT LoRA",
           "peft_adalora": "PEFT AdaLoRA", "peft_eva": "PEFT LoRA+EVA", "peft_rslora": "PEFT rsLoRA",
           "peft_lora_trunc": "PEFT LoRA 2r, SVD-truncated"}
@@ -73,8 +75,9 @@ def run_config(task: str, budget: int, lr: float, seed: int, args: argparse.Name
         "controller.target_rank": budget, "controller.max_rank": 4 * budget,
         "controller.warmup": 0.1, "controller.final": 0.2, "controller.interval": 10,
         "controller.enabled": not fixed, "training.device": args.device,
-        "controller.budget_unit": "params" if method == "rankopt_params" else "rank",
     }
+    if method == "rankopt_rank":
+        overrides["controller.budget_unit"] = "rank"
     return resolve_config(task, overrides, data_dir=str(args.data / task))
 
 

@@ -111,13 +111,14 @@ class AdapterConfig(_Section):
     """Shape of each SVD adapter at the start of training."""
 
     init_rank: int = Field(8, ge=1, description="mean rank of the adapters at step 0 (the initial budget)")
-    alpha: float = Field(16.0, gt=0, description="scale = alpha / rank (alpha / sqrt(rank) with rslora), fixed")
+    alpha: float = Field(16.0, gt=0, description="scale = alpha / init_rank (alpha / sqrt(init_rank) with rslora), "
+                         "the same for every layer whatever its rank becomes, fixed for the run")
     dropout: float = Field(0.0, ge=0, lt=1)
     init: Literal["gradient", "random"] = Field(
         "gradient", description="P, Q from the weight gradient's top pairs on the first batches (and the initial "
                                 "budget split by them when the controller is on), or random directions")
     init_examples: int = Field(64, ge=1, description="training examples in the gradient pass of init: gradient")
-    rslora: bool = Field(False, description="scale alpha / sqrt(rank) instead of alpha / rank")
+    rslora: bool = Field(False, description="scale alpha / sqrt(init_rank) instead of alpha / init_rank")
 
 
 class TrainingConfig(_Section):
@@ -155,8 +156,9 @@ class ControllerConfig(_Section):
     importance: Literal["sensitivity", "energy"] = "sensitivity"
     target_rank: float = Field(4.0, gt=0, description="final mean rank per adapted layer (budget / layers)")
     budget_unit: Literal["rank", "params"] = Field(
-        "rank", description="what the budget counts: total rank (every component alike), or adapter parameters "
-        "(the size of a uniform target_rank adapter; components compete by score per parameter)")
+        "params", description="what the budget counts: adapter parameters (the size of a uniform target_rank "
+        "adapter, e.g. a LoRA of that rank; components compete by score per parameter), or total rank (every "
+        "component alike, so the size follows where the rank goes)")
     min_rank: int = Field(1, ge=1)
     max_rank: int = Field(16, ge=1)
     warmup: float = Field(0.1, ge=0, lt=1, description="fraction of steps at the initial ranks")
