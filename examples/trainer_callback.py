@@ -91,6 +91,7 @@ def main() -> None:
     with torch.no_grad():
         gap = (reloaded(**batch).logits - adapted.model(**batch).logits).abs().max().item()
     print(json.dumps({"accuracy": metrics["eval_accuracy"], "total_rank": adapted.total_rank(),
+                      "adapter_params": adapted.count_adapter(),
                       "layers": len(adapted.adapters), "reallocations": len(controller.history) - 1,
                       "adapter": str(folder), "peft_max_abs_logit_gap": gap}))
 

@@ -20,6 +20,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 
 from rankopt.adapters.model import AdaptedModel, adapt
 from rankopt.config import Config
+from rankopt.controller import counted_in
 from rankopt.tasks.data import TaskData
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -47,6 +48,16 @@ def make_tiny_model(seed: int = 0, num_labels: int = 2) -> BertForSequenceClassi
 
 def make_tiny_adapted(seed: int = 0, rank: int = 4, alpha: float = 8.0) -> AdaptedModel:
     return adapt(make_tiny_model(seed), TARGETS, rank=rank, alpha=alpha, seed=seed)
+
+
+def assert_size_of_uniform_rank(layers, mean_rank: float) -> None:
+    """The default parameter budget was met: the adapters hold what every layer at ``mean_rank`` would
+    (a LoRA of that rank, plus one lam per component), short of it by less than one component."""
+    layers = list(layers)
+    costs = [layer.in_features + layer.out_features + 1 for layer in layers]
+    budget = counted_in(round(mean_rank * len(layers)), costs)
+    spent = sum(layer.rank * cost for layer, cost in zip(layers, costs))
+    assert budget - max(costs) < spent <= budget, (spent, budget)
 
 
 def synthetic_rows(n: int, seed: int) -> list[dict]:
@@ -150,8 +161,10 @@ def tiny_preset(tiny_model_dir, tiny_data_dir) -> dict:
         "adapter": {"init_rank": 4, "alpha": 8.0},
         "training": {"steps": 30, "batch_size": 8, "eval_batch_size": 64, "lr": 5e-3, "warmup_ratio": 0.0,
                      "eval_every": 10, "seed": 0},
-        "controller": {"importance": "sensitivity", "target_rank": 2, "min_rank": 1, "max_rank": 8,
-                       "warmup": 0.1, "final": 0.2, "interval": 4, "max_grow": 2},
+        # a rank budget, so tests can state exact totals per reallocation (the default parameter budget is
+        # checked where the default path runs: test_controller, test_gradient_init, test_quantization, ...)
+        "controller": {"budget_unit": "rank", "importance": "sensitivity", "target_rank": 2, "min_rank": 1,
+                       "max_rank": 8, "warmup": 0.1, "final": 0.2, "interval": 4, "max_grow": 2},
     }
 
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import assert_size_of_uniform_rank
 from rankopt.cli import app
 from rankopt.config import Config, load_config
 from rankopt.tasks.data import prompt_response_ids
@@ -129,8 +130,8 @@ def test_training_lowers_the_response_loss_and_prunes_to_the_budget(trained):
     assert after["loss"] < before["loss"] - 2.0, (before, after)  # perplexity down more than 7-fold
     assert after["perplexity"] == pytest.approx(math.exp(after["loss"]))
     assert trained.result.metric == after["loss"]
-    n_layers = 2 * len(TARGETS)
-    assert trained.result.total_rank == 2 * n_layers
+    assert len(trained.result.ranks) == 2 * len(TARGETS)
+    assert_size_of_uniform_rank(trained.result.adapted.adapters.values(), 2)  # the default parameter budget
     assert not trained.result.adapted.head_names  # the LM head stays frozen (and tied to the embeddings)
 
 

@@ -82,7 +82,9 @@ def tiny_preset(model_dir: Path, data_dir: Path, search: dict | None = None) -> 
         "adapter": {"init_rank": 4, "alpha": 8.0},
         "training": {"steps": 20, "batch_size": 8, "eval_batch_size": 64, "lr": GOOD_LR, "warmup_ratio": 0.0,
                      "eval_every": 5, "seed": 0},
-        "controller": {"target_rank": 2, "min_rank": 1, "max_rank": 8, "warmup": 0.1, "final": 0.2, "interval": 4},
+        # a rank budget: the trials' total ranks are then exact multiples of the layers
+        "controller": {"budget_unit": "rank", "target_rank": 2, "min_rank": 1, "max_rank": 8, "warmup": 0.1,
+                       "final": 0.2, "interval": 4},
         "search": {"sampler": "random", "pruner": "none", "n_trials": 3, "startup_trials": 0,
                    "space": {"controller.target_rank": {"type": "float", "low": 1.0, "high": 4.0},
                              "training.lr": {"type": "float", "low": 1e-2, "high": 1e-1, "log": True}},
