@@ -70,6 +70,7 @@ def run_config(task: str, budget: int, lr: float, seed: int, args: argparse.Name
     init = budget if fixed else 2 * budget
     overrides = {
         "task.max_train_samples": args.train_samples, "task.max_eval_samples": args.eval_samples,
+        "task.eval_split": args.eval_split,
         "training.steps": args.steps, "training.eval_every": args.steps, "training.lr": lr, "training.seed": seed,
         "adapter.init_rank": init, "adapter.alpha": 2 * init,
         "controller.target_rank": budget, "controller.max_rank": 4 * budget,
@@ -101,7 +102,7 @@ def run_one(method: str, task: str, budget: int, lr: float, seed: int, args: arg
     return {"task": task, "metric_name": cfg.task.metric, "metric": metrics[cfg.task.metric], "method": method,
             "budget": budget, "lr": lr, "seed": seed, "steps": args.steps, "train_samples": args.train_samples,
             "adapter_params": params, "total_rank": total_rank, "seconds": round(time.perf_counter() - started, 1),
-            "code": CODE, "device": args.device}
+            "code": CODE, "device": args.device, "eval_split": args.eval_split}
 
 
 def load_results(path: Path) -> list[dict]:
@@ -244,6 +245,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--train-samples", type=int, default=600, help="fixed training subsample (150 x 16 = 4 epochs)")
     ap.add_argument("--eval-samples", type=int, default=400, help="validation subsample per task")
+    ap.add_argument("--eval-split", default="validation",
+                    help="the split scored (RTE's labelled test has 1384 rows, its validation 139); write rows "
+                         "of another split to their own --out")
     ap.add_argument("--data", type=Path, default=GLUE, help="folder with one subfolder per GLUE task")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSONL of finished runs (appended, resumable)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())

@@ -191,6 +191,7 @@ def test_quality_vs_peft(tmp_path):
                                                            "peft_adalora", "peft_eva", "peft_rslora", "peft_lora_trunc"])
     assert all(0 <= r["metric"] <= 1 and r["adapter_params"] > 0 for r in results)
     assert {r["device"] for r in results} == {"cpu"}  # a row says where it ran: GPU rows are not CPU rows
+    assert {r["eval_split"] for r in results} == {"validation"}  # and which split scored it (--eval-split)
     row = {r["method"]: r for r in results}
     assert row["rankopt_rank"]["total_rank"] == 36 * 2  # a rank budget: the total rank, whatever its layers cost
     # the default, a parameter budget: LoRA's size at that rank (plus one lam per component), within one component
