@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--train-samples", type=int, default=600)
     ap.add_argument("--eval-samples", type=int, default=400)
+    ap.add_argument("--eval-split", default="validation")
     ap.add_argument("--data", type=Path, default=GLUE)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")

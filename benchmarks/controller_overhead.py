@@ -43,7 +43,8 @@ def main() -> None:
     args = ap.parse_args()
     total = args.steps + args.warmup
     common = {"training.steps": total, "training.batch_size": args.batch, "training.eval_every": total,
-              "controller.interval": 10, "controller.warmup": 0.1, "controller.final": 0.2}
+              "controller.interval": 10, "controller.warmup": 0.1, "controller.final": 0.2,
+              "controller.budget_unit": "rank"}  # a rank budget: the same total rank is the same matrix work
     runs = {
         "fixed r=8": {**common, "controller.enabled": False},
         "adaptive, budget 8/layer": {**common, "controller.target_rank": 8},

@@ -62,7 +62,7 @@ def setup(tmp_path_factory, tokenizer) -> Path:
     }
     (root / "tiny.yml").write_text(yaml.safe_dump(preset))
     preset["training"]["steps"] = 20
-    preset["search"] = {"n_trials": 2, "sampler": "random", "pruner": "median", "startup_trials": 1,
+    preset["search"] = {"n_trials": 2, "sampler": "random", "pruner": "median", "startup_trials": 2,
                         "space": {"controller.target_rank": {"type": "categorical", "choices": [1, 2]}}}
     (root / "tune.yml").write_text(yaml.safe_dump(preset))
     return root
