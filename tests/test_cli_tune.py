@@ -96,11 +96,11 @@ def test_tune_prints_the_best_trial_table(preset_file, tmp_path):
     assert best.number == 1 and best.user_attrs["total_rank"] == 36
     table = proc.stdout
     assert "study cli: best trial" in table and "1 complete, 0 pruned, 1 failed" in table
-    for column in ("trial", "metric", "budget (total rank)", "mlflow run"):
+    for column in ("trial", "metric", "final total rank", "mlflow run"):
         assert column in table
     row = next(line for line in table.splitlines() if best.user_attrs["mlflow_run_id"] in line)
     cells = [c.strip() for c in row.strip("│┃| ").split("│")]
-    assert cells[:4] == [str(best.number), f"{best.value:.4f}", "no test split", "36"]  # validation, test, budget
+    assert cells[:4] == [str(best.number), f"{best.value:.4f}", "no test split", "36"]  # validation, test, total rank
     # one line per finished trial on stderr, while it runs
     assert "trial 0: fail" in proc.stderr and "TrainingDiverged" in proc.stderr
     assert "trial 1: complete" in proc.stderr

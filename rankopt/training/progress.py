@@ -97,7 +97,7 @@ def print_tune_result(result, console: Console | None = None) -> None:
     note = getattr(result, "test_note", None)
     smallest, within = getattr(result, "smallest", None), getattr(result, "within", None)
     no_test = note is None or note.startswith("no test split")
-    columns = ["trial", f"validation {metric}", f"test {metric}", "budget (total rank)", "per-layer ranks",
+    columns = ["trial", f"validation {metric}", f"test {metric}", "final total rank", "per-layer ranks",
                "adapter params", "trainable params", "mlflow run"]
     for col in columns + (["chosen"] if smallest else []):
         table.add_column(col, no_wrap=True)
