@@ -35,8 +35,8 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFO
 
 # every reallocation grows and prunes; no token subsampling in the growth probe, so what is left
 # to differ between one process and two is rounding
-CONTROLLER = {"budget_unit": "rank", "importance": "sensitivity", "target_rank": 2, "min_rank": 1, "max_rank": 8, "warmup": 0.1,
-              "final": 0.2, "interval": 4, "max_grow": 2, "probe_tokens": 100000}
+CONTROLLER = {"budget_unit": "rank", "importance": "sensitivity", "target_rank": 2, "min_rank": 1, "max_rank": 8,
+              "warmup": 0.1, "final": 0.2, "interval": 4, "max_grow": 2, "probe_tokens": 100000}
 
 
 @pytest.fixture(scope="module")
