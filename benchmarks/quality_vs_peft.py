@@ -11,6 +11,8 @@ final rank per adapted layer, so the same adapter parameters within 1 %) over th
   component counts 1, so the size follows where the rank goes);
 - ``rankopt_fixed``: the same SVD-form adapter and start at rank = budget, controller off
   (isolates what the controller adds);
+- ``rankopt_at_budget``: the controller on, but starting at rank = budget: it moves rank between
+  layers without the shrink from 2 x budget (isolates what the shrink costs or adds);
 - ``peft_lora``, ``peft_rslora``, ``peft_eva``, ``peft_adalora``, ``peft_lora_trunc``: see
   ``peft_baselines.py``.
 
@@ -37,9 +39,10 @@ from pathlib import Path
 import torch
 
 GLUE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "glue"
-METHODS = ("rankopt", "rankopt_rank", "rankopt_fixed", "peft_lora", "peft_adalora", "peft_eva", "peft_rslora",
-           "peft_lora_trunc")
+METHODS = ("rankopt", "rankopt_rank", "rankopt_fixed", "rankopt_at_budget", "peft_lora", "peft_adalora", "peft_eva",
+           "peft_rslora", "peft_lora_trunc")
 LABELS = {"rankopt": "rankopt", "rankopt_rank": "rankopt, rank budget", "rankopt_fixed": "rankopt, controller off",
+          "rankopt_at_budget": "rankopt, no shrink",
           "peft_lora": "PEFT LoRA",
           "peft_adalora": "PEFT AdaLoRA", "peft_eva": "PEFT LoRA+EVA", "peft_rslora": "PEFT rsLoRA",
           "peft_lora_trunc": "PEFT LoRA 2r, SVD-truncated"}
@@ -67,7 +70,7 @@ def run_config(task: str, budget: int, lr: float, seed: int, args: argparse.Name
     from rankopt.config import resolve_config
 
     fixed = method == "rankopt_fixed"
-    init = budget if fixed else 2 * budget
+    init = budget if method in ("rankopt_fixed", "rankopt_at_budget") else 2 * budget
     overrides = {
         "task.max_train_samples": args.train_samples, "task.max_eval_samples": args.eval_samples,
         "task.eval_split": args.eval_split,

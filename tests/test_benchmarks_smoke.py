@@ -187,8 +187,9 @@ def test_quality_vs_peft(tmp_path):
                       "--steps", "2", "--train-samples", "32", "--eval-samples", "16", "--data", str(GLUE),
                       "--out", str(out), "--threads", "1")
     results = [json.loads(line) for line in out.read_text().splitlines()]
-    assert sorted(r["method"] for r in results) == sorted(["rankopt", "rankopt_rank", "rankopt_fixed", "peft_lora",
-                                                           "peft_adalora", "peft_eva", "peft_rslora", "peft_lora_trunc"])
+    assert sorted(r["method"] for r in results) == sorted(["rankopt", "rankopt_rank", "rankopt_fixed",
+                                                           "rankopt_at_budget", "peft_lora", "peft_adalora", "peft_eva",
+                                                           "peft_rslora", "peft_lora_trunc"])
     assert all(0 <= r["metric"] <= 1 and r["adapter_params"] > 0 for r in results)
     assert {r["device"] for r in results} == {"cpu"}  # a row says where it ran: GPU rows are not CPU rows
     assert {r["eval_split"] for r in results} == {"validation"}  # and which split scored it (--eval-split)
@@ -196,6 +197,8 @@ def test_quality_vs_peft(tmp_path):
     assert row["rankopt_rank"]["total_rank"] == 36 * 2  # a rank budget: the total rank, whatever its layers cost
     # the default, a parameter budget: LoRA's size at that rank (plus one lam per component), within one component
     assert abs(row["rankopt"]["adapter_params"] / row["peft_lora"]["adapter_params"] - 1) < 0.05
+    # no shrink: the controller starts at the budget, so it ends there too, at LoRA's size
+    assert abs(row["rankopt_at_budget"]["adapter_params"] / row["peft_lora"]["adapter_params"] - 1) < 0.05
     assert "sst2 (accuracy)" in table_rows(proc.stdout)
 
 
