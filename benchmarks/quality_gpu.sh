@@ -18,7 +18,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 export PYTHONPATH="$here/..${PYTHONPATH:+:$PYTHONPATH}"  # rankopt from this checkout: the GPU machine has no install
 results=${RESULTS:-$here/results/quality_gpu.jsonl}
 tasks=${TASKS:-sst2 cola rte mrpc stsb}
-methods=${METHODS:-rankopt rankopt_fixed peft_lora peft_adalora peft_eva peft_rslora peft_lora_trunc}
+methods=${METHODS:-rankopt rankopt_fixed rankopt_at_budget peft_lora peft_adalora peft_eva peft_rslora peft_lora_trunc}
 mkdir -p "$(dirname "$results")"
 for task in $tasks; do
     # shellcheck disable=SC2086  # tasks and methods are word lists
