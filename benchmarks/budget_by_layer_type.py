@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-from pathlib import Path
 
 import torch
 
-from quality_vs_peft import GLUE, run_config
+from quality_vs_peft import add_run_arguments, run_config
 
 
 def by_type(ranks: dict[str, int]) -> dict[str, int]:
@@ -37,13 +36,8 @@ def main() -> None:
     ap.add_argument("--lrs", nargs=2, type=float, default=[9e-3, 3e-3], help="rate of the rank run, of the params run")
     ap.add_argument("--budget", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--train-samples", type=int, default=600)
-    ap.add_argument("--eval-samples", type=int, default=400)
-    ap.add_argument("--eval-split", default="validation")
-    ap.add_argument("--data", type=Path, default=GLUE)
+    add_run_arguments(ap)  # the quality grid's steps, data and device, so its run_config finds all it reads
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     for unit, method, lr in zip(("rank", "params"), ("rankopt_rank", "rankopt"), args.lrs):

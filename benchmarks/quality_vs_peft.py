@@ -41,6 +41,9 @@ import torch
 GLUE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "glue"
 METHODS = ("rankopt", "rankopt_rank", "rankopt_fixed", "rankopt_at_budget", "peft_lora", "peft_adalora", "peft_eva",
            "peft_rslora", "peft_lora_trunc")
+# each rankopt method: its initial rank as a multiple of the budget, controller on, what the budget counts
+RANKOPT_VARIANTS = {"rankopt": (2, True, "params"), "rankopt_rank": (2, True, "rank"),
+                    "rankopt_fixed": (1, False, "params"), "rankopt_at_budget": (1, True, "params")}
 LABELS = {"rankopt": "rankopt", "rankopt_rank": "rankopt, rank budget", "rankopt_fixed": "rankopt, controller off",
           "rankopt_at_budget": "rankopt, no shrink",
           "peft_lora": "PEFT LoRA",
@@ -69,8 +72,8 @@ def run_config(task: str, budget: int, lr: float, seed: int, args: argparse.Name
     """The run's config: a rankopt method's own settings, or the data, steps and budget a PEFT baseline shares."""
     from rankopt.config import resolve_config
 
-    fixed = method == "rankopt_fixed"
-    init = budget if method in ("rankopt_fixed", "rankopt_at_budget") else 2 * budget
+    start, controller_on, unit = RANKOPT_VARIANTS.get(method, RANKOPT_VARIANTS["rankopt"])
+    init = start * budget
     overrides = {
         "task.max_train_samples": args.train_samples, "task.max_eval_samples": args.eval_samples,
         "task.eval_split": args.eval_split,
@@ -78,10 +81,8 @@ def run_config(task: str, budget: int, lr: float, seed: int, args: argparse.Name
         "adapter.init_rank": init, "adapter.alpha": 2 * init,
         "controller.target_rank": budget, "controller.max_rank": 4 * budget,
         "controller.warmup": 0.1, "controller.final": 0.2, "controller.interval": 10,
-        "controller.enabled": not fixed, "training.device": args.device,
+        "controller.enabled": controller_on, "controller.budget_unit": unit, "training.device": args.device,
     }
-    if method == "rankopt_rank":
-        overrides["controller.budget_unit"] = "rank"
     return resolve_config(task, overrides, data_dir=str(args.data / task))
 
 
@@ -237,6 +238,18 @@ def summarize(path: Path, seeds: list[int], tasks: list[str], methods: list[str]
     return "\n".join(lines)
 
 
+def add_run_arguments(ap: argparse.ArgumentParser) -> None:
+    """What :func:`run_config` reads from the command line, for every script that runs the grid's runs."""
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--train-samples", type=int, default=600, help="fixed training subsample (150 x 16 = 4 epochs)")
+    ap.add_argument("--eval-samples", type=int, default=400, help="validation subsample per task")
+    ap.add_argument("--eval-split", default="validation",
+                    help="the split scored (RTE's labelled test has 1384 rows, its validation 139); write rows "
+                         "of another split to their own --out")
+    ap.add_argument("--data", type=Path, default=GLUE, help="folder with one subfolder per GLUE task")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:K (write GPU rows to their own --out)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", nargs="+", default=["sst2", "cola", "rte", "mrpc", "stsb"])
@@ -245,16 +258,9 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="the first one also picks the lr")
     ap.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3, 9e-3],
                     help="log-spaced learning-rate grid per method (widened x3 at an edge)")
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--train-samples", type=int, default=600, help="fixed training subsample (150 x 16 = 4 epochs)")
-    ap.add_argument("--eval-samples", type=int, default=400, help="validation subsample per task")
-    ap.add_argument("--eval-split", default="validation",
-                    help="the split scored (RTE's labelled test has 1384 rows, its validation 139); write rows "
-                         "of another split to their own --out")
-    ap.add_argument("--data", type=Path, default=GLUE, help="folder with one subfolder per GLUE task")
+    add_run_arguments(ap)
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSONL of finished runs (appended, resumable)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:K (write GPU rows to their own --out)")
     ap.add_argument("--summary", action="store_true", help="print the table from --out and exit")
     ap.add_argument("--reference", default="rankopt", choices=METHODS, help="the method the paired tests compare")
     args = ap.parse_args()
