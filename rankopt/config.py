@@ -159,7 +159,8 @@ class ControllerConfig(_Section):
         "params", description="what the budget counts: adapter parameters (the size of a uniform target_rank "
         "adapter, e.g. a LoRA of that rank; components compete by score per parameter), or total rank (every "
         "component alike, so the size follows where the rank goes)")
-    min_rank: int = Field(1, ge=1)
+    min_rank: int = Field(1, ge=0, description="the fewest components a layer keeps; 0 lets a layer give up its "
+                          "adapter (and grow one back later), so the controller also chooses where adapters go")
     max_rank: int = Field(16, ge=1)
     warmup: float = Field(0.1, ge=0, lt=1, description="fraction of steps at the initial ranks")
     final: float = Field(0.2, ge=0, lt=1, description="fraction of steps at the final ranks")

@@ -36,6 +36,8 @@ def peft_state_dict(adapted: AdaptedModel) -> dict[str, torch.Tensor]:
     """PEFT tensor names -> contiguous float tensors (A: (r, in), B: (out, r), head weights)."""
     state = {}
     for name, layer in adapted.adapters.items():
+        if layer.rank == 0:
+            continue  # PEFT refuses rank 0: a layer that gave up its adapter is left out (see peft_config)
         a, b = layer.lora_factors()
         state[f"{PREFIX}{name}.lora_A.weight"] = a.contiguous().cpu()
         state[f"{PREFIX}{name}.lora_B.weight"] = b.contiguous().cpu()
@@ -51,8 +53,14 @@ def peft_task_type(model: nn.Module) -> str:
 
 
 def peft_config(adapted: AdaptedModel, base_model: str, task_type: str | None = None) -> dict[str, Any]:
-    """``adapter_config.json`` with full module paths in target_modules, rank_pattern, alpha_pattern."""
-    ranks = adapted.ranks()
+    """``adapter_config.json`` with full module paths in target_modules, rank_pattern, alpha_pattern.
+
+    Layers at rank 0 (``controller.min_rank: 0``) are not targets at all: PEFT's LoRA layers refuse
+    rank 0, and a module outside ``target_modules`` is loaded as the plain base layer it is.
+    """
+    ranks = {name: rank for name, rank in adapted.ranks().items() if rank > 0}
+    if not ranks:
+        raise RankoptError("every adapter was pruned to rank 0; nothing to export (raise controller.target_rank)")
     default_r = Counter(ranks.values()).most_common(1)[0][0]
     return {
         "peft_type": "LORA",
