@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import optuna
 import pytest
 import torch
+from tiny_project_support import NEGATIVE, POSITIVE
 from typer.testing import CliRunner
 
 from rankopt.cli import app
@@ -22,61 +23,6 @@ from rankopt.outputs.export import export, select_trial
 
 REPO = Path(__file__).resolve().parents[1]
 SST2 = REPO.parent / "shared" / "data" / "glue" / "sst2"
-POSITIVE = "good great fine lovely superb nice".split()
-NEGATIVE = "bad awful poor dull ugly boring".split()
-LABELS = ("negative", "positive")  # named labels, mapped to ids in sorted order: negative 0, positive 1
-
-
-def make_tiny_project(root: Path, trials: int = 3) -> Path:
-    """A 2-layer random BERT with a 20-word vocabulary, a jsonl sentiment task (named labels) and a preset."""
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
-
-    words = ["the", "film", "was", "and", *POSITIVE, *NEGATIVE]
-    model_dir, data_dir = root / "model", root / "data"
-    model_dir.mkdir(parents=True)
-    data_dir.mkdir()
-    vocab = model_dir / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    BertTokenizer(vocab_file=str(vocab)).save_pretrained(model_dir)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=48, max_position_embeddings=32, num_labels=2)
-    BertForSequenceClassification(config).save_pretrained(model_dir)
-    rng = random.Random(0)
-    for split, n in (("train", 64), ("validation", 32), ("test", 24)):
-        rows = []
-        for i in range(n):
-            a, b = rng.sample(POSITIVE if i % 2 else NEGATIVE, 2)
-            rows.append(json.dumps({"sentence": f"the film was {a} and {b}", "label": LABELS[i % 2]}))
-        (data_dir / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
-    preset = root / "tiny.yml"
-    preset.write_text(f"""
-task: {{name: tiny, data_dir: {data_dir}, text_columns: [sentence], metric: accuracy, max_length: 16}}
-model: {{name: {model_dir}}}
-adapter: {{init_rank: 4, alpha: 8}}
-training: {{steps: 12, batch_size: 8, eval_every: 6, lr: 1.0e-2, seed: 0}}
-controller: {{target_rank: 2.0, min_rank: 1, max_rank: 6, warmup: 0.1, final: 0.2, interval: 2}}
-search:
-  sampler: random
-  pruner: none
-  n_trials: {trials}
-  space:
-    controller.target_rank: {{type: float, low: 1.0, high: 4.0}}
-""")
-    return preset
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from rankopt.search.tuner import tune
-
-    root = tmp_path_factory.mktemp("tiny")
-    preset = make_tiny_project(root)
-    out = root / "runs"
-    result = tune(str(preset), out=out)
-    assert result.n_complete == 3
-    return SimpleNamespace(root=root, preset=preset, out=out, study=result.study, model=root / "model",
-                           storage=f"sqlite:///{out / 'optuna.db'}", tracking=f"sqlite:///{out / 'mlflow.db'}")
 
 
 def _sentences(n: int = 8) -> list[str]:

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from rankopt.cli import app
 from rankopt.tracking.ui import exposure_note, server_command, url
-from test_export import make_tiny_project  # the same tiny project: random BERT, sentiment jsonl, 3-trial preset
+from tiny_project_support import make_tiny_project
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SCREENSHOT_COPY = Path("/tmp/rankopt_ui.png")
