@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import optuna
 import pytest
 import torch
-from tiny_project_support import NEGATIVE, POSITIVE
+from tiny_project_support import NEGATIVE, POSITIVE, make_tiny_project
 from typer.testing import CliRunner
 
 from rankopt.cli import app
@@ -154,6 +154,46 @@ def test_exports_carry_the_label_names_and_the_largest_rank(tiny, trained, tmp_p
         assert f"| largest per-layer rank (`max_lora_rank`) | {largest} |" in card
         assert "| 0 | negative |" in card and "| 1 | positive |" in card
     assert "--max-lora-rank 8" in (peft_dir / "README.md").read_text()  # vLLM's smallest allowed value >= largest
+
+
+def test_a_model_from_a_package_is_recorded_by_name_and_loads_where_pip_put_it(tiny, tmp_path, monkeypatch):
+    """Issue 26: exports held the absolute path of the venv that trained them. A model shipped in a
+    pip package is recorded as ``package/model``, and the card's code finds it wherever pip put it:
+    here the package moves to another folder (another machine's site-packages) before loading."""
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rankopt.search.tuner import tune
+    from rankopt.tasks.modeling import portable_model_name
+
+    package = "rankopt_tiny_base"
+    preset = make_tiny_project(tmp_path / "project", trials=1, package=package)
+    site = tmp_path / "project" / "site"
+    monkeypatch.syspath_prepend(str(site))
+    assert portable_model_name(f"{package}/model") == f"{package}/model"
+    assert portable_model_name("org/some-hub-model") == "org/some-hub-model"
+    monkeypatch.chdir(tmp_path / "project")
+    assert portable_model_name("site") == str(site)  # a local folder: its absolute path
+    tune(str(preset), out=tiny.out, study_name="tiny-in-a-package")  # the module's stores: no new databases
+    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
+    export(adapter, study="tiny-in-a-package", storage=tiny.storage)
+    export(merged, study="tiny-in-a-package", storage=tiny.storage, merge=True)  # rankopt's reload resolves the name
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == f"{package}/model"
+    for folder in (adapter, merged):
+        assert f"base_model: {package}/model" in (folder / "README.md").read_text()
+        for file in folder.iterdir():
+            if file.suffix in (".json", ".md", ".txt"):
+                assert str(site) not in file.read_text(), file.name
+    elsewhere = tmp_path / "other-machine" / "site-packages"
+    shutil.move(site, elsewhere)  # the training venv is gone; the package is installed elsewhere
+    monkeypatch.syspath_prepend(str(elsewhere))
+    monkeypatch.chdir(tmp_path / "other-machine")
+    scope: dict = {}
+    exec(_card_code(adapter), scope)  # noqa: S102 - the card we just wrote
+    tokenizer, sentences = AutoTokenizer.from_pretrained(merged), _sentences(8)
+    folded = AutoModelForSequenceClassification.from_pretrained(merged)
+    assert (_logits(scope["model"], tokenizer, sentences) - _logits(folded, tokenizer, sentences)).abs().max() < 1e-5
 
 
 def test_regression_exports_say_so(tiny, tmp_path):
