@@ -211,7 +211,9 @@ def tune(preset: Annotated[str, typer.Argument(help="preset name (see search_spa
 
 
 @app.command()
-def export(out: Annotated[str, typer.Option("--out", help="folder to write (must not exist, unless --force)")],
+def export(out: Annotated[Optional[str], typer.Option("--out", help="folder to write (default: exports/STUDY, "
+           "-merged for --merge, in the runs folder beside the study storage, e.g. runs/exports/demo; must not exist, "
+           "unless --force)")] = None,
            study: Annotated[Optional[str], typer.Option("--study", help="study to export from (its best trial by default)")] = None,
            storage: Annotated[Optional[str], typer.Option("--storage", help="Optuna RDB URL (default: sqlite:///runs/optuna.db)")] = None,
            tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI (default: mlflow.db beside the study storage)")] = None,

@@ -380,6 +380,24 @@ def test_cli_export_summarises_what_it_wrote(tiny, tmp_path):
     assert "note: no complete trial has at most 1 adapter params" in result.stderr
 
 
+
+def test_without_out_exports_go_to_the_runs_folder_never_the_checkout(tiny, tmp_path, monkeypatch):
+    """Issue 26: `--out adapters/demo` wrote 88 MB into the checkout. Without --out an export goes to
+    exports/ beside the study storage, named after what was chosen, and is never overwritten unasked."""
+    monkeypatch.chdir(tmp_path)  # where a user would start the command: nothing may land here
+    runner = CliRunner()
+    for extra, name in (([], "tiny"), (["--merge"], "tiny-merged"), (["--trial", "0"], "tiny-trial-0"),
+                        (["--within", "0.5"], "tiny-within-0.5")):
+        result = runner.invoke(app, ["export", "--study", "tiny", "--storage", tiny.storage, *extra])
+        assert result.exit_code == 0, result.output
+        assert result.stdout.strip().endswith(f"-> {tiny.out / 'exports' / name}" + (" (merged)" if extra == ["--merge"]
+                                                                                   else "")), result.stdout
+        assert (tiny.out / "exports" / name / "README.md").is_file()
+    again = runner.invoke(app, ["export", "--study", "tiny", "--storage", tiny.storage])
+    assert again.exit_code == 2 and "already exists" in again.stderr and "--force" in again.stderr
+    assert list(tmp_path.iterdir()) == []
+    assert export(study="tiny", storage=tiny.storage, force=True).out == tiny.out / "exports" / "tiny"
+
 @pytest.mark.integration
 def test_minilm_export_matches_the_trained_model_on_sst2(tmp_path):
     """Real weights, real sentences: in-process, PEFT-loaded and merged logits agree within 1e-5."""
