@@ -292,8 +292,8 @@ def ui(port: Annotated[int, typer.Option("--port", help="port to serve on")] = 5
     if note:
         typer.echo(note, err=True)
     typer.echo(f"MLflow UI for {tracking_uri or out}: {ui_api.url(host, port)}  (Ctrl+C to stop)", err=True)
-    for name, link in ui_api.experiment_links(out, tracking_uri, host, port):
-        typer.echo(f"  {name}: {link}", err=True)
+    for label, link in ui_api.experiment_links(out, tracking_uri, host, port):
+        typer.echo(f"  {label}: {link}", err=True)
     try:
         code = ui_api.serve(out, tracking_uri, host, port)
     except RankoptError as exc:
