@@ -224,8 +224,8 @@ def export(out: str | Path | None = None, *, study: str | None = None, storage: 
     default storage).
 
     Example:
-        >>> export(study="sst2")  # runs/exports/sst2  # doctest: +SKIP
         >>> from rankopt.outputs.export import export
+        >>> export(study="sst2")  # runs/exports/sst2  # doctest: +SKIP
         >>> export("best-sst2", study="sst2")  # doctest: +SKIP
         >>> export("sst2-merged", study="sst2", trial=3, merge=True, register="sst2-lora")  # doctest: +SKIP
         >>> export("sst2-small", study="sst2", within=0.01)  # the smallest within 1 point  # doctest: +SKIP
