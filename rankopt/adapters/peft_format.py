@@ -236,11 +236,14 @@ def model_card(*, title: str, base_model: str, ranks: dict[str, int], metric_nam
                metric: float | None, found_by: list[tuple[str, str]], how: str, command: str, merged: bool,
                num_labels: int | None = None, folder_name: str = "DIR", task_type: str = "SEQ_CLS",
                labels: dict[str, str] | None = None, problem_type: str | None = None,
-               test_score: str | None = None) -> str:
+               test_score: str | None = None, base_lookup: str | None = None) -> str:
     """README.md for an exported folder: what it is, how good, how it was found, rank per layer, how to load.
 
     ``labels`` is ``id2label`` (from rankopt.json); ``test_score`` the held-out score as shown
     (or why there is none): the validation metric chose the trial, so only the test score is unbiased.
+    ``base_lookup``: how the loading code finds ``base_model`` when transformers alone cannot:
+    ``"package"``, a folder inside a pip package (found with rankopt where pip put it); ``"gguf"``,
+    a GGUF file (a path, or in a package), loaded through ``gguf_file=``.
     """
     total = sum(ranks.values())
     largest = max(ranks.values(), default=0)
@@ -282,8 +285,16 @@ def model_card(*, title: str, base_model: str, ranks: dict[str, int], metric_nam
                   f"from transformers import {auto}, AutoTokenizer"]
         if labels and not causal:
             lines.append(f"labels = {{{', '.join(f'{int(i)}: {name!r}' for i, name in labels.items())}}}")
-        lines += [f'base = {auto}.from_pretrained("{base_model}"{head})',
-                  f'model = PeftModel.from_pretrained(base, "{folder_name}")',
+        if base_lookup == "gguf":
+            lines += ["from rankopt.tasks.modeling import gguf_parts, resolve_model_path",
+                      f'folder, gguf = gguf_parts(resolve_model_path("{base_model}"))  # a GGUF checkpoint',
+                      f"base = {auto}.from_pretrained(folder, **gguf{head})"]
+        elif base_lookup == "package":
+            lines += ["from rankopt.tasks.modeling import resolve_model_path",
+                      f'base = {auto}.from_pretrained(resolve_model_path("{base_model}"){head})  # in its pip package']
+        else:
+            lines.append(f'base = {auto}.from_pretrained("{base_model}"{head})')
+        lines += [f'model = PeftModel.from_pretrained(base, "{folder_name}")',
                   f'tokenizer = AutoTokenizer.from_pretrained("{folder_name}")']
     lines += ["```", ""]
     vllm = serving_rank(largest)
