@@ -181,6 +181,11 @@ def test_orthogonality_penalty_has_gradients_on_p_and_q_only():
     assert layer.lora_lam.grad is None
 
 
+def test_take_components_from_an_empty_layer_gives_zeroed_new_slots():
+    grown = take_components(torch.zeros(0, 4), torch.tensor([-1, -1]), dim=0)
+    assert grown.shape == (2, 4) and not grown.any()
+
+
 def test_take_components_copies_by_source_and_zeroes_new_slots():
     t = torch.arange(12.0).reshape(3, 4)
     src = torch.tensor([2, -1, 0])

@@ -182,6 +182,10 @@ def take_components(t: torch.Tensor, source: torch.Tensor, dim: int) -> torch.Te
     new = src < 0
     if not bool(new.any()):  # pruning only: a plain gather
         return t.index_select(dim, src)
+    if t.shape[dim] == 0:  # a layer growing back from rank 0: every slot is new
+        shape = list(t.shape)
+        shape[dim] = src.numel()
+        return t.new_zeros(shape)
     out = t.index_select(dim, src.clamp(min=0))
     mask_shape = [1] * t.dim()
     mask_shape[dim] = -1
