@@ -169,6 +169,10 @@ class ControllerConfig(_Section):
     min_age: int = Field(1, ge=0, description="reallocations a grown component survives before it can be pruned")
     growth: Literal["gradient", "random"] = Field(
         "gradient", description="new components along the weight gradient's top pairs off the span, or random")
+    swap: float = Field(0.0, ge=0, lt=1, description="share of the budget moved at each reallocation to new "
+                        "components where the weight gradient off each layer's span is steepest (RigL's grow "
+                        "step, layers at rank 0 included), decaying to 0 by the final phase; 0: a layer grows "
+                        "only when its weakest component beats the cut")
     probe_tokens: int = Field(512, ge=1, description="token rows per layer and micro-batch kept to find those pairs")
     beta1: float = Field(0.85, ge=0, lt=1, description="EMA of the sensitivity")
     beta2: float = Field(0.85, ge=0, lt=1, description="EMA of its uncertainty")

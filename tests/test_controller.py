@@ -122,6 +122,33 @@ def test_a_layer_whose_weakest_component_beats_the_cut_grows():
     assert plan[0].grow == 0 and plan[0].keep.tolist() == [0]
 
 
+def test_a_layer_grows_by_its_judged_components_not_by_its_newborns():
+    # layer 0: two strong components and a newborn at 0 (protected); layer 1 weaker
+    scores = [torch.tensor([10.0, 9.0, 0.0]), torch.tensor([2.0, 1.5, 1.0])]
+    young = [torch.tensor([False, False, True]), None]
+    plan = allocate(scores, budget=6, min_rank=1, max_rank=8, max_grow=1, protect=young)
+    assert plan[0].keep.tolist() == [0, 1, 2] and plan[0].grow == 1  # judged by 9.0, not by its newborn's 0.0
+    assert plan[1].rank == 2  # the old rule (claim 0.0) kept all three of layer 1 instead
+
+
+def test_a_layer_at_rank_zero_stays_there_without_gains_and_grows_back_by_them():
+    scores = [torch.tensor([3.0, 2.0]), torch.zeros(0)]
+    assert [a.rank for a in allocate(scores, budget=2, min_rank=0, max_rank=4, max_grow=2)] == [2, 0]
+    gains = [torch.tensor([0.1, 0.05]), torch.tensor([5.0, 4.0])]
+    plan = allocate(scores, budget=2, min_rank=0, max_rank=4, max_grow=2, gains=gains, swap=1)
+    assert plan[1].grow == 1 and plan[0].keep.tolist() == [0]  # the swap moved one slot to the steep layer
+
+
+def test_swap_goes_to_the_steepest_gain_per_cost_and_the_rest_by_score():
+    scores = [torch.tensor([4.0, 3.0]), torch.tensor([1.0, 0.5]), torch.tensor([2.0])]
+    gains = [torch.tensor([0.3]), torch.tensor([0.9, 0.8]), None]
+    plan = allocate(scores, budget=10, min_rank=0, max_rank=6, max_grow=2, gains=gains, swap=4,
+                    costs=[2, 2, 2])
+    assert [a.grow for a in plan] == [0, 2, 0]  # 4 of cost: two slots, both to the steepest layer
+    assert [a.keep.numel() for a in plan] == [2, 0, 1]  # the other 6 by score: 4, 3, 2
+    assert sum(a.rank * 2 for a in plan) == 10
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_allocate_grows_at_most_max_grow_when_the_budget_allows(seed):
     ranks = [3, 5, 2, 6]
@@ -436,3 +463,29 @@ def test_random_growth_arms_no_probe():
     controller = RankController(layers, sched, "sensitivity", min_rank=1, max_rank=4, max_grow=1, growth="random")
     controller.before_step(5)
     assert controller.probe is None
+
+
+def regrow_from_rank_zero(swap: float) -> tuple[SVDLinear, SVDLinear, RankController]:
+    """Layer a has given up its adapter (rank 0) and only it can reduce the loss; b (rank 2) sees zero inputs."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = (SVDLinear(nn.Linear(16, 16), 2, scale=1.0, generator=gen) for _ in range(2))
+    a.resize(torch.tensor([], dtype=torch.long), n_new=0)
+    sched = BudgetSchedule(initial=2, target=2, total_steps=100, warmup_steps=0, final_steps=10, interval=5)
+    controller = RankController({"a": a, "b": b}, sched, "sensitivity", min_rank=0, max_rank=4, max_grow=2, swap=swap)
+    controller.tracker.ema, controller.tracker.unc = {b: torch.tensor([2.0, 1.5])}, {b: torch.ones(2)}
+    controller.before_step(5)
+    x = torch.randn(9, 16, generator=gen)
+    (a(x) + b(torch.zeros(9, 16)) - torch.randn(9, 16, generator=gen)).pow(2).sum().backward()
+    before = a(x).detach()
+    controller.step(5)
+    assert torch.allclose(a(x), before, atol=1e-6)  # growth is function-preserving, from rank 0 too
+    return a, b, controller
+
+
+def test_a_layer_at_rank_zero_grows_back_where_the_gradient_points():
+    a, b, controller = regrow_from_rank_zero(swap=0.5)
+    assert (a.rank, b.rank) == (1, 1)  # the swap (half the budget, one component) went to the steep layer
+    assert controller.born[a].tolist() == [5]
+    a, b, _ = regrow_from_rank_zero(swap=0.0)
+    assert (a.rank, b.rank) == (0, 2)  # without it a layer with nothing to judge never grows
+

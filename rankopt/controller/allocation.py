@@ -25,13 +25,16 @@ class Allocation:
 
 def allocate(scores: list[torch.Tensor], budget: int, min_rank: int, max_rank: int, max_grow: int,
              protect: list[torch.Tensor | None] | None = None,
-             costs: list[int] | None = None) -> list[Allocation]:
+             costs: list[int] | None = None, gains: list[torch.Tensor | None] | None = None,
+             swap: int = 0) -> list[Allocation]:
     """Split a global ``budget`` of components across layers, given each component's score.
 
     Each layer keeps its ``min_rank`` best components, and every component ``protect`` marks
     (too young to be judged). The rest compete globally: real components by their score,
     plus up to ``max_grow`` would-be new components per layer, scored at that layer's weakest
-    score, so that a layer grows only when even its weakest component beats the global cut (see
+    score among the components old enough to be judged (a newborn's score is still building up,
+    so it would stall the growth of the very layer that needs it), so that a layer grows only when
+    even its weakest judged component beats the global cut (see
     :class:`rankopt.controller.rank_controller.RankController` for why not by a predicted gain).
     A non-finite score is never rewarded: it ranks below every finite one. Ties favour real
     components. Extra growth slots beyond ``max_grow`` are used only when the budget cannot be
@@ -43,6 +46,12 @@ def allocate(scores: list[torch.Tensor], budget: int, min_rank: int, max_rank: i
     longer fits, and the result spends at most ``budget``, short of it by less than the costliest
     component. A candidate with no finite claim (a broken score, a growth slot beyond
     ``max_grow``) fills only a shortfall of at least that much.
+
+    ``gains`` and ``swap`` (RigL's grow step, for ranks): ``swap`` of the budget first goes to new
+    components where each layer's gain (the weight gradient's singular values off its span, best first)
+    per unit of cost is largest, up to ``max_grow`` per layer, layers at rank 0 included; the existing
+    components then compete for the rest by score. Growth no longer waits for a layer's weakest
+    component to beat the cut, which a layer whose newest components are still small never does.
     """
     n_layers = len(scores)
     ranks = [s.numel() for s in scores]
@@ -64,7 +73,9 @@ def allocate(scores: list[torch.Tensor], budget: int, min_rank: int, max_rank: i
             pool.append((prio[i] / cost[layer], values[i] / cost[layer], 0, layer, pos))
         # a layer below min_rank already grows to it (below); only the room above that competes
         room = max(0, max_rank - max(ranks[layer], min_rank))
-        for k, gain in enumerate(_growth_scores(values, room)):
+        mature = values if protect[layer] is None else \
+            [v for v, young in zip(values, protect[layer].tolist()) if not young]
+        for k, gain in enumerate(_growth_scores(mature or values, room)):
             claim = gain / cost[layer]
             pool.append((claim if k < max_grow else -math.inf, claim, 1, layer, k))
     pool.sort(key=lambda c: (-c[0], -c[1], c[2], c[3], c[4]))
@@ -72,6 +83,12 @@ def allocate(scores: list[torch.Tensor], budget: int, min_rank: int, max_rank: i
     # a layer below min_rank (only possible at the first call) must grow to it
     n_grow = [max(0, min_rank - r) for r in ranks]
     remaining = budget - sum(k * c for k, c in zip(n_keep, cost)) - sum(g * c for g, c in zip(n_grow, cost))
+    if gains is not None and swap > 0:
+        grown = _grow_by_gain(gains, min(swap, remaining), cost, max_grow, [max_rank - max(r, min_rank) for r in ranks])
+        n_grow = [g + extra for g, extra in zip(n_grow, grown)]
+        remaining -= sum(g * c for g, c in zip(grown, cost))
+        # growth is the gain's alone now: the weakest-score slots stay only to fill a shortfall
+        pool = [c for c in pool if not (c[2] and c[4] < max_grow)]
     for claim, _, is_new, layer, _ in pool:
         if remaining < min(cost):
             break
@@ -83,6 +100,25 @@ def allocate(scores: list[torch.Tensor], budget: int, min_rank: int, max_rank: i
             n_keep[layer] += 1
         remaining -= cost[layer]
     return [Allocation(keep=torch.sort(idx[:k]).values, grow=g) for idx, k, g in zip(order, n_keep, n_grow)]
+
+
+def _grow_by_gain(gains: list[torch.Tensor | None], quota: int, cost: list[int], max_grow: int,
+                  room: list[int]) -> list[int]:
+    """New components per layer, best gain per unit of cost first, spending at most ``quota``."""
+    candidates = []
+    for layer, gain in enumerate(gains):
+        if gain is None:
+            continue
+        for k, value in enumerate(_finite_or_lowest(gain).tolist()[:min(max_grow, max(0, room[layer]))]):
+            if value > 0:
+                candidates.append((value / cost[layer], layer, k))
+    candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
+    grown = [0] * len(gains)
+    for _, layer, k in candidates:
+        if k == grown[layer] and cost[layer] <= quota:  # a layer's k-th new component needs its first k
+            grown[layer] += 1
+            quota -= cost[layer]
+    return grown
 
 
 def component_costs(layers) -> list[int]:

@@ -7,6 +7,7 @@ singular value.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -58,7 +59,7 @@ class RankController:
     def __init__(self, layers: dict[str, SVDLinear], schedule: BudgetSchedule, importance: str,
                  min_rank: int, max_rank: int, max_grow: int, beta1: float = 0.85, beta2: float = 0.85,
                  seed: int = 0, min_age: int = 1, growth: str = "gradient", probe_tokens: int = 512,
-                 budget_unit: str = "rank"):
+                 budget_unit: str = "rank", swap: float = 0.0):
         self.layers = layers
         self.schedule = schedule
         self.importance = importance
@@ -69,6 +70,7 @@ class RankController:
         # step at which each component was grown (-1: there from the start), for layers that grew
         self.born: dict[SVDLinear, torch.Tensor] = {}
         self.growth = growth
+        self.swap = swap if growth == "gradient" else 0.0  # RigL's grow step needs the gradient's pairs
         self.costs = component_costs(layers.values()) if budget_unit == "params" else None
         # under data parallelism each process probes its shard: probe_tokens stays the global sample
         per_process = max(1, probe_tokens // distributed.current().world)
@@ -91,6 +93,15 @@ class RankController:
             "energy": {n: layer.component_energy().cpu() for n, layer in self.layers.items()},
         }
 
+    def swap_share(self, step: int) -> float:
+        """The share of the budget moved to new components at ``step``: ``swap`` at the warm-up's end,
+        decaying to 0 at the final phase along RigL's cosine."""
+        t_i, t_f = self.schedule.warmup_steps, self.schedule.decay_end
+        if not self.swap or step >= t_f:
+            return 0.0
+        progress = max(0.0, (step - t_i) / max(1, t_f - t_i))
+        return self.swap * (1 + math.cos(math.pi * progress)) / 2
+
     def young(self, layer: SVDLinear, step: int) -> torch.Tensor | None:
         """Components of ``layer`` grown within the last ``min_age`` reallocation intervals."""
         born = self.born.get(layer)
@@ -109,9 +120,10 @@ class RankController:
         pairs = dict(self.probe.pairs) if self.probe is not None else {}
         if self.probe is not None:
             self.probe.clear()
+        gains = [pairs[layer].sigma.cpu() if layer in pairs else None for layer in layers] if self.swap else None
         plan = allocate(list(scores[self.importance].values()), budget, self.min_rank, self.max_rank,
                         0 if final else self.max_grow, protect=[self.young(layer, step) for layer in layers],
-                        costs=self.costs)
+                        costs=self.costs, gains=gains, swap=0 if final else round(self.swap_share(step) * budget))
         # every process scores the same summed gradients; rank 0's plan is still the one all apply,
         # so no rounding difference can ever give two processes different shapes
         plan = distributed.broadcast_object(plan)
@@ -137,4 +149,5 @@ class RankController:
             return  # pruned only, never grew: every component is an original one
         if born is None:
             born = torch.full((old_rank,), -1, dtype=torch.long)
-        self.born[layer] = torch.where(source < 0, step, born[source.clamp(min=0)])
+        inherited = born[source.clamp(min=0)] if born.numel() else torch.full_like(source, -1)  # from rank 0: all new
+        self.born[layer] = torch.where(source < 0, step, inherited)

@@ -78,7 +78,8 @@ class RankControllerCallback(TrainerCallback):
         self.controller = RankController(layers, schedule, self.cfg.importance, self.cfg.min_rank, self.cfg.max_rank,
                                          self.cfg.max_grow, self.cfg.beta1, self.cfg.beta2, seed=self.seed,
                                          min_age=self.cfg.min_age, growth=self.cfg.growth,
-                                         probe_tokens=self.cfg.probe_tokens, budget_unit=self.cfg.budget_unit)
+                                         probe_tokens=self.cfg.probe_tokens, budget_unit=self.cfg.budget_unit,
+                                         swap=self.cfg.swap)
         self.max_grad_norm, args.max_grad_norm = args.max_grad_norm, 0.0  # clipped here, after the controller read
 
     def on_train_end(self, args, state, control, **kwargs):

@@ -55,7 +55,7 @@ def build_controller(cfg: Config, adapted: AdaptedModel) -> RankController | Non
     schedule = BudgetSchedule.from_fractions(initial, target, cfg.training.steps, c.warmup, c.final, c.interval)
     return RankController(adapted.adapters, schedule, c.importance, c.min_rank, c.max_rank, c.max_grow,
                           c.beta1, c.beta2, seed=cfg.training.seed, min_age=c.min_age,
-                          growth=c.growth, probe_tokens=c.probe_tokens, budget_unit=c.budget_unit)
+                          growth=c.growth, probe_tokens=c.probe_tokens, budget_unit=c.budget_unit, swap=c.swap)
 
 
 @torch.no_grad()
