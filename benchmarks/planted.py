@@ -40,6 +40,9 @@ TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dens
 SST2 = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "glue" / "sst2" / "train.jsonl"
 # the planted ranks' proportions (largest first); scaled per seed so the planting costs the budget it is set at
 PATTERN = (4, 2, 2, 1)
+# never planted: a query/key change acts through the softmax, and no method (the oracle included) learns
+# one in a CPU-length run, so it would blur what the rung measures (where rank goes) into what can be learnt
+UNPLANTED = ("query", "key")
 
 
 @dataclass(frozen=True)
@@ -55,10 +58,13 @@ class Planting:
 
 
 class Distill(nn.Module):
-    """The student: an encoder whose loss is its distance to the teacher's hidden states.
+    """The student: an encoder whose loss is its distance to the teacher's hidden states, layer by layer.
 
-    ``labels`` carries each row's example index; ``targets`` (rows x tokens x hidden) holds the
-    teacher's outputs for every index, ``scale`` the base's mean squared shift (the loss's unit).
+    Every layer's output is matched (TinyBERT's intermediate-layer distillation), not only the last:
+    a change planted in layer l shows first in layer l's output, so it cannot be imitated by changes
+    spread over later layers, and the rank it needs must go where it was planted.
+    ``labels`` carries each row's example index; ``targets`` (rows x layers x tokens x hidden) holds
+    the teacher's outputs for every index, ``scale`` the base's mean squared shift (the loss's unit).
     The teacher itself is not a submodule, so adapters never land on it.
     """
 
@@ -69,13 +75,13 @@ class Distill(nn.Module):
         self.scale = scale
 
     def forward(self, input_ids, attention_mask, labels, token_type_ids=None, **_):
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
-                              token_type_ids=token_type_ids).last_hidden_state
-        wanted = self.targets[labels.long(), : hidden.shape[1]].to(hidden.dtype)
-        mask = attention_mask[..., None].to(hidden.dtype)
+        hidden = layer_outputs(self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                            token_type_ids=token_type_ids, output_hidden_states=True))
+        wanted = self.targets[labels.long(), :, : hidden.shape[2]].to(hidden.dtype)
+        mask = attention_mask[:, None, :, None].to(hidden.dtype)
         squared = ((hidden - wanted) ** 2 * mask).sum()
-        loss = squared / (mask.sum() * hidden.shape[-1] * self.scale)
-        return SimpleNamespace(loss=loss, logits=hidden)
+        loss = squared / (mask.sum() * hidden.shape[1] * hidden.shape[-1] * self.scale)
+        return SimpleNamespace(loss=loss, logits=hidden)  # "logits": every layer's output, for evaluation
 
 
 @lru_cache(maxsize=1)
@@ -104,7 +110,7 @@ def target_shapes() -> dict[str, tuple[int, int]]:
 def choose_planting(seed: int, budget_params: int, strength: float, n_modules: int = len(PATTERN)) -> Planting:
     """``n_modules`` modules drawn from the seed, ranks in :data:`PATTERN`'s proportions costing ~``budget_params``."""
     shapes = target_shapes()
-    names = random.Random(seed).sample(sorted(shapes), n_modules)
+    names = random.Random(seed).sample(sorted(n for n in shapes if not n.endswith(UNPLANTED)), n_modules)
     pattern = PATTERN[:n_modules]
     unit = sum(p * sum(shapes[n]) for p, n in zip(pattern, names))  # the cost of the pattern at scale 1
     factor = budget_params / unit
@@ -112,43 +118,64 @@ def choose_planting(seed: int, budget_params: int, strength: float, n_modules: i
     return Planting(ranks=ranks, strength=strength)
 
 
+@dataclass
+class InputStats:
+    """A module's top input principal directions, the inputs' spread along them, and its outputs' size."""
+
+    basis: torch.Tensor  # (in, k) orthonormal, largest variance first
+    spread: torch.Tensor  # (k,) root-mean-square of the inputs along each direction
+    output_rms: float  # root-mean-square norm of the module's output per token
+
+
 @torch.no_grad()
-def input_subspaces(names: list[str], data: datasets.Dataset, width: int = 64, rows: int = 256) -> dict[str, torch.Tensor]:
-    """Per module, an orthonormal basis (in, width) of the top principal directions of its inputs on ``rows`` rows."""
+def input_stats(names: list[str], data: datasets.Dataset, width: int, rows: int = 256) -> dict[str, InputStats]:
+    """:class:`InputStats` of each module on the base encoder, over the tokens of ``rows`` training rows."""
     encoder = _base_encoder()
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    outs: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+
+    def record(module, args, out, name):
+        seen[name].append(args[0].reshape(-1, args[0].shape[-1]))
+        outs[name].append(out.reshape(-1, out.shape[-1]))
+
     hooks = [encoder.get_submodule(name.removeprefix("encoder.")).register_forward_hook(
-        lambda module, args, out, name=name: seen[name].append(args[0].reshape(-1, args[0].shape[-1])))
-        for name in names]
+        lambda module, args, out, name=name: record(module, args, out, name)) for name in names]
     try:
         hidden_states(encoder, data.select(range(min(rows, len(data)))))
     finally:
         for hook in hooks:
             hook.remove()
-    # padding rows are in there too, as they are in training: they are a small share at these lengths
-    return {name: torch.linalg.svd(torch.cat(xs), full_matrices=False)[2][:width].T for name, xs in seen.items()}
+    stats = {}
+    for name in names:  # padding tokens are in there too, as they are in training: a small share at these lengths
+        x = torch.cat(seen[name])
+        _, sv, vt = torch.linalg.svd(x, full_matrices=False)
+        output_rms = float(torch.cat(outs[name]).norm(dim=-1).square().mean().sqrt())
+        stats[name] = InputStats(basis=vt[:width].T, spread=sv[:width] / x.shape[0] ** 0.5, output_rms=output_rms)
+    return stats
 
 
 @torch.no_grad()
-def teacher_of(planting: Planting, seed: int, subspaces: dict[str, torch.Tensor]) -> nn.Module:
-    """The base with each planted module's weight moved by U diag(s) V^T.
+def teacher_of(planting: Planting, seed: int, stats: dict[str, InputStats]) -> nn.Module:
+    """The base with each planted module's weight moved by a rank-r ΔW whose r components matter alike.
 
-    U is a random orthonormal basis of the output side; V a random r-dimensional subspace of the
-    module's top input directions (``subspaces``): a change along directions the data never excites
-    would move nothing, and no method could find or need it. Every planted component gets the same
-    singular value, ``strength`` x the weight's RMS singular value (||W||_F / sqrt(min(m, n))), so
-    each one matters and none can be dropped for free.
+    ΔW x = gamma * U R^T z, where z are the inputs' coordinates along their top r principal directions,
+    each divided by its spread (unit variance), R a random rotation of them and U random orthonormal
+    output directions: every planted component adds a unit-variance signal of size gamma along its own
+    output direction. A change along directions the inputs never excite would move nothing (no method
+    could find or need it), and one whose components differed in effect would let a low rank catch most
+    of it. gamma is ``strength`` x the module's output RMS / 8: at strength 1 a rank-16 planting adds a
+    quarter of the output's energy.
     """
     teacher = fresh_encoder()
     gen = torch.Generator().manual_seed(10_007 + seed)
     for name, rank in planting.ranks.items():
         weight = teacher.get_submodule(name.removeprefix("encoder.")).weight
-        out_f, in_f = weight.shape
-        basis = subspaces[name]
+        out_f, _ = weight.shape
+        basis, spread = stats[name].basis[:, :rank], stats[name].spread[:rank]
         u = torch.linalg.qr(torch.randn(out_f, rank, generator=gen))[0]
-        v = basis @ torch.linalg.qr(torch.randn(basis.shape[1], rank, generator=gen))[0]
-        typical = weight.norm() / min(out_f, in_f) ** 0.5
-        weight += planting.strength * typical * (u @ v.T)
+        rotation = torch.linalg.qr(torch.randn(rank, rank, generator=gen))[0]
+        gamma = planting.strength * stats[name].output_rms / 8
+        weight += gamma * u @ rotation.T @ (basis / spread).T
     return teacher
 
 
@@ -162,17 +189,23 @@ def sentences(n: int, seed: int = 0) -> tuple[str, ...]:
     return tuple(random.Random(seed).sample(long_enough, n))
 
 
+def layer_outputs(outputs) -> torch.Tensor:
+    """Every transformer layer's output (not the embeddings): (batch, layers, tokens, hidden)."""
+    return torch.stack(outputs.hidden_states[1:], dim=1)
+
+
 @torch.no_grad()
 def hidden_states(encoder: nn.Module, data: datasets.Dataset, batch_size: int = 64) -> torch.Tensor:
-    """Last hidden states of every row, padded to the longest row: (rows, tokens, hidden)."""
+    """Every layer's output on every row, padded to the longest row: (rows, layers, tokens, hidden), float16."""
     collate = DataCollatorWithPadding(tokenizer())
     width = max(len(ids) for ids in data["input_ids"])
-    out = torch.zeros(len(data), width, encoder.config.hidden_size)
+    config = encoder.config
+    out = torch.zeros(len(data), config.num_hidden_layers, width, config.hidden_size, dtype=torch.float16)
     for start in range(0, len(data), batch_size):
         rows = [data[i] for i in range(start, min(start + batch_size, len(data)))]
         batch = collate([{k: r[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in r} for r in rows])
-        hidden = encoder(**batch).last_hidden_state
-        out[start:start + hidden.shape[0], : hidden.shape[1]] = hidden
+        hidden = layer_outputs(encoder(**batch, output_hidden_states=True))
+        out[start:start + hidden.shape[0], :, : hidden.shape[2]] = hidden.half()
     return out
 
 
@@ -192,12 +225,12 @@ def build_task(planting: Planting, seed: int, n_train: int, n_eval: int, max_len
     enc = tok(list(texts), truncation=True, max_length=max_length)
     rows = datasets.Dataset.from_dict({**enc, "labels": list(range(len(texts)))})
     train, evaluation = rows.select(range(n_train)), rows.select(range(n_train, n_train + n_eval))
-    width = max(64, max(planting.ranks.values()))
-    targets = hidden_states(teacher_of(planting, seed, input_subspaces(sorted(planting.ranks), train, width)), rows)
+    stats = input_stats(sorted(planting.ranks), train, max(planting.ranks.values()))
+    targets = hidden_states(teacher_of(planting, seed, stats), rows)
     base = hidden_states(_base_encoder(), rows)
-    mask = torch.tensor([[1.0] * len(ids) + [0.0] * (targets.shape[1] - len(ids)) for ids in rows["input_ids"]])
-    shift = ((targets - base) ** 2).sum(-1) * mask
-    scale = float(shift[:n_train].sum() / (mask[:n_train].sum() * targets.shape[-1]))
+    mask = torch.tensor([[1.0] * len(ids) + [0.0] * (targets.shape[2] - len(ids)) for ids in rows["input_ids"]])
+    shift = ((targets[:n_train].float() - base[:n_train].float()) ** 2).sum(-1) * mask[:n_train, None]
+    scale = float(shift.sum() / (mask[:n_train].sum() * targets.shape[1] * targets.shape[-1]))
     data = TaskData(train=train, eval=evaluation, num_labels=1, label_names=None, collator=DataCollatorWithPadding(tok))
     return PlantedTask(data=data, targets=targets, base=base, scale=scale)
 
@@ -213,10 +246,11 @@ def unexplained(model: nn.Module, task: PlantedTask, batch_size: int = 64) -> fl
     try:
         for batch in DataLoader(task.data.eval, batch_size=batch_size, collate_fn=task.data.collator):
             out = model(**batch)
-            idx, width = batch["labels"].long(), out.logits.shape[1]
-            mask = batch["attention_mask"][..., None].float()
-            left += float((((out.logits - task.targets[idx, :width]) ** 2) * mask).sum())
-            total += float((((task.base[idx, :width] - task.targets[idx, :width]) ** 2) * mask).sum())
+            idx, width = batch["labels"].long(), out.logits.shape[2]
+            mask = batch["attention_mask"][:, None, :, None].float()
+            wanted = task.targets[idx, :, :width].float()
+            left += float((((out.logits - wanted) ** 2) * mask).sum())
+            total += float((((task.base[idx, :, :width].float() - wanted) ** 2) * mask).sum())
     finally:
         model.train(was_training)
     return left / total

@@ -1,0 +1,246 @@
+"""Where adaptive rank pays: three rungs where the allocation, not the amount of rank, decides.
+
+- ``planted``: a MiniLM teacher with low-rank updates planted in four modules (which ones, from the
+  seed); students at equal adapter size reproduce its hidden states (``benchmarks/planted.py``).
+  Reports the share of the teacher's shift left unexplained and the share of the final rank that
+  sits on planted modules, at budgets below, at and above the planted total (uniform ranks 1, 2, 4;
+  the planting costs a uniform rank 2).
+- ``placement``: PEFT LoRA on q,v only, on attention only, on the MLP only and on all linears, each at
+  the rank that gives the same adapter size, against rankopt over all linears (``placement.py``).
+
+Every method gets its own learning rate: the first seed runs a log grid, widened x3 at an edge (at
+most twice), and the other seeds run at the picked rate. Rows are appended to a JSONL file, so an
+interrupted run resumes where it stopped. Methods are PEFT's (``peft_*``) or rankopt's; a rankopt
+method may carry controller settings, ``rankopt:importance=energy,swap=0.3``.
+
+    python benchmarks/where_rank_matters.py planted                      # the rung (about an hour on 2 cores)
+    python benchmarks/where_rank_matters.py planted --summary            # tables and paired tests
+    python benchmarks/where_rank_matters.py planted --seeds 0 --budgets 2 --steps 4 --train-samples 64 \\
+        --eval-samples 16 --lrs 1e-2 --methods rankopt peft_lora --out /tmp/w.jsonl      # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from quality_vs_peft import CODE, load_results, next_rate  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "where_rank_matters.jsonl"
+PLANTED_METHODS = ("peft_lora", "peft_oracle", "peft_adalora", "peft_eva", "rankopt_fixed", "rankopt")
+PLANTED_AT = 2  # the planting costs a uniform rank-2 adapter
+
+
+def rankopt_settings(method: str) -> dict:
+    """``rankopt:key=value,...`` -> controller overrides (values read as YAML)."""
+    import yaml
+
+    _, _, spec = method.partition(":")
+    pairs = [item.split("=", 1) for item in spec.split(",") if item]
+    return {f"controller.{key}": yaml.safe_load(value) for key, value in pairs}
+
+
+# --- the planted rung ---------------------------------------------------------------------------
+
+_TASKS: dict = {}
+
+
+def planted_task(seed: int, args: argparse.Namespace):
+    """The seed's planting and its task (built once per process: the teacher's outputs take a minute)."""
+    import planted as P
+
+    key = (seed, args.train_samples, args.eval_samples, args.strength)
+    if key not in _TASKS:
+        _TASKS.clear()  # one at a time: the targets hold every layer's outputs
+        uniform1 = sum(sum(shape) for shape in P.target_shapes().values())
+        planting = P.choose_planting(seed, PLANTED_AT * uniform1, args.strength)
+        _TASKS[key] = planting, P.build_task(planting, seed, args.train_samples, args.eval_samples, 40)
+    return _TASKS[key]
+
+
+def run_planted(method: str, budget: int, lr: float, seed: int, args: argparse.Namespace) -> dict:
+    import planted as P
+
+    planting, task = planted_task(seed, args)
+    started = time.perf_counter()
+    if method.startswith("peft_"):
+        cfg = P.run_config(budget, budget, lr, seed, args.steps, False, 1, 64)
+        model, ranks = P.train_peft_student(task, cfg, method, budget, planting)
+        shapes = P.target_shapes()
+        params = sum(r * sum(shapes[name]) for name, r in ranks.items() if name in shapes)
+    else:
+        on = method != "rankopt_fixed"
+        init = 2 * budget if on else budget
+        cfg = P.run_config(budget, init, lr, seed, args.steps, on, 1, 64)
+        from rankopt.config import build_config
+
+        defaults = {"controller.min_rank": cfg.controller.min_rank}  # the rung's; a method may override it
+        cfg = build_config(cfg.model_dump(), {**defaults, **rankopt_settings(method)}) if ":" in method else cfg
+        model, ranks = P.train_rankopt(task, cfg)
+        params = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    total = sum(ranks.values())
+    return {"rung": "planted", "task": "planted", "method": method, "budget": budget, "lr": lr, "seed": seed,
+            "steps": args.steps, "metric_name": "unexplained", "metric": P.unexplained(model, task),
+            "planted_rank_share": sum(ranks.get(n, 0) for n in planting.ranks) / total if total else 0.0,
+            "planted": {n: [r, ranks.get(n, 0)] for n, r in planting.ranks.items()}, "total_rank": total,
+            "adapter_params": params, "seconds": round(time.perf_counter() - started, 1), "code": CODE}
+
+
+# --- the grid ---------------------------------------------------------------------------------
+
+
+def _key(r: dict) -> tuple:
+    return r["rung"], r["task"], r["budget"], r["method"], r["lr"], r["seed"], r["steps"]
+
+
+def _score(r: dict, lower_is_better: bool) -> float:
+    if not math.isfinite(r["metric"]):
+        return -math.inf
+    return -r["metric"] if lower_is_better else r["metric"]
+
+
+def _cell(results, rung, task, budget, method, seed, steps):
+    return [r for r in results if (r["rung"], r["task"], r["budget"], r["method"], r["seed"], r["steps"])
+            == (rung, task, budget, method, seed, steps)]
+
+
+def picked_lr(results, rung, task, budget, method, seed, steps, lower_is_better) -> float | None:
+    runs = _cell(results, rung, task, budget, method, seed, steps)
+    return max(runs, key=lambda r: _score(r, lower_is_better))["lr"] if runs else None
+
+
+def run_grid(rung: str, tasks: list[str], methods: list[str], budgets: list[int], run, args,
+             lower_is_better: bool, skip=lambda task, budget, method: False) -> None:
+    """Each (task, budget, method): the lr grid on the first seed (widened at an edge), then the other seeds."""
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    done = {_key(r) for r in load_results(args.out)}
+    first, rest = args.seeds[0], args.seeds[1:]
+
+    def ensure(task, budget, method, lr, seed):
+        if (rung, task, budget, method, lr, seed, args.steps) in done:
+            return
+        row = run(method, budget, lr, seed, args) if rung == "planted" else run(task, method, budget, lr, seed, args)
+        with args.out.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        done.add(_key(row))
+        print(f"{rung} {task} b={budget} {method} lr={lr:g} seed={seed}: {row['metric_name']}={row['metric']:.4f} "
+              f"({row['seconds']} s)", flush=True)
+
+    for seeds in ([first], rest):  # every cell's rate first, then the seeds: early rows already compare methods
+        for task in tasks:
+            for budget in budgets:
+                for method in methods:
+                    if skip(task, budget, method):
+                        continue
+                    if seeds == [first]:
+                        for lr in args.lrs:
+                            ensure(task, budget, method, lr, first)
+                        for widened in range(2):
+                            results = load_results(args.out)
+                            runs = _cell(results, rung, task, budget, method, first, args.steps)
+                            grid = sorted({r["lr"] for r in runs})
+                            best = picked_lr(results, rung, task, budget, method, first, args.steps, lower_is_better)
+                            wider = next_rate(grid, best, widened)
+                            if wider is None:
+                                break
+                            ensure(task, budget, method, wider, first)
+                        continue
+                    lr = picked_lr(load_results(args.out), rung, task, budget, method, first, args.steps,
+                                   lower_is_better)
+                    for seed in seeds:
+                        ensure(task, budget, method, lr, seed)
+
+
+def summarize(path: Path, rung: str, seeds: list[int], methods: list[str], reference: str, lower_is_better: bool,
+              extra: tuple[str, ...] = ()) -> str:
+    """Markdown: mean ± std over seeds at each method's picked rate, and paired t-tests of ``reference`` vs each."""
+    from scipy import stats
+
+    results = [r for r in load_results(path) if r.get("rung") == rung and r["method"] in methods]
+    steps = max((r["steps"] for r in results), default=0)
+    results = [r for r in results if r["steps"] == steps]
+    cells = {}
+    for task, budget in sorted({(r["task"], r["budget"]) for r in results}):
+        for method in methods:
+            lr = picked_lr(results, rung, task, budget, method, seeds[0], steps, lower_is_better)
+            grid = sorted({r["lr"] for r in _cell(results, rung, task, budget, method, seeds[0], steps)})
+            runs = sorted((r for r in results if (r["task"], r["budget"], r["method"], r["lr"]) ==
+                           (task, budget, method, lr) and r["seed"] in seeds), key=lambda r: r["seed"])
+            if runs:
+                cells[task, budget, method] = {"lr": lr, "runs": runs, "edge": len(grid) > 1 and lr in (grid[0], grid[-1])}
+
+    def fmt(cell, key="metric", scale=1.0, digits=3):
+        if cell is None:
+            return "—"
+        vals = [scale * r[key] for r in cell["runs"]]
+        std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        return f"{statistics.fmean(vals):.{digits}f} ± {std:.{digits}f}"
+
+    lines = [f"| task | budget | method | {results[0]['metric_name'] if results else 'metric'} | "
+             + " | ".join(extra) + (" | " if extra else "") + "adapter params (k) | lr | n |",
+             "|---|---|---|---|" + "---|" * len(extra) + "---|---|---|"]
+    for (task, budget, method), cell in sorted(cells.items(), key=lambda kv: (kv[0][0], kv[0][1], methods.index(kv[0][2]))):
+        params = statistics.fmean(r["adapter_params"] for r in cell["runs"]) / 1000
+        edge = " (edge)" if cell["edge"] else ""
+        lines.append(f"| {task} | {budget} | {method} | {fmt(cell)} | " + "".join(f"{fmt(cell, e, digits=2)} | " for e in extra)
+                     + f"{params:.0f} | {cell['lr']:g}{edge} | {len(cell['runs'])} |")
+    lines += ["", f"| task | budget | {reference} − method (p, pairs) |", "|---|---|---|"]
+    for task, budget in sorted({(t, b) for t, b, _ in cells}):
+        if (task, budget, reference) not in cells:
+            continue
+        mine = {r["seed"]: r["metric"] for r in cells[task, budget, reference]["runs"]}
+        parts = []
+        for method in methods:
+            if method == reference or (task, budget, method) not in cells:
+                continue
+            theirs = {r["seed"]: r["metric"] for r in cells[task, budget, method]["runs"]}
+            pairs = [(mine[s], theirs[s]) for s in sorted(set(mine) & set(theirs))]
+            if not pairs:
+                continue
+            diff = statistics.fmean(a - b for a, b in pairs)
+            p = stats.ttest_rel([a for a, _ in pairs], [b for _, b in pairs]).pvalue if len(pairs) > 1 else float("nan")
+            parts.append(f"{method} {diff:+.3f} (p {p:.2f}, {len(pairs)})")
+        lines.append(f"| {task} | {budget} | " + "; ".join(parts) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("rung", choices=["planted"])
+    ap.add_argument("--methods", nargs="+", default=None)
+    ap.add_argument("--budgets", nargs="+", type=int, default=[1, 2, 4], help="mean final rank (a uniform LoRA's)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="the first one also picks the lr")
+    ap.add_argument("--lrs", nargs="+", type=float, default=[3e-3, 1e-2], help="log grid, widened x3 at an edge")
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--train-samples", type=int, default=1500)
+    ap.add_argument("--eval-samples", type=int, default=300)
+    ap.add_argument("--strength", type=float, default=1.0, help="planted: each component's size (see planted.py)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--summary", action="store_true")
+    ap.add_argument("--reference", default="rankopt")
+    args = ap.parse_args()
+    methods = args.methods or list(PLANTED_METHODS)
+    if args.summary:
+        print(summarize(args.out, args.rung, args.seeds, methods, args.reference, lower_is_better=True,
+                        extra=("planted_rank_share",)))
+        return
+    torch.set_num_threads(args.threads)
+    # the oracle's size is the planting's: it runs at the budget the planting costs only
+    run_grid("planted", ["planted"], methods, args.budgets, run_planted, args, lower_is_better=True,
+             skip=lambda task, budget, method: method == "peft_oracle" and budget != PLANTED_AT)
+    print(summarize(args.out, args.rung, args.seeds, methods, args.reference, lower_is_better=True,
+                    extra=("planted_rank_share",)))
+
+
+if __name__ == "__main__":
+    main()
