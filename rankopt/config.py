@@ -44,8 +44,9 @@ class TaskConfig(_Section):
     dataset: str | None = Field(None, description="hub dataset path, e.g. 'glue'")
     subset: str | None = Field(None, description="hub dataset config, e.g. 'sst2'")
     data_dir: str | None = Field(None, description="local folder of train/validation files")
-    builtin: Literal["chatterbot", "chatterbot_dialogs"] | None = Field(
-        None, description="data shipped by a dependency: topics (classification) or reply pairs (causal_lm)")
+    builtin: Literal["chatterbot", "chatterbot_dialogs", "chatterbot_chats"] | None = Field(
+        None, description="data shipped by a dependency: topics (classification), reply pairs (causal_lm, "
+        "prompt/response) or whole chats (causal_lm, a 'messages' column)")
     text_columns: list[str] = Field(default_factory=list, max_length=2, description="inputs of a classifier")
     label_column: str = "label"
     prompt_column: str = Field("prompt", description="causal_lm: the text the model is given")
