@@ -118,7 +118,8 @@ class AdapterConfig(_Section):
     init: Literal["gradient", "random"] = Field(
         "gradient", description="P, Q from the weight gradient's top pairs on the first batches (and the initial "
                                 "budget split by them when the controller is on), or random directions")
-    init_examples: int = Field(64, ge=1, description="training examples in the gradient pass of init: gradient")
+    init_examples: int = Field(64, ge=1, description="training rows (packed rows with task.packing) in the gradient "
+                               "pass of init: gradient, taken in micro-batches of training.batch_size")
     rslora: bool = Field(False, description="scale alpha / sqrt(init_rank) instead of alpha / init_rank")
 
 
@@ -169,7 +170,8 @@ class ControllerConfig(_Section):
     min_age: int = Field(1, ge=0, description="reallocations a grown component survives before it can be pruned")
     growth: Literal["gradient", "random"] = Field(
         "gradient", description="new components along the weight gradient's top pairs off the span, or random")
-    probe_tokens: int = Field(512, ge=1, description="token rows per layer and micro-batch kept to find those pairs")
+    probe_tokens: int = Field(512, ge=1, description="token rows per layer kept to find those pairs, for a whole "
+                              "optimizer step (all its micro-batches) and for adapter.init: gradient's pass")
     beta1: float = Field(0.85, ge=0, lt=1, description="EMA of the sensitivity")
     beta2: float = Field(0.85, ge=0, lt=1, description="EMA of its uncertainty")
 

@@ -20,6 +20,9 @@ from rankopt.errors import RankoptError
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Switch it on (once: the gradient start's pass and the trainer both ask for it)."""
+    if getattr(model, "is_gradient_checkpointing", False) and getattr(model, "_require_grads_hook", None):
+        return
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise RankoptError(f"{type(model).__name__} does not support gradient checkpointing; "
                            "set training.gradient_checkpointing: false")
