@@ -47,6 +47,9 @@ def test_smollm2_loads_from_gguf_and_answers_a_chat_question():
     model = load_pretrained(ModelConfig(name=SMOLLM2, target_modules=["q_proj"]), 0, "causal_lm")
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
     assert next(model.parameters()).dtype == torch.float32  # dequantised from Q4_1
+    assert isinstance(model.model.layers[0].self_attn.q_proj, torch.nn.Linear)  # plain linears, adapters wrap them
+    assert getattr(model, "hf_quantizer", None) is None and not getattr(model, "is_quantized", False)
+    assert "quantization_config" not in model.config.to_dict()  # saved (merged export), it loads as a float model
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                         add_generation_prompt=True, return_tensors="pt", return_dict=True)
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)

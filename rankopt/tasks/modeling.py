@@ -71,6 +71,20 @@ def _single_gguf(path: Path) -> str:
     return str(path)
 
 
+def _dense_gguf() -> dict:
+    """Load a GGUF checkpoint as a plain float model, the weights dequantised into ``nn.Linear`` layers.
+
+    transformers >= 5 keeps a GGUF's weights in their quantized blocks (its own linear modules)
+    where it finds a matmul kernel for them, which adapters cannot wrap, and marks the model
+    quantized (unsaveable, unmergeable) either way; older versions always dequantise.
+    """
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
 def gguf_parts(path: str) -> tuple[str, dict]:
     """The folder transformers loads from and the extra keyword it needs for a GGUF file.
 
@@ -148,6 +162,8 @@ def _load(path: str, task_type: str, num_labels: int, trust_remote_code: bool, d
             kwargs["problem_type"] = "regression"
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map={"": device})
+    elif gguf:
+        kwargs.update(_dense_gguf())
     try:
         try:
             model = auto.from_pretrained(folder, **kwargs)
@@ -166,6 +182,8 @@ def _load(path: str, task_type: str, num_labels: int, trust_remote_code: bool, d
         reason = str(exc).splitlines()[0]
         raise RankoptError(f"cannot load model '{path}' ({reason}); pass a local folder or a reachable hub id "
                            "as model.name") from None
+    if gguf and quantization is None and getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)  # plain float weights now: saves and merges as such
     if getattr(model.config, "pad_token_id", None) is None and getattr(model.config, "eos_token_id", None) is not None:
         model.config.pad_token_id = model.config.eos_token_id
     return model.eval()
