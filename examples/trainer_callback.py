@@ -76,9 +76,9 @@ def main() -> None:
     metrics = trainer.evaluate()
 
     # the same PEFT folder `rankopt export` writes: rank_pattern for the per-layer ranks, head in modules_to_save
-    folder = rankopt.save_adapter(adapted, args.out / "adapter", base_model=args.model, force=True,
-                                  meta={"metric_name": "accuracy", "metric": metrics["eval_accuracy"],
-                                        "ranks": adapted.ranks(), "num_labels": len(topics)})
+    meta = {"metric_name": "accuracy", "metric": metrics["eval_accuracy"], "ranks": adapted.ranks(),
+            "num_labels": len(topics)}
+    folder = rankopt.save_adapter(adapted, args.out / "adapter", base_model=args.model, meta=meta, force=True)
     tokenizer.save_pretrained(folder)
 
     from peft import PeftModel

@@ -7,7 +7,7 @@ from typing import Any
 
 from rankopt import distributed
 from rankopt.config import Config, resolve_config
-from rankopt.tasks.modeling import resolve_model_path
+from rankopt.tasks.modeling import portable_model_name
 from rankopt.training.events import Callback, TrainResult
 from rankopt.training.setup import build_model, prepare_data
 from rankopt.training.trainer import train_adapted
@@ -49,8 +49,7 @@ def train(preset: str | Config, overrides: dict[str, Any] | list[str] | None = N
     run = client.create_run(exp_id, run_name=run_name, tags={"rankopt.kind": "train", "rankopt.task": cfg.task.name})
     run_id = run.info.run_id
     mlflow_runs.log_params(client, run_id, cfg.model_dump(exclude={"search"}))
-    base = resolve_model_path(cfg.model.name)
-    logger = mlflow_runs.MLflowLogger(client, run_id, base_model=cfg.model.name if base == cfg.model.name else base,
+    logger = mlflow_runs.MLflowLogger(client, run_id, base_model=portable_model_name(cfg.model.name),
                                    meta={"config": cfg.model_dump()})
     try:
         result = train_adapted(cfg, adapted, data, [*callbacks, logger])

@@ -211,7 +211,9 @@ def tune(preset: Annotated[str, typer.Argument(help="preset name (see search_spa
 
 
 @app.command()
-def export(out: Annotated[str, typer.Option("--out", help="folder to write (must not exist, unless --force)")],
+def export(out: Annotated[Optional[str], typer.Option("--out", help="folder to write (default: exports/STUDY, "
+           "-merged for --merge, in the runs folder beside the study storage, e.g. runs/exports/demo; must not exist, "
+           "unless --force)")] = None,
            study: Annotated[Optional[str], typer.Option("--study", help="study to export from (its best trial by default)")] = None,
            storage: Annotated[Optional[str], typer.Option("--storage", help="Optuna RDB URL (default: sqlite:///runs/optuna.db)")] = None,
            tracking_uri: Annotated[Optional[str], typer.Option("--tracking-uri", help="MLflow tracking URI (default: mlflow.db beside the study storage)")] = None,
@@ -290,8 +292,8 @@ def ui(port: Annotated[int, typer.Option("--port", help="port to serve on")] = 5
     if note:
         typer.echo(note, err=True)
     typer.echo(f"MLflow UI for {tracking_uri or out}: {ui_api.url(host, port)}  (Ctrl+C to stop)", err=True)
-    for name, link in ui_api.experiment_links(out, tracking_uri, host, port):
-        typer.echo(f"  {name}: {link}", err=True)
+    for label, link in ui_api.experiment_links(out, tracking_uri, host, port):
+        typer.echo(f"  {label}: {link}", err=True)
     try:
         code = ui_api.serve(out, tracking_uri, host, port)
     except RankoptError as exc:

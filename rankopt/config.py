@@ -161,7 +161,8 @@ class ControllerConfig(_Section):
         "params", description="what the budget counts: adapter parameters (the size of a uniform target_rank "
         "adapter, e.g. a LoRA of that rank; components compete by score per parameter), or total rank (every "
         "component alike, so the size follows where the rank goes)")
-    min_rank: int = Field(1, ge=1)
+    min_rank: int = Field(1, ge=0, description="the fewest components a layer keeps; 0 lets a layer give up its "
+                          "adapter (and grow one back later), so the controller also chooses where adapters go")
     max_rank: int = Field(16, ge=1)
     warmup: float = Field(0.1, ge=0, lt=1, description="fraction of steps at the initial ranks")
     final: float = Field(0.2, ge=0, lt=1, description="fraction of steps at the final ranks")
@@ -363,16 +364,47 @@ def load_config(preset: str, overrides: dict[str, Any] | list[str] | None = None
     """Read a preset by name or path, apply overrides and ``--data``, and validate it."""
     path = find_preset(preset)
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        raw = yaml.safe_load(text)
     except UnicodeDecodeError:
         raise RankoptError(f"preset {path} is not a UTF-8 text file; pass a YAML preset") from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f" at line {mark.line + 1}" if mark else ""
-        raise RankoptError(f"preset {path} is not valid YAML{line}; fix the syntax") from None
+        where = ""
+        if getattr(exc, "problem_mark", None) is not None:
+            lines = text.splitlines()
+            number = yaml_mistake_line(exc, lines)
+            shown = lines[number].strip()[:80] if number < len(lines) else ""
+            where = f" at line {number + 1}" + (f" ({shown})" if shown else "")
+        problem = getattr(exc, "problem", None)
+        raise RankoptError(f"preset {path} is not valid YAML{where}{f': {problem}' if problem else ''}; "
+                           "fix the syntax") from None
     if not isinstance(raw, dict):
         raise RankoptError(f"preset {path} must be a mapping of sections (task, model, ...)")
     return build_config(raw, combine_overrides(overrides, data_dir), origin=f"preset '{preset}'")
+
+
+def yaml_mistake_line(exc: yaml.MarkedYAMLError, lines: list[str]) -> int:
+    """The line (0-based) a YAML syntax error most likely comes from.
+
+    PyYAML marks where it noticed the problem, which is often the line after the mistake: a key
+    missing its colon, or a stray dash, parses fine on its own line and breaks the next one.
+    An unclosed quote, bracket or key is named where it opened. Otherwise the line (of the last
+    content line before the mark, and the mark's own) whose removal lets the whole file parse
+    is the mistake; when neither does, the mark's line.
+    """
+    mark, opened = exc.problem_mark, getattr(exc, "context_mark", None)
+    if opened is not None and (getattr(exc, "context", None) or "").startswith("while scanning"):
+        return opened.line
+    before = next((i for i in range(min(mark.line, len(lines)) - 1, -1, -1)
+                   if lines[i].strip() and not lines[i].lstrip().startswith("#")), None)
+    for candidate in (before, mark.line):
+        if candidate is not None and candidate < len(lines):
+            try:
+                yaml.safe_load("\n".join(lines[:candidate] + lines[candidate + 1:]))
+                return candidate
+            except yaml.YAMLError:
+                continue
+    return mark.line
 
 
 def combine_overrides(overrides: dict[str, Any] | list[str] | None, data_dir: str | None) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from rankopt.adapters.model import AdaptedModel, adapt
 from rankopt.config import Config
 from rankopt.controller import counted_in
 from rankopt.tasks.data import TaskData
+from tiny_project_support import tune_tiny_project
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 FILLER = [f"w{i}" for i in range(40)]
@@ -179,3 +180,13 @@ def tiny_preset_file(tmp_path, tiny_preset) -> Path:
     path = tmp_path / "tiny.yml"
     path.write_text(yaml.safe_dump(tiny_preset))
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, one_torch_thread):
+    """The tiny project of ``tiny_project_support`` tuned once per test module (3 trials, a few seconds):
+    ``root``, ``preset``, ``out``, ``result``, ``study``, ``model``, ``storage``, ``tracking``, ``client``.
+
+    Per module, not per session: the tests of one module score and export its trials, and a module
+    must not see what another one recorded on the study."""
+    return tune_tiny_project(tmp_path_factory.mktemp("tiny"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -76,6 +77,13 @@ def test_train_writes_a_complete_mlflow_run(tiny_preset_file, tiny_preset, tmp_p
     summary = proc.stdout.strip().splitlines()[-1]
     assert summary.startswith("accuracy ") and f"total rank {2 * N_TINY_ADAPTERS} over {N_TINY_ADAPTERS} layers" \
         in summary
+    # output captured, not a terminal (a log, CI, nohup): plain progress lines, not a silent live bar;
+    # every 3 steps (a tenth of 30) and at each evaluation, with the metric
+    steps = re.findall(r"^train tiny: step (\d+)/30 \(\d+%, \d:\d\d:\d\d(?:, ~\d:\d\d:\d\d left)?\)  loss \d",
+                       proc.stderr, re.M)
+    assert [int(s) for s in steps] == list(range(3, 31, 3)), proc.stderr
+    evals = re.findall(r"^train tiny: eval at step (\d+): accuracy 0\.\d{4}, loss \d", proc.stderr, re.M)
+    assert [int(s) for s in evals] == [10, 20, 30], proc.stderr
 
     client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     exp = client.get_experiment_by_name("tiny")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -105,6 +107,25 @@ def test_broken_preset_file(tmp_path, text, fragment):
     with pytest.raises(RankoptError) as excinfo:
         load_config(str(path))
     assert_one_line_error(excinfo, fragment)
+
+
+@pytest.mark.parametrize("key,mistake", [
+    ("steps:", lambda line: line.replace("steps:", "steps")),  # a key without its colon
+    ("batch_size:", lambda line: line.replace("batch_size:", "- batch_size:")),  # a stray list dash
+    ("lr:", lambda line: line.replace("lr: ", 'lr: "')),  # an unclosed quote
+    ("text_columns:", lambda line: line.replace("[text]", "[text")),  # an unclosed bracket
+    ("min_rank:", lambda line: "\t" + line.lstrip()),  # a tab
+])
+def test_a_yaml_mistake_is_named_on_its_own_line(tmp_path, key, mistake):
+    """PyYAML notices most of these on the next line; the error names the line that is wrong."""
+    lines = (Path(__file__).resolve().parents[1] / "search_spaces" / "demo.yml").read_text().splitlines()
+    wrong = next(i for i, line in enumerate(lines) if line.strip().startswith(key))
+    lines[wrong] = mistake(lines[wrong])
+    path = tmp_path / "broken.yml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(RankoptError) as excinfo:
+        load_config(str(path))
+    assert_one_line_error(excinfo, f"not valid YAML at line {wrong + 1} ({lines[wrong].strip()[:80]})")
 
 
 @pytest.mark.parametrize("key", ["training.lrr", "trainer.lr", "controller.target_rank.x"])

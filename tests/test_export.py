@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import optuna
 import pytest
 import torch
+from tiny_project_support import NEGATIVE, POSITIVE, make_tiny_project
 from typer.testing import CliRunner
 
 from rankopt.cli import app
@@ -22,61 +23,6 @@ from rankopt.outputs.export import export, select_trial
 
 REPO = Path(__file__).resolve().parents[1]
 SST2 = REPO.parent / "shared" / "data" / "glue" / "sst2"
-POSITIVE = "good great fine lovely superb nice".split()
-NEGATIVE = "bad awful poor dull ugly boring".split()
-LABELS = ("negative", "positive")  # named labels, mapped to ids in sorted order: negative 0, positive 1
-
-
-def make_tiny_project(root: Path, trials: int = 3) -> Path:
-    """A 2-layer random BERT with a 20-word vocabulary, a jsonl sentiment task (named labels) and a preset."""
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
-
-    words = ["the", "film", "was", "and", *POSITIVE, *NEGATIVE]
-    model_dir, data_dir = root / "model", root / "data"
-    model_dir.mkdir(parents=True)
-    data_dir.mkdir()
-    vocab = model_dir / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
-    BertTokenizer(vocab_file=str(vocab)).save_pretrained(model_dir)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(words) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=48, max_position_embeddings=32, num_labels=2)
-    BertForSequenceClassification(config).save_pretrained(model_dir)
-    rng = random.Random(0)
-    for split, n in (("train", 64), ("validation", 32), ("test", 24)):
-        rows = []
-        for i in range(n):
-            a, b = rng.sample(POSITIVE if i % 2 else NEGATIVE, 2)
-            rows.append(json.dumps({"sentence": f"the film was {a} and {b}", "label": LABELS[i % 2]}))
-        (data_dir / f"{split}.jsonl").write_text("\n".join(rows) + "\n")
-    preset = root / "tiny.yml"
-    preset.write_text(f"""
-task: {{name: tiny, data_dir: {data_dir}, text_columns: [sentence], metric: accuracy, max_length: 16}}
-model: {{name: {model_dir}}}
-adapter: {{init_rank: 4, alpha: 8}}
-training: {{steps: 12, batch_size: 8, eval_every: 6, lr: 1.0e-2, seed: 0}}
-controller: {{target_rank: 2.0, min_rank: 1, max_rank: 6, warmup: 0.1, final: 0.2, interval: 2}}
-search:
-  sampler: random
-  pruner: none
-  n_trials: {trials}
-  space:
-    controller.target_rank: {{type: float, low: 1.0, high: 4.0}}
-""")
-    return preset
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from rankopt.search.tuner import tune
-
-    root = tmp_path_factory.mktemp("tiny")
-    preset = make_tiny_project(root)
-    out = root / "runs"
-    result = tune(str(preset), out=out)
-    assert result.n_complete == 3
-    return SimpleNamespace(root=root, preset=preset, out=out, study=result.study, model=root / "model",
-                           storage=f"sqlite:///{out / 'optuna.db'}", tracking=f"sqlite:///{out / 'mlflow.db'}")
 
 
 def _sentences(n: int = 8) -> list[str]:
@@ -208,6 +154,46 @@ def test_exports_carry_the_label_names_and_the_largest_rank(tiny, trained, tmp_p
         assert f"| largest per-layer rank (`max_lora_rank`) | {largest} |" in card
         assert "| 0 | negative |" in card and "| 1 | positive |" in card
     assert "--max-lora-rank 8" in (peft_dir / "README.md").read_text()  # vLLM's smallest allowed value >= largest
+
+
+def test_a_model_from_a_package_is_recorded_by_name_and_loads_where_pip_put_it(tiny, tmp_path, monkeypatch):
+    """Issue 26: exports held the absolute path of the venv that trained them. A model shipped in a
+    pip package is recorded as ``package/model``, and the card's code finds it wherever pip put it:
+    here the package moves to another folder (another machine's site-packages) before loading."""
+    import shutil
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rankopt.search.tuner import tune
+    from rankopt.tasks.modeling import portable_model_name
+
+    package = "rankopt_tiny_base"
+    preset = make_tiny_project(tmp_path / "project", trials=1, package=package)
+    site = tmp_path / "project" / "site"
+    monkeypatch.syspath_prepend(str(site))
+    assert portable_model_name(f"{package}/model") == f"{package}/model"
+    assert portable_model_name("org/some-hub-model") == "org/some-hub-model"
+    monkeypatch.chdir(tmp_path / "project")
+    assert portable_model_name("site") == str(site)  # a local folder: its absolute path
+    tune(str(preset), out=tiny.out, study_name="tiny-in-a-package")  # the module's stores: no new databases
+    adapter, merged = tmp_path / "adapter", tmp_path / "merged"
+    export(adapter, study="tiny-in-a-package", storage=tiny.storage)
+    export(merged, study="tiny-in-a-package", storage=tiny.storage, merge=True)  # rankopt's reload resolves the name
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == f"{package}/model"
+    for folder in (adapter, merged):
+        assert f"base_model: {package}/model" in (folder / "README.md").read_text()
+        for file in folder.iterdir():
+            if file.suffix in (".json", ".md", ".txt"):
+                assert str(site) not in file.read_text(), file.name
+    elsewhere = tmp_path / "other-machine" / "site-packages"
+    shutil.move(site, elsewhere)  # the training venv is gone; the package is installed elsewhere
+    monkeypatch.syspath_prepend(str(elsewhere))
+    monkeypatch.chdir(tmp_path / "other-machine")
+    scope: dict = {}
+    exec(_card_code(adapter), scope)  # noqa: S102 - the card we just wrote
+    tokenizer, sentences = AutoTokenizer.from_pretrained(merged), _sentences(8)
+    folded = AutoModelForSequenceClassification.from_pretrained(merged)
+    assert (_logits(scope["model"], tokenizer, sentences) - _logits(folded, tokenizer, sentences)).abs().max() < 1e-5
 
 
 def test_regression_exports_say_so(tiny, tmp_path):
@@ -393,6 +379,24 @@ def test_cli_export_summarises_what_it_wrote(tiny, tmp_path):
     assert "of study 'tiny'" in result.stdout and str(out) in result.stdout
     assert "note: no complete trial has at most 1 adapter params" in result.stderr
 
+
+
+def test_without_out_exports_go_to_the_runs_folder_never_the_checkout(tiny, tmp_path, monkeypatch):
+    """Issue 26: `--out adapters/demo` wrote 88 MB into the checkout. Without --out an export goes to
+    exports/ beside the study storage, named after what was chosen, and is never overwritten unasked."""
+    monkeypatch.chdir(tmp_path)  # where a user would start the command: nothing may land here
+    runner = CliRunner()
+    for extra, name in (([], "tiny"), (["--merge"], "tiny-merged"), (["--trial", "0"], "tiny-trial-0"),
+                        (["--within", "0.5"], "tiny-within-0.5")):
+        result = runner.invoke(app, ["export", "--study", "tiny", "--storage", tiny.storage, *extra])
+        assert result.exit_code == 0, result.output
+        assert result.stdout.strip().endswith(f"-> {tiny.out / 'exports' / name}" + (" (merged)" if extra == ["--merge"]
+                                                                                   else "")), result.stdout
+        assert (tiny.out / "exports" / name / "README.md").is_file()
+    again = runner.invoke(app, ["export", "--study", "tiny", "--storage", tiny.storage])
+    assert again.exit_code == 2 and "already exists" in again.stderr and "--force" in again.stderr
+    assert list(tmp_path.iterdir()) == []
+    assert export(study="tiny", storage=tiny.storage, force=True).out == tiny.out / "exports" / "tiny"
 
 @pytest.mark.integration
 def test_minilm_export_matches_the_trained_model_on_sst2(tmp_path):

@@ -41,6 +41,48 @@ def test_trainer_callback_reallocates_to_budget_and_keeps_optimizer_consistent(t
         assert state["exp_avg"].shape == p.shape and state["exp_avg_sq"].shape == p.shape
 
 
+def _train_tiny(tmp_path, steps: int, lr: float, max_grad_norm: float, **callback_args):
+    """The tiny BERT (no dropout) in a Trainer with the controller; returns (callback, adapted, args)."""
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    adapted = adapt(model, ["query", "value", "intermediate.dense"], rank=4, alpha=8)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # lam starts at 0, where no gradient reaches P and Q: start as if trained a while
+        for layer in adapted.adapters.values():
+            layer.lora_lam.normal_(generator=g)
+    ids = torch.randint(1, 100, (64, 12), generator=g)
+    ds = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * 12] * 64,
+                                     "labels": (ids[:, 0] > 50).long().tolist()})
+    callback = RankControllerCallback(adapted, target_rank=2, max_rank=8, interval=2, warmup=0.5, final=0.2,
+                                      **callback_args)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=8,
+                             learning_rate=lr, max_grad_norm=max_grad_norm, report_to=[], save_strategy="no",
+                             use_cpu=True, disable_tqdm=True, warmup_steps=0, lr_scheduler_type="constant")
+    Trainer(model=adapted.model, args=args, train_dataset=ds, callbacks=[callback]).train()
+    return callback, adapted, args
+
+
+def test_the_controller_reads_the_gradient_before_the_trainer_clips_it(tmp_path):
+    """With lr 0 nothing moves, so clipping (max_grad_norm tiny: every step clipped) must not change
+    what the sensitivity saw; the Trainer clips before on_pre_optimizer_step, so the callback clips."""
+    clipped, _, args = _train_tiny(tmp_path / "a", steps=4, lr=0.0, max_grad_norm=1e-4, orth_reg=0.0)
+    unclipped, _, _ = _train_tiny(tmp_path / "b", steps=4, lr=0.0, max_grad_norm=0.0, orth_reg=0.0)
+    assert args.max_grad_norm == 1e-4  # the user's value is back after training
+    seen = [torch.cat(list(cb.controller.tracker.ema.values())) for cb in (clipped, unclipped)]
+    assert seen[1].abs().max() > 0
+    torch.testing.assert_close(seen[0], seen[1], rtol=1e-5, atol=0)
+
+
+def test_the_orthogonality_penalty_is_applied(tmp_path):
+    from rankopt.adapters.model import orthogonality_penalty
+
+    _, plain, _ = _train_tiny(tmp_path / "a", steps=12, lr=1e-2, max_grad_norm=1.0, orth_reg=0.0)
+    _, penalised, _ = _train_tiny(tmp_path / "b", steps=12, lr=1e-2, max_grad_norm=1.0, orth_reg=10.0)
+    assert orthogonality_penalty(penalised) < 0.5 * orthogonality_penalty(plain)
+
+
 @pytest.mark.integration
 def test_example_script_trains_in_a_trainer_and_peft_reloads_its_adapter(tmp_path):
     """examples/trainer_callback.py on the real MiniLM: final budget met, PEFT reproduces the logits."""

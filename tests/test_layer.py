@@ -44,7 +44,7 @@ def test_new_adapter_leaves_output_unchanged_and_freezes_base():
     assert torch.allclose(layer.lora_Q @ layer.lora_Q.T, eye, atol=1e-5)
 
 
-@pytest.mark.parametrize("rank", [0, IN_F + 1])
+@pytest.mark.parametrize("rank", [-1, IN_F + 1])
 def test_rank_outside_layer_size_is_rejected(rank):
     with pytest.raises(ValueError):
         SVDLinear(nn.Linear(IN_F, OUT_F), rank, scale=1.0)
@@ -121,10 +121,25 @@ def test_resize_replaces_parameters_and_reports_the_mapping():
     assert torch.equal(layer.lora_lam[:3], old[1].detach()[keep])
 
 
+def test_a_layer_can_give_up_its_adapter_and_grow_one_back():
+    layer = make_layer(rank=3)
+    with torch.no_grad():
+        layer.lora_lam.copy_(torch.tensor([0.5, -0.2, 0.1]))
+    x = torch.randn(4, IN_F)
+    layer.resize(torch.tensor([], dtype=torch.long), n_new=0)  # rank 0: the base layer alone
+    assert layer.rank == 0 and layer.lora_P.shape == (layer.out_features, 0)
+    out = layer(x)
+    assert torch.allclose(out, layer.base(x)) and out.requires_grad  # the probe still sees its output gradient
+    out.sum().backward()
+    assert layer.lora_lam.grad.shape == (0,)
+    assert float(layer.orthogonality_penalty()) == 0.0
+    layer.resize(torch.tensor([], dtype=torch.long), n_new=2)  # grows back from nothing, output unchanged
+    assert layer.rank == 2 and torch.allclose(layer(x), layer.base(x))
+    assert torch.allclose(layer.lora_Q @ layer.lora_Q.T, torch.eye(2), atol=1e-5)
+
+
 def test_resize_limits():
     layer = make_layer(rank=3)
-    with pytest.raises(ValueError):
-        layer.resize(torch.tensor([], dtype=torch.long), n_new=0)
     with pytest.raises(ValueError):  # Q lives in R^10: at most 10 components
         layer.resize(torch.arange(3), n_new=IN_F - 3 + 1)
     assert layer.rank == 3  # a refused resize changes nothing

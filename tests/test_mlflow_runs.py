@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from rankopt.cli import app
 from rankopt.tracking.mlflow_runs import artifact_root
-from test_export import make_tiny_project
+from tiny_project_support import make_tiny_project
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

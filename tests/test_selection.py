@@ -17,7 +17,7 @@ from rankopt.cli import app
 from rankopt.errors import RankoptError
 from rankopt.search import holdout
 from rankopt.search.selection import select_trial, smallest_within
-from test_export import make_tiny_project
+from tiny_project_support import make_tiny_project
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -1,7 +1,8 @@
 """rankopt ui: the MLflow UI over a real study, checked in headless Chromium (Selenium).
 
 Needs Debian's ``chromium`` and ``chromium-driver`` and the ``selenium`` package; the browser
-test skips with the reason when one is missing.
+test skips with the reason when one is missing, and fails instead under
+``RANKOPT_REQUIRE_BROWSER=1`` (set by ``.ci/run``), so CI cannot pass without the UI tested.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from typer.testing import CliRunner
 
 from rankopt.cli import app
 from rankopt.tracking.ui import exposure_note, server_command, url
-from test_export import make_tiny_project  # the same tiny project: random BERT, sentiment jsonl, 3-trial preset
+from tiny_project_support import make_tiny_project
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+REQUIRE_BROWSER = "RANKOPT_REQUIRE_BROWSER"  # "1": a missing browser fails the browser tests instead of skipping
 SCREENSHOT_COPY = Path("/tmp/rankopt_ui.png")
 def test_ui_refuses_a_folder_without_a_store(tmp_path):
     result = CliRunner().invoke(app, ["ui", "--out", str(tmp_path), "--port", "5999"])
@@ -40,6 +42,22 @@ def test_ui_serves_locally_by_default_and_warns_when_exposed(tmp_path):
     assert exposure_note("127.0.0.1") is None
     assert "no authentication" in exposure_note("0.0.0.0")
     assert url("0.0.0.0", 5123, "7") == "http://127.0.0.1:5123/#/experiments/7/runs?workflowType=machine_learning"
+    assert url("127.0.0.1", 5123, "7", "abc") == (
+        "http://127.0.0.1:5123/#/experiments/7/runs?workflowType=machine_learning"
+        "&searchFilter=tags.mlflow.parentRunId%20%3D%20%27abc%27&orderByKey=tags.%60mlflow.runName%60&orderByAsc=true")
+    assert command[command.index("--registry-store-uri") + 1] == command[command.index("--backend-store-uri") + 1]
+
+
+def test_a_missing_browser_skips_saying_why_or_fails_where_it_is_required(monkeypatch, tmp_path):
+    import test_ui_browser
+
+    monkeypatch.setattr(test_ui_browser, "CHROMEDRIVER", str(tmp_path / "chromedriver"))
+    monkeypatch.delenv(REQUIRE_BROWSER, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install -y chromium chromium-driver"):
+        _browser()
+    monkeypatch.setenv(REQUIRE_BROWSER, "1")  # .ci/run: the UI must be tested
+    with pytest.raises(pytest.fail.Exception, match="chromedriver missing"):
+        _browser()
 
 
 def _free_port() -> int:
@@ -81,19 +99,30 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def _browser():
-    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install selenium (the test extra)")
+    missing = _missing_browser()
+    if missing:
+        (pytest.fail if os.environ.get(REQUIRE_BROWSER) == "1" else pytest.skip)(missing)
+    from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
-
-    for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
-        if not Path(path).exists():
-            pytest.skip(f"{path} missing: apt-get install -y {package}")
     options = Options()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                 "--window-size=1600,900"):
         options.add_argument(arg)
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def _missing_browser() -> str | None:
+    """What the browser tests lack on this machine, and how to install it; None when nothing."""
+    try:
+        import selenium.webdriver  # noqa: F401
+    except ImportError:
+        return "selenium is not installed: pip install -e '.[test]'"
+    for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
+        if not Path(path).exists():
+            return f"{path} missing: apt-get install -y chromium chromium-driver (Debian/Ubuntu; needs {package})"
+    return None
 
 
 def _wait(driver, find, timeout: float = 60):
@@ -119,11 +148,13 @@ def _show_metric_columns(driver, names: list[str]) -> None:
 
 
 def test_ui_shows_every_trial_with_its_metric(tmp_path):
+    """The link `rankopt ui` prints for a study lists its trials at once (no collapsed parent row to
+    open), with their metrics; MLflow's start-up chatter is not printed."""
     from selenium.webdriver.common.by import By
 
     from rankopt.search.tuner import tune
 
-    driver = _browser()  # skips before any work when there is no browser
+    driver = _browser()  # skips (or fails, under RANKOPT_REQUIRE_BROWSER=1) before any work when there is none
     out = tmp_path / "runs"
     try:
         result = tune(str(make_tiny_project(tmp_path)), out=out)
@@ -134,20 +165,21 @@ def test_ui_shows_every_trial_with_its_metric(tmp_path):
                                     stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             _wait_for_server(proc, port, log)
-            links = dict(re.findall(r"^  (\S+): (http://\S+)$", log.read_text(), re.M))
-            assert set(links) == {"tiny"}, log.read_text()
-            driver.get(links["tiny"])
-            # the runs table of a model-training experiment: the study's parent run, collapsed
-            parent = _wait(driver, lambda d: d.find_elements(
-                By.XPATH, "//a[.//span[text()='study tiny']]/ancestor::div[@role='gridcell'][1]"))[0]
+            printed = log.read_text()
+            links = dict(re.findall(r"^ +(experiment \S+|study .+?): (http://\S+)$", printed, re.M))
+            assert set(links) == {"experiment tiny", "study tiny, its 3 trials"}, printed
+            for noise in ("Security middleware", "Registry store URI", "Deprecat", "INFO"):
+                assert noise not in printed, printed
+            driver.get(links["study tiny, its 3 trials"])
+            names = [f"trial {t.number}" for t in result.study.trials]
+            # every trial at once, before any click; the 'study tiny' parent row is not in the way
+            rows = _wait(driver, lambda d: (found := [e for n in names for e in d.find_elements(
+                By.XPATH, f"//a[.//span[text()='{n}']]") if e.is_displayed()]) and len(found) == len(names) and found)
+            assert sorted(r.text for r in rows) == sorted(names)
+            assert not [e for e in driver.find_elements(By.XPATH, "//a[.//span[text()='study tiny']]") if e.is_displayed()]
             for close in driver.find_elements(By.CSS_SELECTOR, "button[aria-label=Close]"):
                 close.click()  # the assistant side panel, when MLflow opens it
-            parent.find_element(By.TAG_NAME, "button").click()  # expand: one child row per trial
             _show_metric_columns(driver, ["final_metric", "eval_accuracy"])
-            names = [f"trial {t.number}" for t in result.study.trials]
-            rows = _wait(driver, lambda d: [e for n in names for e in d.find_elements(
-                By.XPATH, f"//a[.//span[text()='{n}']]") if e.is_displayed()])
-            assert sorted(r.text for r in rows) == sorted(names)
             headers = [h.text for h in driver.find_elements(By.CSS_SELECTOR, "[role=columnheader]") if h.is_displayed()]
             assert "final_metric" in headers and "eval_accuracy" in headers, headers
             cells = driver.find_elements(By.CSS_SELECTOR, "[role=gridcell][col-id*='final_metric']")

@@ -52,13 +52,17 @@ def beyond_rounding(deviation: torch.Tensor) -> torch.Tensor:
 
 
 class SVDLinear(nn.Module):
-    """Frozen ``base`` plus a trainable rank-r update in SVD form; r may change in place."""
+    """Frozen ``base`` plus a trainable rank-r update in SVD form; r may change in place.
+
+    Rank 0 is an adapter that gave up its update (``controller.min_rank: 0``): empty factors, the
+    base's output unchanged, and the layer can grow components back at a later reallocation.
+    """
 
     def __init__(self, base: nn.Linear, rank: int, scale: float, dropout: float = 0.0,
                  generator: torch.Generator | None = None):
         super().__init__()
-        if rank < 1:
-            raise ValueError("an adapter needs rank >= 1")
+        if rank < 0:
+            raise ValueError("an adapter's rank cannot be negative")
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)
@@ -134,8 +138,6 @@ class SVDLinear(nn.Module):
         remapped so the caller can carry the optimizer state of the survivors.
         """
         keep = keep.to(torch.long).cpu()
-        if keep.numel() + n_new < 1:
-            raise ValueError("an adapter cannot shrink below rank 1")
         dev = self.lora_P.device
         kept_p = self.lora_P[:, keep.to(dev)]
         kept_q = self.lora_Q[keep.to(dev), :]

@@ -36,6 +36,8 @@ def peft_state_dict(adapted: AdaptedModel) -> dict[str, torch.Tensor]:
     """PEFT tensor names -> contiguous float tensors (A: (r, in), B: (out, r), head weights)."""
     state = {}
     for name, layer in adapted.adapters.items():
+        if layer.rank == 0:
+            continue  # PEFT refuses rank 0: a layer that gave up its adapter is left out (see peft_config)
         a, b = layer.lora_factors()
         state[f"{PREFIX}{name}.lora_A.weight"] = a.contiguous().cpu()
         state[f"{PREFIX}{name}.lora_B.weight"] = b.contiguous().cpu()
@@ -51,8 +53,14 @@ def peft_task_type(model: nn.Module) -> str:
 
 
 def peft_config(adapted: AdaptedModel, base_model: str, task_type: str | None = None) -> dict[str, Any]:
-    """``adapter_config.json`` with full module paths in target_modules, rank_pattern, alpha_pattern."""
-    ranks = adapted.ranks()
+    """``adapter_config.json`` with full module paths in target_modules, rank_pattern, alpha_pattern.
+
+    Layers at rank 0 (``controller.min_rank: 0``) are not targets at all: PEFT's LoRA layers refuse
+    rank 0, and a module outside ``target_modules`` is loaded as the plain base layer it is.
+    """
+    ranks = {name: rank for name, rank in adapted.ranks().items() if rank > 0}
+    if not ranks:
+        raise RankoptError("every adapter was pruned to rank 0; nothing to export (raise controller.target_rank)")
     default_r = Counter(ranks.values()).most_common(1)[0][0]
     return {
         "peft_type": "LORA",
@@ -228,11 +236,14 @@ def model_card(*, title: str, base_model: str, ranks: dict[str, int], metric_nam
                metric: float | None, found_by: list[tuple[str, str]], how: str, command: str, merged: bool,
                num_labels: int | None = None, folder_name: str = "DIR", task_type: str = "SEQ_CLS",
                labels: dict[str, str] | None = None, problem_type: str | None = None,
-               test_score: str | None = None) -> str:
+               test_score: str | None = None, base_lookup: str | None = None) -> str:
     """README.md for an exported folder: what it is, how good, how it was found, rank per layer, how to load.
 
     ``labels`` is ``id2label`` (from rankopt.json); ``test_score`` the held-out score as shown
     (or why there is none): the validation metric chose the trial, so only the test score is unbiased.
+    ``base_lookup``: how the loading code finds ``base_model`` when transformers alone cannot:
+    ``"package"``, a folder inside a pip package (found with rankopt where pip put it); ``"gguf"``,
+    a GGUF file (a path, or in a package), loaded through ``gguf_file=``.
     """
     total = sum(ranks.values())
     largest = max(ranks.values(), default=0)
@@ -274,8 +285,16 @@ def model_card(*, title: str, base_model: str, ranks: dict[str, int], metric_nam
                   f"from transformers import {auto}, AutoTokenizer"]
         if labels and not causal:
             lines.append(f"labels = {{{', '.join(f'{int(i)}: {name!r}' for i, name in labels.items())}}}")
-        lines += [f'base = {auto}.from_pretrained("{base_model}"{head})',
-                  f'model = PeftModel.from_pretrained(base, "{folder_name}")',
+        if base_lookup == "gguf":
+            lines += ["from rankopt.tasks.modeling import gguf_parts, resolve_model_path",
+                      f'folder, gguf = gguf_parts(resolve_model_path("{base_model}"))  # a GGUF checkpoint',
+                      f"base = {auto}.from_pretrained(folder, **gguf{head})"]
+        elif base_lookup == "package":
+            lines += ["from rankopt.tasks.modeling import resolve_model_path",
+                      f'base = {auto}.from_pretrained(resolve_model_path("{base_model}"){head})  # in its pip package']
+        else:
+            lines.append(f'base = {auto}.from_pretrained("{base_model}"{head})')
+        lines += [f'model = PeftModel.from_pretrained(base, "{folder_name}")',
                   f'tokenizer = AutoTokenizer.from_pretrained("{folder_name}")']
     lines += ["```", ""]
     vllm = serving_rank(largest)

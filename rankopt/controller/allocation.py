@@ -24,19 +24,18 @@ class Allocation:
 
 
 def allocate(scores: list[torch.Tensor], budget: int, min_rank: int, max_rank: int, max_grow: int,
-             gains: list[torch.Tensor | None] | None = None,
              protect: list[torch.Tensor | None] | None = None,
              costs: list[int] | None = None) -> list[Allocation]:
     """Split a global ``budget`` of components across layers, given each component's score.
 
     Each layer keeps its ``min_rank`` best components, and every component ``protect`` marks
     (too young to be judged). The rest compete globally: real components by their score,
-    plus up to ``max_grow`` would-be new components per layer, scored by ``gains`` (what each
-    would bring, best first) or, without gains, at that layer's weakest score, so that a layer
-    grows only when even its weakest component beats the global cut. A non-finite score is
-    never rewarded: it ranks below every finite one. Ties favour real components. Extra growth
-    slots beyond ``max_grow`` are used only when the budget cannot be met otherwise, best gain
-    first. The result sums to ``budget`` exactly.
+    plus up to ``max_grow`` would-be new components per layer, scored at that layer's weakest
+    score, so that a layer grows only when even its weakest component beats the global cut (see
+    :class:`rankopt.controller.rank_controller.RankController` for why not by a predicted gain).
+    A non-finite score is never rewarded: it ranks below every finite one. Ties favour real
+    components. Extra growth slots beyond ``max_grow`` are used only when the budget cannot be
+    met otherwise, best layer first. The result sums to ``budget`` exactly.
 
     ``costs`` (one per layer: what one component of it costs, e.g. its adapter parameters) make
     ``budget`` a budget of cost: candidates then compete by score per unit of cost (a knapsack's
@@ -51,7 +50,6 @@ def allocate(scores: list[torch.Tensor], budget: int, min_rank: int, max_rank: i
     lowest, highest = min_rank * sum(cost), max_rank * sum(cost)
     if not lowest <= budget <= highest:
         raise ValueError(f"budget {budget} is outside [{lowest}, {highest}]")
-    gains = gains or [None] * n_layers
     protect = protect or [None] * n_layers
     clean = [_finite_or_lowest(s) for s in scores]
     priority = [c if p is None else torch.where(p.to(torch.bool), math.inf, c) for c, p in zip(clean, protect)]
@@ -66,7 +64,7 @@ def allocate(scores: list[torch.Tensor], budget: int, min_rank: int, max_rank: i
             pool.append((prio[i] / cost[layer], values[i] / cost[layer], 0, layer, pos))
         # a layer below min_rank already grows to it (below); only the room above that competes
         room = max(0, max_rank - max(ranks[layer], min_rank))
-        for k, gain in enumerate(_growth_scores(values, gains[layer], room)):
+        for k, gain in enumerate(_growth_scores(values, room)):
             claim = gain / cost[layer]
             pool.append((claim if k < max_grow else -math.inf, claim, 1, layer, k))
     pool.sort(key=lambda c: (-c[0], -c[1], c[2], c[3], c[4]))
@@ -103,10 +101,7 @@ def _finite_or_lowest(score: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(score), score, -math.inf)
 
 
-def _growth_scores(values: list[float], gain: torch.Tensor | None, room: int) -> list[float]:
-    """Scores of a layer's would-be components, best first: its gains, else its weakest score."""
-    if gain is not None:
-        out = sorted(_finite_or_lowest(gain).tolist(), reverse=True)[:room]
-        return out + [-math.inf] * (room - len(out))
+def _growth_scores(values: list[float], room: int) -> list[float]:
+    """Scores of a layer's ``room`` would-be components: each at the layer's weakest score."""
     finite = [v for v in values if math.isfinite(v)]
     return [min(finite) if finite else -math.inf] * room

@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from rankopt.errors import RankoptError
+
 
 def model_card_for(source, meta: dict[str, Any], adapter_config: dict[str, Any], ranks: dict[str, int],
                    num_labels: int | None, adapter_params: int | None, trainable: float | None, command: str,
@@ -18,12 +20,28 @@ def model_card_for(source, meta: dict[str, Any], adapter_config: dict[str, Any],
 
     task = (meta.get("config") or {}).get("task", {}).get("name", "rankopt")
     origin = f"study {source.study}, trial {source.trial}" if source.study else f"run {source.run_id[:8]}"
-    return model_card(title=f"{task} ({origin})", base_model=adapter_config.get("base_model_name_or_path", "?"),
+    base = adapter_config.get("base_model_name_or_path", "?")
+    return model_card(title=f"{task} ({origin})", base_model=base, base_lookup=_base_lookup(base),
                       ranks=ranks, metric_name=meta.get("metric_name"), metric=meta.get("metric"),
                       found_by=_card_rows(source, adapter_params, trainable), how=_provenance(source),
                       command=command, merged=merged, num_labels=num_labels, folder_name=str(out),
                       task_type=adapter_config.get("task_type") or "SEQ_CLS", labels=meta.get("id2label"),
                       problem_type=meta.get("problem_type"), test_score=test_score)
+
+
+def _base_lookup(base: str) -> str | None:
+    """How the card's code finds the base model: ``"package"`` (a folder inside a pip package, recorded by
+    its package name, see :func:`rankopt.tasks.modeling.portable_model_name`), ``"gguf"`` (a GGUF file),
+    or None (a hub id or a folder: transformers loads it as named)."""
+    from rankopt.tasks.modeling import GGUF_SUFFIX, resolve_model_path
+
+    try:
+        found = resolve_model_path(base)
+    except RankoptError:  # a name this machine cannot resolve is written as given
+        return None
+    if found.endswith(GGUF_SUFFIX):
+        return "gguf"
+    return "package" if found != base and not Path(base).expanduser().exists() else None
 
 
 def _card_rows(source, adapter_params: int | None, trainable: float | None) -> list[tuple[str, str]]:

@@ -196,14 +196,36 @@ def check_mergeable(model_cfg) -> None:
                            "bfloat16 (peft.PeftModel.from_pretrained(base, DIR).merge_and_unload())")
 
 
-def export(out: str | Path, *, study: str | None = None, storage: str | None = None,
+def default_out(*, study: str | None, run_id: str | None, storage: str | None, trial: int | None = None,
+                max_params: int | None = None, within: float | None = None, merge: bool = False) -> Path:
+    """Where an export goes without ``--out``: ``exports/NAME`` in the tuning job's runs folder.
+
+    Beside the study storage, as reports are (``runs/exports/demo`` by default), so an export
+    never lands in the checkout the command was started from; the name says what was chosen:
+    ``demo``, ``demo-trial-3``, ``demo-within-0.01``, ``demo-max-params-50000``, ``run-1a2b3c4d``,
+    each with ``-merged`` for ``--merge``.
+    """
+    from rankopt.outputs.report import _folder_name
+
+    name = _folder_name(study) if study is not None else f"run-{_folder_name(run_id or 'unknown')[:8]}"
+    for label, value in (("trial", trial), ("max-params", max_params), ("within", within)):
+        if value is not None:
+            name += f"-{label}-{value:g}" if isinstance(value, float) else f"-{label}-{value}"
+    return runs_folder(storage) / "exports" / (name + ("-merged" if merge else ""))
+
+
+def export(out: str | Path | None = None, *, study: str | None = None, storage: str | None = None,
            tracking_uri: str | None = None, trial: int | None = None, run_id: str | None = None,
            merge: bool = False, force: bool = False, max_params: int | None = None,
            register: str | None = None, command: str | None = None, within: float | None = None) -> ExportResult:
     """Write the chosen trial's adapter (or merged model) to ``out``, with tokenizer, card and rankopt.json.
 
+    Without ``out``, the folder is :func:`default_out` (``runs/exports/STUDY`` for a study in the
+    default storage).
+
     Example:
         >>> from rankopt.outputs.export import export
+        >>> export(study="sst2")  # runs/exports/sst2  # doctest: +SKIP
         >>> export("best-sst2", study="sst2")  # doctest: +SKIP
         >>> export("sst2-merged", study="sst2", trial=3, merge=True, register="sst2-lora")  # doctest: +SKIP
         >>> export("sst2-small", study="sst2", within=0.01)  # the smallest within 1 point  # doctest: +SKIP
@@ -212,7 +234,8 @@ def export(out: str | Path, *, study: str | None = None, storage: str | None = N
     from rankopt.adapters.peft_format import atomic_folder, head_num_labels, read_adapter
     from rankopt.tasks.modeling import load_tokenizer
 
-    out = Path(out)
+    out = Path(out) if out is not None else default_out(study=study, run_id=run_id, storage=storage, trial=trial,
+                                                         max_params=max_params, within=within, merge=merge)
     if out.exists() and not force:
         raise RankoptError(f"{out} already exists; choose another --out or pass --force to replace it")
     if register is not None and not register.strip():

@@ -19,7 +19,7 @@ from rankopt.training.setup import build_model, prepare_data
 from rankopt.config import Config, resolve_config
 from rankopt.errors import RankoptError
 from rankopt.training.events import Callback
-from rankopt.tasks.modeling import resolve_model_path
+from rankopt.tasks.modeling import portable_model_name
 from rankopt.search.trials import (ReportToTrial, TuneResult, best_trials, default_storage, make_pruner, make_sampler,
                             objective_directions, suggest, summarize, trial_config)
 from rankopt.search import data_parallel, holdout
@@ -195,7 +195,7 @@ def start_tracking(study: optuna.Study, cfg: Config, tracking_uri: str | None, o
 
     client = mlflow_runs.client_for(tracking_uri or mlflow_runs.default_tracking_uri(out))
     exp_id = mlflow_runs.ensure_experiment(client, cfg.task.name, mlflow_runs.artifact_root(tracking_uri, out))
-    tracker = mlflow_runs.StudyTracker(client, exp_id, study.study_name, base_model=resolve_model_path(cfg.model.name))
+    tracker = mlflow_runs.StudyTracker(client, exp_id, study.study_name, base_model=portable_model_name(cfg.model.name))
     parent = tracker.start_study(study.user_attrs.get("mlflow_parent_run_id"),
                                  {"study": study.study_name, "preset": cfg.task.name,
                                   **cfg.model_dump(include={"search"})})

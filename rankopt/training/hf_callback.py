@@ -10,6 +10,14 @@ The Trainer owns the loop; the callback reads gradients before each optimizer st
 sensitivity EMA), reallocates ranks at the scheduled steps after it, and swaps the resized
 tensors into the Trainer's optimizer with the survivors' Adam state carried over.
 
+Each step runs in the order of rankopt's own trainer: the controller reads the task's gradient,
+then the orthogonality penalty's gradient is added (``orth_reg``), then the gradients are
+clipped. The Trainer would clip before any callback sees them (transformers clips, then calls
+``on_pre_optimizer_step``), which would feed the sensitivity a gradient shrunk by a factor that
+changes from step to step; so for the run the callback takes the clipping over: it sets
+``args.max_grad_norm`` to 0 at ``on_train_begin``, clips to the value it found there itself,
+and puts the value back at ``on_train_end``. (The Trainer still logs the norm before clipping.)
+
 One process only: under torchrun the Trainer wraps the model in DistributedDataParallel, whose
 gradient buckets cannot follow parameters that change shape, so the callback refuses to start
 there (``torchrun -m rankopt train`` is rankopt's data-parallel path).
@@ -19,10 +27,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
 from rankopt import distributed
-from rankopt.adapters.model import AdaptedModel
+from rankopt.adapters.model import AdaptedModel, orthogonality_penalty
 from rankopt.config import ControllerConfig
 from rankopt.controller import BudgetSchedule, RankController
 from rankopt.errors import RankoptError
@@ -31,16 +40,25 @@ from rankopt.training.optim import apply_resizes
 
 
 class RankControllerCallback(TrainerCallback):
-    """Runs rankopt's budget schedule inside ``Trainer.train``; ``history`` records every reallocation."""
+    """Runs rankopt's budget schedule inside ``Trainer.train``; ``history`` records every reallocation.
+
+    ``orth_reg`` weighs the orthogonality penalty on each adapter's P and Q (rankopt's
+    ``training.orth_reg``, same default): it keeps the components apart, so that a component's
+    energy is its singular value and pruning one removes what its score measured.
+    """
 
     def __init__(self, adapted: AdaptedModel, controller: ControllerConfig | dict[str, Any] | None = None,
-                 seed: int = 0, **controller_values: Any):
+                 seed: int = 0, orth_reg: float = 0.1, **controller_values: Any):
         if isinstance(controller, ControllerConfig):
             self.cfg = controller.model_copy(update=controller_values)
         else:
             self.cfg = ControllerConfig(**{**(controller or {}), **controller_values})
+        if orth_reg < 0:
+            raise RankoptError(f"orth_reg must be 0 or more, not {orth_reg}")
         self.adapted = adapted
         self.seed = seed
+        self.orth_reg = orth_reg
+        self.max_grad_norm: float | None = None  # the Trainer's, while the callback clips in its place
         self.controller: RankController | None = None
         self.history: list[RankEvent] = [RankEvent(step=0, budget=adapted.total_rank(), ranks=adapted.ranks())]
 
@@ -61,14 +79,25 @@ class RankControllerCallback(TrainerCallback):
                                          self.cfg.max_grow, self.cfg.beta1, self.cfg.beta2, seed=self.seed,
                                          min_age=self.cfg.min_age, growth=self.cfg.growth,
                                          probe_tokens=self.cfg.probe_tokens, budget_unit=self.cfg.budget_unit)
+        self.max_grad_norm, args.max_grad_norm = args.max_grad_norm, 0.0  # clipped here, after the controller read
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.max_grad_norm is not None:
+            args.max_grad_norm, self.max_grad_norm = self.max_grad_norm, None
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.controller is not None:  # arms the gradient probe before a growing reallocation
             self.controller.before_step(state.global_step + 1)
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.controller is not None:
-            self.controller.after_backward(state.global_step)
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.controller is None:
+            return
+        self.controller.after_backward(state.global_step)  # the task's gradient, unclipped (fp16: unscaled)
+        if self.orth_reg:
+            (self.orth_reg * orthogonality_penalty(self.adapted)).backward()
+        if self.max_grad_norm:
+            params = [p for p in (model or self.adapted.model).parameters() if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         if self.controller is None:

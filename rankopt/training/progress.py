@@ -1,7 +1,9 @@
-"""A terminal progress bar that listens to training events (rich)."""
+"""Progress of a fine-tune, listening to training events: a rich bar on a terminal, plain lines elsewhere."""
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Any
 
 from rich.console import Console
@@ -9,38 +11,74 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from rankopt.training.events import Callback, RankEvent, TrainResult
 
+PLAIN_LINES = 10  # a run prints about this many step lines when its output is not a terminal
+
 
 class ProgressBar(Callback):
-    """Steps done, last loss, current total rank and last metric, on stderr."""
+    """Steps done, last loss, current total rank and last metric, on stderr.
 
-    def __init__(self, total_steps: int, description: str = "train", console: Console | None = None):
+    On a terminal this is a live bar. When the output is a file or a pipe (a log, CI, ``nohup``)
+    a live bar shows nothing until the end, so each ``every`` steps (about a tenth of the run)
+    and at each evaluation one plain line is printed instead, with the time taken and left.
+    """
+
+    def __init__(self, total_steps: int, description: str = "train", console: Console | None = None,
+                 every: int | None = None):
         self.total = total_steps
         self.description = description
         self.console = console or Console(stderr=True)
+        self.plain = not self.console.is_terminal
+        self.every = every or max(1, math.ceil(total_steps / PLAIN_LINES))
         self.progress: Progress | None = None
         self.task = None
         self.fields = {"loss": "-", "rank": "-", "metric": "-"}
+        self.step, self.first_step, self.started = 0, 0, time.monotonic()
 
     def on_train_start(self, info: dict[str, Any]) -> None:
+        self.step = self.first_step = int(info.get("resumed_step") or 0)
+        self.started = time.monotonic()
+        if self.plain:
+            resumed = f" (resumed at step {self.step})" if self.step else ""
+            self._line(f"{self.total} steps{resumed}")
+            return
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), TextColumn("loss {task.fields[loss]}  rank {task.fields[rank]}"
                                                                  "  eval {task.fields[metric]}"),
                                  console=self.console, transient=True)
         self.progress.start()
-        self.task = self.progress.add_task(self.description, total=self.total, **self.fields)
+        self.task = self.progress.add_task(self.description, total=self.total, completed=self.step, **self.fields)
 
     def on_step(self, step: int, loss: float) -> None:
+        self.step = step
+        self.fields["loss"] = f"{loss:.3f}"
         if self.progress is not None:
-            self.progress.update(self.task, completed=step, loss=f"{loss:.3f}")
+            self.progress.update(self.task, completed=step, loss=self.fields["loss"])
+        elif self.plain and (step % self.every == 0 or step == self.total):
+            self._line(self._status())
 
     def on_reallocation(self, event: RankEvent) -> None:
+        self.fields["rank"] = str(sum(event.ranks.values()))
         if self.progress is not None:
-            self.progress.update(self.task, rank=str(sum(event.ranks.values())))
+            self.progress.update(self.task, rank=self.fields["rank"])
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.fields["metric"] = next((f"{k} {v:.4f}" for k, v in metrics.items() if k != "loss"), "")
         if self.progress is not None:
-            shown = next((f"{k} {v:.4f}" for k, v in metrics.items() if k != "loss"), "")
-            self.progress.update(self.task, metric=shown)
+            self.progress.update(self.task, metric=self.fields["metric"])
+        elif self.plain:
+            self._line(f"eval at step {step}: {self.fields['metric']}, loss {metrics.get('loss', math.nan):.4f}")
+
+    def _status(self) -> str:
+        step = self.step
+        elapsed = time.monotonic() - self.started
+        done = step - self.first_step
+        left = f", ~{_clock(elapsed / done * (self.total - step))} left" if 0 < done and step < self.total else ""
+        rank = f"  total rank {self.fields['rank']}" if self.fields["rank"] != "-" else ""
+        return f"step {step}/{self.total} ({100 * step // max(self.total, 1)}%, {_clock(elapsed)}{left})  " \
+               f"loss {self.fields['loss']}{rank}"
+
+    def _line(self, text: str) -> None:
+        self.console.print(f"{self.description}: {text}", markup=False, highlight=False, soft_wrap=True)
 
     def on_train_end(self, result: TrainResult) -> None:
         self.close()
@@ -49,6 +87,12 @@ class ProgressBar(Callback):
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+def _clock(seconds: float) -> str:
+    """``H:MM:SS`` of a duration."""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 class TrialProgress:
