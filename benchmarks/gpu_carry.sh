@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# What quality_gpu.sh needs on the lent GPU machine, which reaches no package index or hub.
+# What the GPU scripts (quality_gpu.sh, gpu_overhead.py) need on the lent GPU machine, which reaches no
+# package index or hub. gpu_overhead.py needs only the wheels (rankopt's config and trainer import pydantic
+# and datasets; the image has torch, transformers, peft, pandas, pyarrow, scikit-learn and scipy, and no
+# bitsandbytes, so its 4bit variant is skipped there with a note), and imports rankopt from the checkout.
 #
 #   bash benchmarks/gpu_carry.sh pack      # here: builds .carry/ (about 60 MB, under the 64 MiB a call carries)
 #   bash benchmarks/gpu_carry.sh unpack    # there, first in the same command: fills /tmp/site
@@ -15,6 +18,8 @@
 # Then, on the device (carry .carry):
 #   bash benchmarks/gpu_carry.sh unpack && export PYTHONPATH=/tmp/site && \
 #       RESULTS=$OUT/quality_gpu.jsonl LIMIT=480 bash benchmarks/quality_gpu.sh --data .carry/glue
+#   bash benchmarks/gpu_carry.sh unpack && PYTHONPATH=/tmp/site python3 benchmarks/gpu_overhead.py \
+#       > $OUT/gpu_overhead.md             # plain and ckpt variants, ~6-8 min: one call
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 carry=$root/.carry

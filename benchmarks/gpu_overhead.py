@@ -37,7 +37,12 @@ DistributedDataParallel on its shard. AdaLoRA is left out there (PEFT's AdaLoRA 
     python benchmarks/gpu_overhead.py --tiny --device cpu --nproc-per-node 2 --variants plain --steps 2 \
         --warmup 1 --batch 4 --seq 16 --rank 4          # smoke (2 gloo processes)
 
-Without a CUDA GPU (and without ``--device cpu``) it exits with code 2 and says so.
+Without a CUDA GPU (and without ``--device cpu``) it exits with code 2 and says so. Without
+bitsandbytes the ``4bit`` variant is skipped, with a note saying so. rankopt is imported from this
+checkout (the repository root goes first on ``sys.path``), so a bare GPU machine needs no install
+of it, only what ``benchmarks/gpu_carry.sh`` carries (pydantic and datasets):
+
+    bash benchmarks/gpu_carry.sh unpack && PYTHONPATH=/tmp/site python3 benchmarks/gpu_overhead.py
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import importlib
 import json
 import os
 import platform
@@ -57,7 +63,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT)]  # this checkout's rankopt, whatever else is installed
 from overhead_vs_peft import adalora_init  # noqa: E402
 from peft_baselines import PeftStepper  # noqa: E402
 
@@ -186,6 +193,14 @@ def make_batches(n: int, vocab: int, batch: int, seq: int, device: str) -> list[
     return out
 
 
+def importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -274,13 +289,18 @@ def main() -> None:
         args.device = f"cuda:{procs.local_rank}" if cuda else "cpu"
     if cuda:
         torch.cuda.set_device(torch.device(args.device))
-    if "4bit" in args.variants:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            print("error: the 4bit variant needs bitsandbytes (pip install 'rankopt[quant]'); or pass "
-                  "--variants plain ckpt", file=sys.stderr)
+    if "4bit" in args.variants and not importable("bitsandbytes"):
+        args.variants = [v for v in args.variants if v != "4bit"]
+        if not args.variants:
+            print("error: the 4bit variant needs bitsandbytes (pip install 'rankopt[quant]'), which is not "
+                  "installed here; pass --variants plain ckpt", file=sys.stderr)
             sys.exit(2)
+        skipped = "; 4bit skipped: bitsandbytes is not installed"
+        if procs.main:
+            print("note: bitsandbytes is not installed: the 4bit variant is skipped "
+                  "(pip install 'rankopt[quant]' to run it)", file=sys.stderr)
+    else:
+        skipped = ""
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     base = build_base(args, args.device, dtype)
     vocab = base.config.vocab_size
@@ -305,9 +325,12 @@ def main() -> None:
         return
     device_name = torch.cuda.get_device_name(args.device) if cuda else (platform.processor() or platform.machine())
     where = f"{procs.world} data-parallel processes (rank 0's figures), global " if procs.parallel else ""
+    import rankopt
+
     print(f"# GPU overhead: random Llama-shaped decoder, {n_params / 1e9:.2f}B params, {args.dtype}, {where}batch "
           f"{args.batch} x seq {args.seq}, rank {args.rank} on {len(TARGETS)} projections per layer, {args.steps} "
-          f"timed steps (+{args.warmup}) interleaved per variant; {device_name}, torch {torch.__version__}")
+          f"timed steps (+{args.warmup}) interleaved per variant; {device_name}, torch {torch.__version__}; "
+          f"rankopt from {Path(rankopt.__file__).parent}{skipped}")
     print("| variant | run | adapter dtype | median step (s) | mean step (s) | median / LoRA | mean / LoRA | "
           "peak (GiB) | peak / LoRA |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -44,8 +44,9 @@ class TaskConfig(_Section):
     dataset: str | None = Field(None, description="hub dataset path, e.g. 'glue'")
     subset: str | None = Field(None, description="hub dataset config, e.g. 'sst2'")
     data_dir: str | None = Field(None, description="local folder of train/validation files")
-    builtin: Literal["chatterbot", "chatterbot_dialogs"] | None = Field(
-        None, description="data shipped by a dependency: topics (classification) or reply pairs (causal_lm)")
+    builtin: Literal["chatterbot", "chatterbot_dialogs", "chatterbot_chats"] | None = Field(
+        None, description="data shipped by a dependency: topics (classification), reply pairs (causal_lm, "
+        "prompt/response) or whole chats (causal_lm, a 'messages' column)")
     text_columns: list[str] = Field(default_factory=list, max_length=2, description="inputs of a classifier")
     label_column: str = "label"
     prompt_column: str = Field("prompt", description="causal_lm: the text the model is given")
@@ -117,7 +118,8 @@ class AdapterConfig(_Section):
     init: Literal["gradient", "random"] = Field(
         "gradient", description="P, Q from the weight gradient's top pairs on the first batches (and the initial "
                                 "budget split by them when the controller is on), or random directions")
-    init_examples: int = Field(64, ge=1, description="training examples in the gradient pass of init: gradient")
+    init_examples: int = Field(64, ge=1, description="training rows (packed rows with task.packing) in the gradient "
+                               "pass of init: gradient, taken in micro-batches of training.batch_size")
     rslora: bool = Field(False, description="scale alpha / sqrt(init_rank) instead of alpha / init_rank")
 
 
@@ -173,7 +175,8 @@ class ControllerConfig(_Section):
                         "components where the weight gradient off each layer's span is steepest (RigL's grow "
                         "step, layers at rank 0 included), decaying to 0 by the final phase; 0: a layer grows "
                         "only when its weakest component beats the cut")
-    probe_tokens: int = Field(512, ge=1, description="token rows per layer and micro-batch kept to find those pairs")
+    probe_tokens: int = Field(512, ge=1, description="token rows per layer kept to find those pairs, for a whole "
+                              "optimizer step (all its micro-batches) and for adapter.init: gradient's pass")
     beta1: float = Field(0.85, ge=0, lt=1, description="EMA of the sensitivity")
     beta2: float = Field(0.85, ge=0, lt=1, description="EMA of its uncertainty")
 

@@ -137,3 +137,16 @@ def test_accumulation_is_one_optimizer_and_schedule_step_per_k_micro_batches(lm_
     assert result.steps == 5
     train_calls = calls[:15]
     assert train_calls == [4] * 15  # 5 steps x 3 micro-batches of 4
+
+
+def test_targets_are_counted_where_the_batch_lies_never_copied_to_the_host():
+    from rankopt.training.accumulation import target_count
+
+    labels = torch.tensor([[-100, 5, -100, 7], [-100, -100, 8, 9]])
+    host = target_count({"labels": labels}, causal_lm=True)
+    assert host == 4 and type(host) is int  # a host batch: a plain int, no device involved
+    on_device = {"labels": labels.to("meta")}  # a device batch (CUDA in the GPU benchmark); meta has no data
+    count = target_count(on_device, causal_lm=True)
+    assert torch.is_tensor(count) and count.device.type == "meta"
+    weights = micro_batch_weights([on_device, on_device], causal_lm=True)
+    assert all(torch.is_tensor(w) and w.device.type == "meta" for w in weights)

@@ -308,3 +308,21 @@ def test_demo_times_runs_the_readme_commands_and_appends_a_row_each(tmp_path):
     assert all(positive(r["seconds"]) and positive(r["peak_rss_gib"]) for r in (train, tune))
     assert "total rank" in train["result"][-1] and "1 complete" in tune["result"][0]
     assert {"rankopt train demo", "rankopt tune demo --trials 1"} <= set(table_rows(proc.stdout))
+
+
+def test_gpu_overhead_starts_bare_from_any_folder_and_skips_4bit_without_bitsandbytes(tmp_path):
+    """As on a bare GPU machine: started from another folder, with no bitsandbytes (hidden from every import
+    and lookup by a None in sys.modules), it imports this checkout's rankopt and runs, the 4bit variant
+    skipped with a note."""
+    args = ["--tiny", "--device", "cpu", "--variants", "ckpt", "4bit", "--steps", "2", "--warmup", "1", "--batch",
+            "2", "--seq", "16", "--rank", "4"]
+    start = ("import runpy, sys; sys.modules['bitsandbytes'] = None; "
+             f"sys.argv = {[str(BENCH / 'gpu_overhead.py'), *args]!r}; "
+             f"runpy.run_path({str(BENCH / 'gpu_overhead.py')!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", start], cwd=tmp_path, env={**ENV, "PYTHONPATH": ""},
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the 4bit variant is skipped" in proc.stderr
+    assert f"rankopt from {REPO / 'rankopt'}; 4bit skipped" in proc.stdout
+    rows = last_json(proc.stdout)
+    assert {r["variant"] for r in rows} == {"ckpt"} and all(positive(r["median_s"]) for r in rows)

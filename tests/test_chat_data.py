@@ -123,3 +123,37 @@ def test_packed_chat_data_trains(chat_tokenizer, tmp_path):
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
     result = train_adapted(cfg, adapt(model, targets, 4, 8), data)
     assert result.metrics["loss"] > 0 and result.steps == 4
+
+
+def test_the_builtin_chats_alternate_end_on_a_reply_and_split_by_first_question():
+    from rankopt.tasks.demo_data import chatterbot_chat_splits
+
+    splits = chatterbot_chat_splits()
+    assert splits == chatterbot_chat_splits()  # a fixed function of the corpus
+    chats = {name: split["messages"] for name, split in splits.items()}
+    assert len(chats["train"]) > 300 and len(chats["validation"]) > 60
+    for chat in chats["train"] + chats["validation"]:
+        turns = [m["role"] for m in chat if m["role"] != "system"]
+        assert turns == ["user", "assistant"] * (len(turns) // 2) and turns  # alternating, a reply last
+        assert all(m["role"] == "system" for m in chat[:len(chat) - len(turns)])  # system only first
+    every = chats["train"] + chats["validation"]
+    assert any(len(chat) > 4 for chat in every)  # multi-turn chats
+    assert 0.3 < sum(chat[0]["role"] == "system" for chat in every) / len(every) < 0.7  # a system prompt optional
+    first = {name: {next(m["content"] for m in chat if m["role"] == "user") for chat in split}
+             for name, split in chats.items()}
+    assert not first["train"] & first["validation"]
+
+
+def test_the_builtin_chats_through_prepare_learn_the_replies_only(chat_tokenizer):
+    from rankopt.tasks.demo_data import chatterbot_chat_splits
+
+    task = TaskConfig(name="chat", type="causal_lm", builtin="chatterbot_chats", metric="loss",
+                      messages_column="messages", max_length=512)
+    data = prepare(task, chat_tokenizer)
+    chats = chatterbot_chat_splits()["validation"]["messages"]
+    assert len(data.eval) == len(chats)
+    for chat, row in list(zip(chats, data.eval))[:20]:
+        labelled = labelled_text(chat_tokenizer, row)
+        replies = [m["content"] for m in chat if m["role"] == "assistant"]
+        assert labelled.count("im _ end") == len(replies)  # every reply and its end-of-turn marker, nothing else
+        assert "user" not in labelled and "system" not in labelled

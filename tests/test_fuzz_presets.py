@@ -234,8 +234,8 @@ def test_remote_code_only_when_the_preset_says_so(tmp_path, tiny_model_dir, monk
         return real(path, **kwargs)
 
     monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", spy)
-    modeling._load.cache_clear()
+    modeling.clear_model_cache()
     modeling.load_pretrained(ModelConfig(name=str(tiny_model_dir), trust_remote_code=trust), 2)
-    modeling._load.cache_clear()
+    modeling.clear_model_cache()
     assert seen["use_safetensors"] is True and seen["trust_remote_code"] is trust
     assert ModelConfig(name="x").trust_remote_code is False

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from conftest import TARGETS, make_tiny_adapted, make_tiny_model
 from rankopt.adapters.model import adapt
 from rankopt.config import build_config
+from rankopt.adapters.weight_gradient import WeightGradientProbe
 from rankopt.training.gradient_init import gradient_start
 
 
@@ -74,3 +76,90 @@ def test_every_layer_keeps_one_scale_whatever_rank_the_split_gives_it(tiny_confi
     ranks = gradient_start(cfg, adapted, tiny_task_data)
     assert len(set(ranks.values())) > 1
     assert {layer.scale for layer in adapted.adapters.values()} == {cfg.adapter.alpha / cfg.adapter.init_rank}
+
+
+LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def tiny_llama_adapted(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, initializer_range=0.2,
+                                         attention_dropout=0.1, pad_token_id=0))
+    return adapt(model, LLAMA_TARGETS, rank=4, alpha=8, seed=0)
+
+
+@pytest.fixture(scope="session")
+def packed_lm_data(vocab_file):
+    """Prompt/response token rows packed into rows of up to 48 tokens; evaluation rows padded, one per row."""
+    import random
+
+    import datasets
+    from transformers import BertTokenizerFast, DataCollatorForSeq2Seq
+
+    from rankopt.tasks.data import TaskData
+    from rankopt.tasks.packing import PackedCollator, pack
+
+    rng = random.Random(0)
+    rows = {"input_ids": [], "labels": []}
+    for _ in range(48):
+        prompt = [rng.randrange(1, 64) for _ in range(rng.randint(3, 10))]
+        response = (prompt * 3)[:rng.randint(2, 10)]
+        rows["input_ids"].append(prompt + response)
+        rows["labels"].append([-100] * len(prompt) + response)
+    plain = datasets.Dataset.from_dict(rows)
+    collator = DataCollatorForSeq2Seq(BertTokenizerFast(vocab_file=str(vocab_file)), label_pad_token_id=-100,
+                                      padding=True)
+    return TaskData(train=pack(plain, 48), eval=plain, num_labels=0, label_names=None, collator=collator,
+                    train_collator=PackedCollator(0))
+
+
+def llama_config(**over):
+    raw = {"task": {"name": "init", "type": "causal_lm", "builtin": "chatterbot_dialogs", "metric": "loss",
+                    "packing": True, "max_length": 48},
+           "model": {"name": "tiny-llama", "target_modules": LLAMA_TARGETS},
+           "adapter": {"init_rank": 4, "alpha": 8, "init_examples": 6},
+           "training": {"batch_size": 2, "gradient_checkpointing": True, "precision": "bf16"},
+           "controller": {"target_rank": 2, "max_rank": 8, "probe_tokens": 16}}
+    return build_config(raw, over)
+
+
+def test_the_pass_on_packed_rows_is_a_training_step_in_micro_batches(packed_lm_data):
+    """Packed rows go through the training collator (the padding one refuses their position ids), in
+    micro-batches of training.batch_size with checkpointing on and bf16 autocast, and the LM head sees
+    chunks of target tokens only: never (batch, seq, vocab) logits of the whole pass."""
+    cfg = llama_config()
+    adapted = tiny_llama_adapted()
+    layer_calls, head_inputs = [], []
+    adapted.model.model.layers[0].self_attn.q_proj.register_forward_hook(
+        lambda m, args, out: layer_calls.append((args[0].shape[0], torch.is_autocast_enabled("cpu"))))
+    adapted.model.lm_head.register_forward_hook(lambda m, args, out: head_inputs.append(tuple(args[0].shape)))
+    rng_before = torch.get_rng_state()
+    ranks = gradient_start(cfg, adapted, packed_lm_data)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the pass's dropout draws from its own stream
+    assert len(set(ranks.values())) > 1  # the initial budget split by what the pass found
+    # 6 rows in micro-batches of 2; attention runs twice per micro-batch (forward, then its recompute)
+    assert [rows for rows, _ in layer_calls] == [2] * 6 and all(autocast for _, autocast in layer_calls)
+    assert head_inputs and all(len(shape) == 2 for shape in head_inputs)  # target positions, not (batch, seq)
+    assert adapted.model.is_gradient_checkpointing
+
+
+class CountingProbe(WeightGradientProbe):
+    """The real probe, noting the most rows it held for any layer."""
+
+    most = 0
+
+    def _record(self, layer, args, output):
+        super()._record(layer, args, output)
+        CountingProbe.most = max(CountingProbe.most, self.kept_rows(layer))
+
+
+def test_the_pass_keeps_at_most_probe_tokens_rows_per_layer(packed_lm_data, monkeypatch):
+    from rankopt.training import gradient_init
+
+    monkeypatch.setattr(gradient_init, "WeightGradientProbe", CountingProbe)
+    CountingProbe.most = 0
+    gradient_start(llama_config(**{"training.gradient_checkpointing": False}), tiny_llama_adapted(), packed_lm_data)
+    assert CountingProbe.most == 16  # 6 rows of ~40 tokens seen; controller.probe_tokens kept

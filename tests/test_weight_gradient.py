@@ -74,3 +74,64 @@ def test_a_non_finite_step_gives_no_pairs():
     probe.arm(k=2)
     (layer(torch.randn(4, 12)).sum() * float("inf")).backward()
     assert not probe.pairs
+
+
+def test_the_rows_kept_are_bounded_per_step_not_per_micro_batch():
+    torch.manual_seed(2)
+    layer = SVDLinear(nn.Linear(12, 10), rank=2, scale=1.0, generator=torch.Generator().manual_seed(0))
+    probe = WeightGradientProbe({"l": layer}, max_tokens=6)
+    probe.arm(k=2)
+    for _ in range(3):  # three micro-batches of 4 x 5 rows: 60 rows in the step
+        layer(torch.randn(4, 5, 12)).sum().backward()
+        assert probe.kept_rows(layer) == 6
+    assert probe.pairs[layer].sigma.shape == (2,)
+
+
+def test_all_rows_kept_when_they_fit_and_the_sample_is_a_subset_of_them():
+    torch.manual_seed(3)
+    layer = SVDLinear(nn.Linear(12, 10), rank=2, scale=1.0, generator=torch.Generator().manual_seed(0))
+    xs = [torch.randn(7, 12) for _ in range(3)]
+    probe = WeightGradientProbe({"l": layer}, max_tokens=21)
+    probe.arm(k=2)
+    for x in xs:
+        layer(x).pow(2).sum().backward()
+    assert probe.kept_rows(layer) == 21
+    kept = torch.cat([f.x for f in probe._rows[layer]])
+    assert torch.equal(kept, torch.cat(xs))  # nothing dropped, in order
+
+
+def tiny_llama_adapted(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rankopt.adapters import adapt
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, initializer_range=0.2))
+    return adapt(model.train(), ["q_proj", "v_proj", "down_proj"], rank=2, alpha=4, seed=0)
+
+
+def probed_step(checkpointing: bool, max_tokens: int):
+    from rankopt.training.memory import enable_gradient_checkpointing
+
+    adapted = tiny_llama_adapted()
+    if checkpointing:
+        enable_gradient_checkpointing(adapted.model)
+    probe = WeightGradientProbe(adapted.adapters, max_tokens=max_tokens, iters=10)
+    probe.arm(k=2)
+    ids = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    adapted.model(input_ids=ids, labels=ids).loss.backward()
+    kept = {name: probe.kept_rows(layer) for name, layer in adapted.adapters.items()}
+    return kept, {name: probe.pairs[layer].sigma for name, layer in adapted.adapters.items()}
+
+
+def test_gradient_checkpointing_recompute_records_nothing():
+    """The recompute forward inside backward would add a second copy of every layer's rows (without a
+    gradient) and draw sample keys the run without checkpointing never draws."""
+    plain_kept, plain = probed_step(checkpointing=False, max_tokens=10)
+    kept, pairs = probed_step(checkpointing=True, max_tokens=10)
+    assert set(kept.values()) == {10} and kept == plain_kept
+    for name, sigma in plain.items():
+        torch.testing.assert_close(pairs[name], sigma, rtol=1e-4, atol=1e-6)
+    all_kept, _ = probed_step(checkpointing=True, max_tokens=1000)
+    assert set(all_kept.values()) == {16}  # 2 x 8 tokens, once each

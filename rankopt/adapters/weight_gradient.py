@@ -8,7 +8,10 @@ singular pairs of G projected off the adapter's current span,
     G' = (I - P P^T) G (I - Q^T Q)      (P, Q orthonormalised by QR),
 
 by block power iteration on products with X and D only: O(iters k (m + n) T), never m x n.
-Over several micro-batches of one step the rows are stacked, so G is the step's whole gradient.
+Over several micro-batches of one step the rows are pooled, so G is the step's whole gradient;
+at most ``max_tokens`` rows per layer are kept for the whole step (a uniform sample of all its
+rows), however many micro-batches it has, and the recompute forward of gradient checkpointing
+records nothing (the rows it would add are the ones its original forward already holds).
 These are the directions in which a new component (u, v) is steepest: at lam = 0 its
 dL/dlam = scale * u^T G v = scale * sigma. Used to grow components (and to start adapters)
 where the task's gradient points, not in random directions that catch ~||G||_F / sqrt(mn) of it.
@@ -34,14 +37,35 @@ class GradientPairs:
     v: torch.Tensor  # (in, k), orthonormal columns
 
 
+@dataclass
+class _Forward:
+    """The rows one forward of one layer kept: their inputs, output gradients (once known) and sample keys."""
+
+    x: torch.Tensor  # (kept, in)
+    rows: torch.Tensor  # (kept,) their indices among the forward's rows (CPU)
+    keys: torch.Tensor  # (kept,) their random keys (CPU, float64)
+    d: torch.Tensor | None = None  # (kept, out), set by the backward
+
+    def keep(self, mask: torch.Tensor) -> None:
+        index = mask.nonzero().squeeze(1)
+        on_device = index.to(self.x.device, non_blocking=True)
+        self.x, self.rows, self.keys = self.x.index_select(0, on_device), self.rows[index], self.keys[index]
+        if self.d is not None:
+            self.d = self.d.index_select(0, on_device)
+
+
 class WeightGradientProbe:
     """Records one step's layer inputs and output gradients and turns them into gradient pairs.
 
-    Armed for a step, it keeps up to ``max_tokens`` rows of each layer's input in every forward
-    (a seeded random subset when there are more, weighted so the sum stays unbiased) and the
-    matching rows of the output gradient in the backward, over all micro-batches of the step;
-    :attr:`pairs` then runs the power iteration on them. Extra memory for that one step:
-    max_tokens x (in + out) values per layer and forward, in the activations' dtype.
+    Armed for a step, it keeps at most ``max_tokens`` rows of each layer's input over the whole
+    step, all micro-batches together (bottom-k sampling: every row gets a seeded random key, the
+    ``max_tokens`` smallest keys so far stay, so the kept rows are a uniform sample of the step's
+    rows, each weighted by seen / kept so that D^T X stays an unbiased estimate of the sum), and
+    the matching rows of the output gradient in the backward; :attr:`pairs` then runs the power
+    iteration on them. Extra memory for that one step: max_tokens x (in + out) values per layer,
+    in the activations' dtype, plus at most as much again while one forward's rows are sorted in.
+    A forward that runs inside a backward (the recompute of a gradient-checkpointed block) is
+    skipped: it repeats a forward already recorded.
     """
 
     def __init__(self, layers: dict[str, SVDLinear], max_tokens: int = 512, iters: int = 4, seed: int = 0):
@@ -52,7 +76,8 @@ class WeightGradientProbe:
         self.k = 0
         self._step = 0
         self.exclude_span = True
-        self._rows: dict[SVDLinear, list[list]] = {}  # layer -> [x rows, d rows or None, weight] per forward
+        self._rows: dict[SVDLinear, list[_Forward]] = {}  # layer -> the rows each forward of the step kept
+        self._seen: dict[SVDLinear, int] = {}  # layer -> rows its forwards saw this step
         self._pairs: dict[SVDLinear, GradientPairs] | None = None
         self._handles: list = []
 
@@ -76,7 +101,11 @@ class WeightGradientProbe:
 
     def clear(self) -> None:
         self.disarm()
-        self._rows, self._pairs = {}, None
+        self._rows, self._seen, self._pairs = {}, {}, None
+
+    def kept_rows(self, layer: SVDLinear) -> int:
+        """Input rows of ``layer`` held now (at most ``max_tokens``)."""
+        return sum(f.x.shape[0] for f in self._rows.get(layer, []))
 
     @property
     def pairs(self) -> dict[SVDLinear, GradientPairs]:
@@ -92,12 +121,14 @@ class WeightGradientProbe:
             parallel = distributed.current().parallel
             start = torch.Generator().manual_seed(self.seed + 3 * 104729 + self._step)
             for layer in self.layers.values():
-                done = [(x, d, w) for x, d, w in self._rows.get(layer, []) if d is not None]
+                forwards = self._rows.get(layer, [])
+                done = [f for f in forwards if f.d is not None]  # rows without a gradient add nothing to G
                 if not done and not parallel:
                     continue
                 if done:
-                    x = torch.cat([xr.float() * w ** 0.5 for xr, _, w in done])
-                    d = torch.cat([dr.float() * w ** 0.5 for _, dr, w in done])
+                    weight = self._seen[layer] / sum(f.x.shape[0] for f in forwards)
+                    x = torch.cat([f.x.float() for f in done]) * weight ** 0.5
+                    d = torch.cat([f.d.float() for f in done]) * weight ** 0.5
                 else:  # this process's shard never reached the layer: it adds nothing to the sum
                     device = layer.lora_P.device
                     x = torch.zeros(0, layer.in_features, device=device)
@@ -106,24 +137,37 @@ class WeightGradientProbe:
                                   reduce=distributed.all_sum if parallel else None)
                 if found is not None:
                     self._pairs[layer] = found
-            self._rows = {}
+            self._rows, self._seen = {}, {}
         return self._pairs
 
     def _record(self, layer: SVDLinear, args: tuple, output: torch.Tensor) -> None:
         if not torch.is_grad_enabled() or not output.requires_grad:
             return  # an evaluation pass: nothing to learn from
+        if torch._C._current_graph_task_id() != -1:
+            return  # a forward inside a backward: checkpointing's recompute of a forward already recorded
         x = args[0].detach().reshape(-1, layer.in_features)
         seen = x.shape[0]
-        rows = None
-        if seen > self.max_tokens:
-            rows = torch.randperm(seen, generator=self.generator)[: self.max_tokens].to(x.device)
-            x = x.index_select(0, rows)
-        record = [x, None, seen / x.shape[0]]  # the weight keeps D^T X an unbiased estimate of the sum
-        self._rows.setdefault(layer, []).append(record)
+        self._seen[layer] = self._seen.get(layer, 0) + seen
+        forwards = self._rows.setdefault(layer, [])
+        keys = torch.rand(seen, generator=self.generator, dtype=torch.float64)
+        held = torch.cat([f.keys for f in forwards] + [keys])
+        if held.numel() > self.max_tokens:  # keep the smallest keys of the whole step
+            chosen = torch.zeros(held.numel(), dtype=torch.bool)
+            chosen[held.topk(self.max_tokens, largest=False).indices] = True
+            for f, mask in zip(forwards, chosen[:-seen].split([f.keys.numel() for f in forwards])):
+                f.keep(mask)
+            forwards[:] = [f for f in forwards if f.keys.numel()]
+            rows = chosen[-seen:].nonzero().squeeze(1)
+        else:
+            rows = torch.arange(seen)
+        if not rows.numel():
+            return
+        record = _Forward(x=x.index_select(0, rows.to(x.device, non_blocking=True)), rows=rows, keys=keys[rows])
+        forwards.append(record)
 
         def on_grad(grad: torch.Tensor) -> None:
             d = grad.detach().reshape(-1, layer.out_features)
-            record[1] = d.index_select(0, rows) if rows is not None else d
+            record.d = d.index_select(0, record.rows.to(d.device, non_blocking=True))  # rows still kept now
 
         output.register_hook(on_grad)
 

@@ -100,9 +100,10 @@ def _load_hub(task: TaskConfig) -> datasets.DatasetDict:
 
 
 def _load_builtin(task: TaskConfig) -> datasets.DatasetDict:
-    from rankopt.tasks.demo_data import chatterbot_dialog_splits, chatterbot_splits
+    from rankopt.tasks import demo_data
 
-    splits = chatterbot_dialog_splits() if task.builtin == "chatterbot_dialogs" else chatterbot_splits()
+    splits = {"chatterbot_dialogs": demo_data.chatterbot_dialog_splits,
+              "chatterbot_chats": demo_data.chatterbot_chat_splits}.get(task.builtin, demo_data.chatterbot_splits)()
     return datasets.DatasetDict({"train": datasets.Dataset.from_dict(splits["train"]),
                                  "eval": datasets.Dataset.from_dict(splits["validation"])})
 

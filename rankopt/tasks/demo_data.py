@@ -1,7 +1,8 @@
 """Offline demo data from English chatterbot-corpus conversations (installed by a dependency).
 
-Two tasks: utterance -> its conversation topic (classification), and utterance -> the reply
-that follows it in the conversation (instruction data for causal-LM fine-tuning).
+Three tasks: utterance -> its conversation topic (classification), utterance -> the reply
+that follows it in the conversation (instruction data for causal-LM fine-tuning), and whole
+conversations as chats (user and assistant turns alternating, for chat-template fine-tuning).
 
 Real human-written text that a dependency (``chatterbot-corpus``) installs, so the demo
 needs no network. Every distinct utterance of a topic's conversations is one example;
@@ -13,6 +14,7 @@ never changes between runs or machines.
 from __future__ import annotations
 
 import hashlib
+import json
 from importlib import resources
 
 import yaml
@@ -69,4 +71,43 @@ def chatterbot_dialog_splits() -> dict[str, dict[str, list]]:
         split = splits["validation" if _is_eval(prompt) else "train"]
         split["prompt"].append(prompt)
         split["response"].append(pairs[prompt])
+    return splits
+
+
+CHAT_TOPICS = ("ai", "botprofile", "computers", "conversations", "emotion", "food", "gossip", "greetings",
+               "health", "history", "humor", "literature", "money", "movies", "politics", "psychology",
+               "science", "sports", "tech_support", "trivia")
+CHATS_PER_TOPIC = 60  # tech_support alone has 1 050 conversations: capped, no topic dominates
+MAX_TURNS = 8  # messages per chat (user + assistant); longer conversations are cut into several chats
+SYSTEM_SHARE = 0.5  # chats that open with a system prompt (the others get the template's default, if any)
+
+
+def _chats(topic: str) -> list[list[dict[str, str]]]:
+    """A topic's conversations as chats: lines alternate user / assistant, each chat ends on an assistant turn."""
+    chats = []
+    for conversation in _conversations(topic):
+        for start in range(0, len(conversation), MAX_TURNS):
+            lines = conversation[start:start + MAX_TURNS]
+            lines = lines[:len(lines) - len(lines) % 2]  # a last user line has no reply to learn
+            if not lines:
+                continue
+            chat = [{"role": "user" if i % 2 == 0 else "assistant", "content": line} for i, line in enumerate(lines)]
+            if int(_digest("system:" + lines[0] + lines[1])[:8], 16) / 0xFFFFFFFF < SYSTEM_SHARE:
+                chat.insert(0, {"role": "system", "content": f"You are a friendly chatbot. Topic: {topic}."})
+            chats.append(chat)
+    unique = {json.dumps(chat): chat for chat in chats}
+    return [unique[key] for key in sorted(unique, key=_digest)[:CHATS_PER_TOPIC]]
+
+
+def chatterbot_chat_splits() -> dict[str, dict[str, list]]:
+    """``{'train': {'messages': [...]}, 'validation': {...}}``: chats as lists of ``{role, content}``.
+
+    The split follows the chat's first user line, so no opening question is in both splits (the
+    corpus answers some questions several ways, as separate conversations).
+    """
+    splits: dict[str, dict[str, list]] = {"train": {"messages": []}, "validation": {"messages": []}}
+    for topic in CHAT_TOPICS:
+        for chat in _chats(topic):
+            first = next(m["content"] for m in chat if m["role"] == "user")
+            splits["validation" if _is_eval(first) else "train"]["messages"].append(chat)
     return splits

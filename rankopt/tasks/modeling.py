@@ -1,7 +1,10 @@
 """Find and load the pretrained model and tokenizer: hub id, local folder, or a pip package's folder.
 
-Loading is the slow part of a trial, so :func:`load_pretrained` keeps the loaded weights
-per process and hands out copies.
+Loading is the slow part of a trial, so :func:`load_pretrained` keeps a small model's loaded
+weights per process and hands out copies. A large one is loaded afresh for every trial instead:
+a kept copy beside the one training would double its host memory (32 GB more per process for
+Llama-8B in bfloat16, on every one of 8 data-parallel processes), for a load that takes less
+than a minute of a trial that takes hours.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
+from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 
@@ -67,6 +71,20 @@ def _single_gguf(path: Path) -> str:
     return str(path)
 
 
+def _dense_gguf() -> dict:
+    """Load a GGUF checkpoint as a plain float model, the weights dequantised into ``nn.Linear`` layers.
+
+    transformers >= 5 keeps a GGUF's weights in their quantized blocks (its own linear modules)
+    where it finds a matmul kernel for them, which adapters cannot wrap, and marks the model
+    quantized (unsaveable, unmergeable) either way; older versions always dequantise.
+    """
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
 def gguf_parts(path: str) -> tuple[str, dict]:
     """The folder transformers loads from and the extra keyword it needs for a GGUF file.
 
@@ -109,26 +127,51 @@ def quantization_config(cfg: ModelConfig, device: str):
                               bnb_4bit_compute_dtype=compute)
 
 
-@lru_cache(maxsize=4)
+CACHE_LIMIT_BYTES = 2 * 2**30  # models whose weights take at most this are kept (once per process) and copied
+_CACHE: OrderedDict[tuple, nn.Module] = OrderedDict()
+_CACHE_ENTRIES = 4
+
+
+def clear_model_cache() -> None:
+    _CACHE.clear()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
 def _load(path: str, task_type: str, num_labels: int, trust_remote_code: bool, dtype: str = "auto",
           quantization=None, device: str = "cpu") -> nn.Module:
     logging.getLogger("transformers.modeling_utils").setLevel(logging.ERROR)
     check_safetensors(path)
     folder, gguf = gguf_parts(path)
     # safetensors (or GGUF) only, never unpickled weights; remote code only when the preset says
-    # model.trust_remote_code; dtype "auto" keeps the checkpoint's stored dtype (transformers 5's default)
+    # model.trust_remote_code; dtype "auto" keeps the checkpoint's stored dtype (transformers >= 4.56
+    # reads dtype=; older ones ignore it and load float32, hence the floor in pyproject.toml)
     kwargs = {"trust_remote_code": trust_remote_code, "dtype": dtype if dtype == "auto" else getattr(torch, dtype),
               **(gguf or {"use_safetensors": True})}
     auto = AutoModelForCausalLM
-    if task_type != "causal_lm":
+    if task_type == "causal_lm":
+        # SDPA, named: packed rows (position ids restarting per example, no attention mask) then get
+        # transformers' block-diagonal causal mask (masking_utils.find_packed_sequence_indices)
+        kwargs["attn_implementation"] = "sdpa"
+    else:
         auto = AutoModelForSequenceClassification
         kwargs["num_labels"] = num_labels
         if task_type == "regression":
             kwargs["problem_type"] = "regression"
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map={"": device})
+    elif gguf:
+        kwargs.update(_dense_gguf())
     try:
-        model = auto.from_pretrained(folder, **kwargs)
+        try:
+            model = auto.from_pretrained(folder, **kwargs)
+        except ValueError as exc:
+            if "attn_implementation" not in kwargs or "sdpa" not in str(exc).lower():
+                raise
+            del kwargs["attn_implementation"]  # a model without SDPA: transformers' default (eager packs alike)
+            model = auto.from_pretrained(folder, **kwargs)
     except (ImportError, RuntimeError, ValueError) as exc:
         if quantization is None:
             raise
@@ -139,6 +182,8 @@ def _load(path: str, task_type: str, num_labels: int, trust_remote_code: bool, d
         reason = str(exc).splitlines()[0]
         raise RankoptError(f"cannot load model '{path}' ({reason}); pass a local folder or a reachable hub id "
                            "as model.name") from None
+    if gguf and quantization is None and getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)  # plain float weights now: saves and merges as such
     if getattr(model.config, "pad_token_id", None) is None and getattr(model.config, "eos_token_id", None) is not None:
         model.config.pad_token_id = model.config.eos_token_id
     return model.eval()
@@ -161,19 +206,29 @@ def name_labels(model: nn.Module, label_names: list[str] | dict | None) -> None:
 
 def load_pretrained(cfg: ModelConfig, num_labels: int, task_type: str = "classification",
                     device: str = "cpu") -> nn.Module:
-    """A fresh copy of the pretrained model for ``task_type`` (the base weights are loaded once per process).
+    """A fresh copy of the pretrained model for ``task_type``.
 
     Classification and regression get a sequence-classification head with ``num_labels``
-    outputs; ``causal_lm`` gets the model's own language-model head. A quantized base
-    (``model.quantization``) is loaded afresh onto ``device`` each time instead: copying it would
-    double its memory there.
+    outputs; ``causal_lm`` gets the model's own language-model head. A model of at most
+    :data:`CACHE_LIMIT_BYTES` is loaded once per process and copied; a larger one, and a quantized
+    base (``model.quantization``, loaded onto ``device``), is loaded afresh each time and never
+    kept: the caller's is the only copy.
     """
     path = resolve_model_path(cfg.name)
+    labels = num_labels if task_type != "causal_lm" else 0
     if cfg.quantization:
-        return _load.__wrapped__(path, task_type, num_labels if task_type != "causal_lm" else 0,
-                                 cfg.trust_remote_code, cfg.dtype, quantization_config(cfg, device), device)
-    return copy.deepcopy(_load(path, task_type, num_labels if task_type != "causal_lm" else 0,
-                               cfg.trust_remote_code, cfg.dtype))
+        return _load(path, task_type, labels, cfg.trust_remote_code, cfg.dtype, quantization_config(cfg, device), device)
+    key = (path, task_type, labels, cfg.trust_remote_code, cfg.dtype)
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return copy.deepcopy(_CACHE[key])
+    model = _load(*key)
+    if weight_bytes(model) > CACHE_LIMIT_BYTES:
+        return model
+    _CACHE[key] = model
+    while len(_CACHE) > _CACHE_ENTRIES:
+        _CACHE.popitem(last=False)
+    return copy.deepcopy(model)
 
 
 @lru_cache(maxsize=4)

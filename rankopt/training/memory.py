@@ -20,6 +20,9 @@ from rankopt.errors import RankoptError
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Switch it on (once: the gradient start's pass and the trainer both ask for it)."""
+    if _checkpointing(model) and getattr(model, "_require_grads_hook", None) is not None:
+        return
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise RankoptError(f"{type(model).__name__} does not support gradient checkpointing; "
                            "set training.gradient_checkpointing: false")
@@ -27,6 +30,13 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     model.enable_input_require_grads()
     if getattr(model.config, "use_cache", False):
         model.config.use_cache = False  # a KV cache is useless in training and clashes with checkpointing
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5.x's name, then 4.x's
+        if isinstance(getattr(type(model), name, None), property):
+            return bool(getattr(model, name))
+    return False
 
 
 def release_memory() -> None:

@@ -210,10 +210,13 @@ class Stepper:
         weights = micro_batch_weights(micro_batches, self.cfg.task.type == "causal_lm", shards)
         total = torch.zeros((), device=self.device)
         for micro, weight in zip(shards or micro_batches, weights):
-            if not weight:
+            if not torch.is_tensor(weight) and not weight:
                 continue  # no targets in it: nothing to learn, and its mean loss would be 0/0
             with self.precision.autocast():
-                loss = model(**to_device(micro, self.device)).loss * weight
+                loss = model(**to_device(micro, self.device)).loss
+                if torch.is_tensor(weight):  # counted on the device: a batch without targets adds 0, not 0/0
+                    loss = torch.where(weight > 0, loss, 0.0)
+                loss = loss * weight
             self.precision.backward(loss)
             total += loss.detach().float()
         return total
