@@ -8,7 +8,10 @@ bitsandbytes-quantized one, adapters at max_rank). The whole plan against a meas
 
 from __future__ import annotations
 
+import io
 import os
+import re
+import shlex
 import subprocess
 import sys
 import types
@@ -245,3 +248,33 @@ def test_the_check_is_off_the_gpu_and_can_be_skipped(monkeypatch):
     fake_gpu(monkeypatch, 16 * GiB)
     monkeypatch.setenv("RANKOPT_SKIP_MEMORY_PLAN", "1")
     assert check_memory(load_config("llm_gpu")) is None
+
+
+def readme_plans() -> list[tuple[str, str]]:
+    """(command, printed text) of every ``$ rankopt plan`` block in README's "Memory plan" section."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Memory plan", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```text\n\$ (rankopt plan [^\n]*)\n(.*?)```", section, flags=re.S)
+    return [(command, text) for command, text in blocks]
+
+
+def test_readme_plans_are_what_the_commands_print():
+    """The Llama-3-8B figures in README are this code's: a change to the plan or llm_gpu.yml must update them."""
+    from rich.console import Console
+
+    from rankopt.api import plan
+    from rankopt.training.memory_plan import print_plan
+
+    blocks = readme_plans()
+    assert len(blocks) == 4
+    for command, text in blocks:
+        args = shlex.split(command)[2:]
+        options = dict(zip(args[1::2], args[2::2]))
+        sets = [value for flag, value in zip(args[1::2], args[2::2]) if flag == "--set"]
+        result = plan(args[0], sets, device_memory=options.get("--device-memory"),
+                      processes=int(options.get("--nproc-per-node", 1)))
+        printed = io.StringIO()
+        print_plan(result, Console(width=140, file=printed, color_system=None))
+        if result.fits is False:
+            printed.write(f"error: {result.refusal()}\n")
+        assert [line.rstrip() for line in printed.getvalue().splitlines()] == text.rstrip("\n").splitlines(), command

@@ -6,9 +6,9 @@ steps, so the weight-gradient probe is armed. Its peak is the model's tensors pl
 the resident set (``VmHWM``, reset through ``/proc/self/clear_refs`` before each step) above the
 resident set before the first step. glibc is told to hand every block of 64 KiB or more back to
 the system when freed (``MALLOC_MMAP_THRESHOLD_``), so the resident set follows live tensors,
-not what the allocator keeps cached. Measured 2026-12 on 2 shared cores: 1.42 GB against a plan
-of 1.51 GB (ratio 1.06); with checkpointing on (not run here, to keep the suite short) 0.98 GB
-against 0.98 GB. About 80-100 s, most of it loading SmolLM2 from its GGUF file.
+not what the allocator keeps cached. Measured 2026-12 on 2 shared cores: 1.32 GiB against a plan
+of 1.41 GiB (ratio 1.06); with checkpointing on (not run here, to keep the suite short) 0.92 GiB
+against 0.91 GiB. About 80-100 s, most of it loading SmolLM2 from its GGUF file.
 """
 
 from __future__ import annotations

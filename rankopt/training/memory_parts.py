@@ -61,9 +61,9 @@ class RunParts:
         r = self.num.rank
         adapters = sum(r * (a.in_features + a.out_features + 1) for a in self.layers)
         head = sum(p.numel() for name in find_head(self.model) for p in self.model.get_submodule(name).parameters())
-        what = f"{adapters / 1e6:.1f}M adapter params at rank {r}" + (f" + {head / 1e3:.0f}k head" if head else "")
+        what = f"{adapters / 1e6:.1f}M params at rank {r}" + (f" + {head / 1e3:.0f}k head" if head else "")
         return [Part("adapters + AdamW", 20 * (adapters + head), frozenset(PHASES),
-                     f"{what} x 20 bytes (value, grad, 2 moments, step count; float32)", "lower controller.max_rank")]
+                     f"{what} x 20 B (value, grad, Adam m, v, step)", "lower controller.max_rank")]
 
     def training(self) -> list[Part]:
         t = self.cfg.training
@@ -76,8 +76,7 @@ class RunParts:
                       SMALLER_MICRO_BATCH if ckpt else "set training.gradient_checkpointing=true")]
         if self.vocab:
             parts.append(Part("logits + loss", LOSS_BYTES_PER_LOGIT * tokens * self.vocab, frozenset({TRAIN}),
-                              f"{micro} x {self.vocab} vocab x {LOSS_BYTES_PER_LOGIT} bytes (float32 log-softmax, "
-                              "its gradient, the logits' gradient)", SMALLER_MICRO_BATCH))
+                                      f"{micro} x {self.vocab} vocab x {LOSS_BYTES_PER_LOGIT} B (float32)", SMALLER_MICRO_BATCH))
         c = self.cfg.controller
         if c.enabled and c.growth == "gradient":
             parts.append(self._probe(TRAIN, tokens * t.grad_accum_steps, t.grad_accum_steps))
@@ -95,12 +94,12 @@ class RunParts:
             return []
         tokens, ckpt = self.rows * self.seq, self.cfg.training.gradient_checkpointing
         parts = [Part("init pass: activations", self._activations(tokens, ckpt), frozenset({INIT}),
-                      f"{self.rows} x {self.seq} tokens, as a training micro-batch",
+                      "as a training micro-batch",
                       SMALLER_MICRO_BATCH if ckpt else "set training.gradient_checkpointing=true")]
         if self.vocab:
             chunk = min(CHUNK_TOKENS, tokens)
             parts.append(Part("init pass: chunked loss", (4 * tokens + 8 * chunk) * self.vocab, frozenset({INIT}),
-                              f"float32 log-softmax of <= {tokens} targets x {self.vocab} vocab, {chunk}-token chunks",
+                              f"float32 log-softmax of the targets, {chunk}-token chunks",
                               SMALLER_MICRO_BATCH))
         micro_batches = math.ceil(self.cfg.adapter.init_examples / self.cfg.training.batch_size)
         parts.append(self._probe(INIT, tokens * micro_batches, micro_batches))
@@ -112,12 +111,12 @@ class RunParts:
         tokens = t.eval_batch_size * self.seq
         num = replace(self.num, autocast=False, act=self.num.stream, training=False)
         forward = act.forward_working_set(self.block, num) * tokens + 2 * tokens * self.block.hidden * num.act
-        detail = f"{t.eval_batch_size} x {self.seq} tokens without a graph"
+        detail = f"{t.eval_batch_size} x {self.seq} tokens, no graph"
         if self.vocab:
             chunk = min(CHUNK_TOKENS, tokens)
             per_logit = num.stream + 4 + (4 if num.stream < 4 else 0)  # head output, float32 copy, log-softmax
             forward += chunk * self.vocab * per_logit
-            detail += f", logits {chunk} tokens at a time"
+            detail += f", logits in {chunk}-token chunks"
         return [Part("evaluation forward", int(forward), frozenset({EVAL}), detail, "lower training.eval_batch_size")]
 
     def _activations(self, tokens: int, checkpointing: bool) -> int:
@@ -156,10 +155,10 @@ class RunParts:
         rows = min(max(1, self.cfg.controller.probe_tokens // self.processes), tokens)
         inputs = sum(a.in_features * input_bytes(a.slot, self.num.stream, self.num.act) for a in self.layers)
         grads = sum(a.out_features * self.num.act for a in self.layers)
-        when = "growth steps" if phase == TRAIN else "the init pass"
+        when = "growth steps" if phase == TRAIN else "whole pass"
         return Part(f"{'init pass: ' if phase == INIT else ''}gradient probe",
                     rows * inputs + rows * (micro_batches - 1) // micro_batches * grads, frozenset({phase}),
-                    f"{rows} rows per layer ({when}): inputs, and output gradients of earlier micro-batches",
+                    f"{rows} rows per layer ({when})",
                     "lower controller.probe_tokens")
 
 

@@ -99,7 +99,7 @@ def estimate(cfg: Config, *, processes: int = 1, device_memory: str | int | None
     parts += RunParts(cfg, model, config.num_hidden_layers, config.vocab_size, block, layers, num, processes).all()
     if num.on_cuda:
         parts.append(Part("CUDA runtime", RUNTIME_BYTES, frozenset(PHASES),
-                          "context, library workspaces, allocator slack (a typical figure)"))
+                          "context, workspaces, allocator slack (typical)"))
     memory, source = device_memory_of(t.device, device_memory)
     device = t.device if processes == 1 else f"each of {processes} x {t.device}"
     return MemoryPlan(cfg.model.name, device, processes, [p for p in parts if p.bytes > 0], memory, source)
