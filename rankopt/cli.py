@@ -182,7 +182,8 @@ def plan(preset: Annotated[str, typer.Argument(help="preset name (see search_spa
              "--nproc-per-node", help="plan one of N data-parallel processes (one per GPU): each gets "
              "training.batch_size / N rows of every micro-batch")] = 1,
          config_json: Annotated[Optional[str], typer.Option(
-             "--config-json", help="the model's config.json, for a hub model this machine cannot reach")] = None) -> None:
+             "--config-json", help="the model's config.json, for a hub model this machine cannot reach")] = None,
+         ) -> None:
     """Print a run's peak memory by part, from the model's shapes alone; exit 2 when it cannot fit."""
     from rankopt.api import plan as plan_api
     from rankopt.training.memory_plan import print_plan

@@ -7,10 +7,10 @@ no gradient keeps only the weight (a parameter, already counted), and bitsandbyt
 does the same. What remains, with h the hidden size, q/kv the query/key-value widths, i the MLP
 width, a the bytes of the matmul outputs (2 under bf16/fp16 autocast or a half base, else 4):
 
-* a Llama-style decoder block: two RMSNorms keep their float32 input (4h each); SDPA keeps q,
-  k, v, its output, the log-sum-exp and its own copy of the mask (k, v repeated to q's width when a
-  mask is passed with grouped-query heads, as transformers does for packed or padded rows); the gated MLP keeps the
-  gate output, its activation and the up output (3ai);
+* a Llama-style decoder block: two RMSNorms keep their float32 input (4h each); SDPA keeps q, k,
+  v, its output, the log-sum-exp and its own copy of the mask (k and v repeated to q's width when a
+  mask is passed with grouped-query heads, as transformers does for packed or padded rows); the
+  gated MLP keeps the gate output, its activation and the up output (3ai);
 * a BERT-style encoder block: two LayerNorms (float32 input, mean, rstd), the hidden dropouts'
   masks, GELU's input; attention as above on CUDA (flash / memory-efficient kernels), but on the
   CPU math path (taken whenever attention dropout is on) float32 q, k, v plus three
@@ -18,12 +18,14 @@ width, a the bytes of the matmul outputs (2 under bf16/fp16 autocast or a half b
 * each adapter keeps its input for the gradient of Q: the same tensor for all adapters of one
   input when it is float32 and nothing casts it, else a private copy per adapter (``x.to(float32)``
   then autocast's cast to half: 2n bytes; float32 without autocast: 4n), plus the dropout mask
-  (a bool on CUDA, float32 noise on the CPU), plus (token x rank) products of 8r bytes (4r under autocast).
+  (a bool on CUDA, float32 noise on the CPU), plus (token x rank) products of 8r bytes (4r under
+  autocast).
 
-What these sums leave out was measured (peak RSS of one step of a SmolLM2-sized block stack,
-2-6 layers, 512 tokens, every precision and dropout setting): the working set of one block's
-backward above its saved tensors was 2.1k-8.8k bytes per token against the 4(i + h) = 8.4k
-taken here (the float32 gradient of one MLP-wide and one hidden-wide tensor).
+The working set of one block's backward above its saved tensors is a calibration, not a
+derivation: 4(i + h) bytes per token (the float32 gradient of one MLP-wide and one hidden-wide
+tensor). Scratch measurements of peak RSS on SmolLM2-sized stacks of 2-6 blocks (512 tokens, each
+precision and dropout setting) put it at 2.1k-8.8k bytes per token against the 8.4k taken; the
+whole plan is held against measured peaks in ``tests/test_memory_plan_measured.py``.
 """
 
 from __future__ import annotations

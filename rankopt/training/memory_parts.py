@@ -16,14 +16,15 @@ from rankopt.adapters.model import find_head
 from rankopt.config import Config
 from rankopt.training import activations as act
 from rankopt.training.lm_loss import CHUNK_TOKENS
-from rankopt.training.model_shapes import AdaptedLayer, input_bytes
+from rankopt.training.model_shapes import AdaptedLayer, block_linear_weights, input_bytes
 
 GiB = 1 << 30
 INIT, TRAIN, EVAL = "init pass", "training step", "evaluation"
 PHASES = (INIT, TRAIN, EVAL)
 # the training loss's float32 log-softmax output, its gradient and the logits' gradient, alive at once
 LOSS_BYTES_PER_LOGIT = 12
-SMALLER_MICRO_BATCH = "lower training.batch_size (raise training.grad_accum_steps to keep the batch) or task.max_length"
+SMALLER_MICRO_BATCH = ("lower training.batch_size (raise training.grad_accum_steps to keep the batch) "
+                       "or task.max_length")
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,7 @@ class RunParts:
         self.blocks, self.processes, self.seq = blocks, processes, cfg.task.max_length
         self.vocab = vocab if cfg.task.type == "causal_lm" else 0
         self.rows = cfg.training.batch_size // processes  # of every micro-batch, on this process
-        self.block_linears = sum(m.weight.numel() for name, m in model.named_modules()
-                                 if isinstance(m, nn.Linear) and _in_first_block(name))
+        self.block_linears = block_linear_weights(model)
 
     def all(self) -> list[Part]:
         return self.trainable() + self.training() + self.init_pass() + self.evaluation()
@@ -76,7 +76,8 @@ class RunParts:
                       SMALLER_MICRO_BATCH if ckpt else "set training.gradient_checkpointing=true")]
         if self.vocab:
             parts.append(Part("logits + loss", LOSS_BYTES_PER_LOGIT * tokens * self.vocab, frozenset({TRAIN}),
-                                      f"{micro} x {self.vocab} vocab x {LOSS_BYTES_PER_LOGIT} B (float32)", SMALLER_MICRO_BATCH))
+                              f"{micro} x {self.vocab} vocab x {LOSS_BYTES_PER_LOGIT} B (float32)",
+                              SMALLER_MICRO_BATCH))
         c = self.cfg.controller
         if c.enabled and c.growth == "gradient":
             parts.append(self._probe(TRAIN, tokens * t.grad_accum_steps, t.grad_accum_steps))
@@ -160,8 +161,3 @@ class RunParts:
                     rows * inputs + rows * (micro_batches - 1) // micro_batches * grads, frozenset({phase}),
                     f"{rows} rows per layer ({when})",
                     "lower controller.probe_tokens")
-
-
-def _in_first_block(name: str) -> bool:
-    parts = name.split(".")
-    return any(p in ("layers", "layer", "h", "blocks") and parts[i + 1] == "0" for i, p in enumerate(parts[:-1]))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -41,7 +41,6 @@ class MemoryPlan:
     parts: list[Part]
     device_memory: int | None
     memory_source: str
-    notes: list[str] = field(default_factory=list)
 
     def total(self, phase: str) -> int:
         return sum(p.bytes for p in self.parts if phase in p.phases)
@@ -87,10 +86,11 @@ def estimate(cfg: Config, *, processes: int = 1, device_memory: str | int | None
     block = block_of(config, model, cfg.model.target_modules, cfg.task.type)
     layers = adapted_layers(model, cfg.model.target_modules, block)
     cfg.budget(len(layers))  # the checks build_model makes, so a plan that passes builds
-    rank = cfg.controller.max_rank if cfg.controller.enabled else cfg.adapter.init_rank
+    key, rank = ("controller.max_rank", cfg.controller.max_rank) if cfg.controller.enabled else \
+        ("adapter.init_rank", cfg.adapter.init_rank)
     smallest = min(min(a.in_features, a.out_features) for a in layers)
     if rank > smallest:
-        raise RankoptError(f"controller.max_rank={rank} exceeds the smallest adapted layer ({smallest}); lower it")
+        raise RankoptError(f"{key}={rank} exceeds the smallest adapted layer ({smallest}); lower it")
     num = act.Numerics(stream=stream, act=2 if autocast else stream, autocast=autocast,
                        on_cuda=torch.device(t.device).type == "cuda", adapter_dropout=cfg.adapter.dropout > 0,
                        rank=rank)

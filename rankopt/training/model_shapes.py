@@ -111,6 +111,12 @@ def block_of(config, model: nn.Module, targets: list[str] | str, task_type: str)
                                          or getattr(config, "attention_dropout", 0.0) or 0.0))
 
 
+def block_linear_weights(model: nn.Module) -> int:
+    """Weights of the linears in one transformer block (the first)."""
+    return sum(m.weight.numel() for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and _block_index(name) == 0)
+
+
 def _block_index(name: str) -> int | None:
     parts = name.split(".")
     for i, part in enumerate(parts[:-1]):
