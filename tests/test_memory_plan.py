@@ -172,6 +172,7 @@ def test_llama_3_8b_plans_offline_from_its_bundled_config():
     plan = estimate(cfg, device_memory="80GB")
     assert part(plan, "base weights").bytes == pytest.approx(2 * 8.03e9, rel=1e-3)
     assert plan.fits and plan.peak_phase == TRAIN
+    assert estimate(cfg).fits is None  # training.device cuda on a machine without one: no verdict, no refusal
     quantized = estimate(load_config("llm_gpu", ["model.quantization=4bit"]), device_memory="10GB")
     assert quantized.fits is False
     message = quantized.refusal()

@@ -13,14 +13,14 @@ from torch import nn
 from rankopt.adapters.model import HEAD_NAMES, find_head, find_targets
 from rankopt.config import ModelConfig
 from rankopt.errors import RankoptError
-from rankopt.training.activations import ATTENTION_IN, SLOTS, Block
+from rankopt.training.activations import ATTENTION_IN, MLP_IN, SLOTS, Block
 
 # bitsandbytes' storage per weight: nf4 packs two per byte, plus one 8-bit absmax per 64-weight block and
 # (double quantization) one float32 per 256 absmax; LLM.int8 keeps one int8 per weight and a float32 scale per row
 NF4_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
 INT8_BYTES_PER_WEIGHT = 1.0
 
-# module-name endings -> the slot of activations.SLOTS they fill
+# module-name endings -> the slot of activations.SLOTS they fill (attention.output.dense is tried before output.dense)
 _SLOT_NAMES = {"q_proj": "q", "query": "q", "k_proj": "k", "key": "k", "v_proj": "v", "value": "v",
                "o_proj": "o", "attention.output.dense": "o", "gate_proj": "gate", "up_proj": "up",
                "intermediate.dense": "up", "down_proj": "down", "output.dense": "down"}
@@ -86,8 +86,6 @@ def adapted_layers(model: nn.Module, targets: list[str] | str, block: Block | No
 def _slot(name: str, module: nn.Linear, block: Block | None) -> str:
     for ending, slot in _SLOT_NAMES.items():
         if name == ending or name.endswith("." + ending):
-            if slot == "down" and name.endswith("attention.output.dense"):
-                continue
             return slot
     if block is not None and module.in_features == block.intermediate:
         return "down"
@@ -127,4 +125,4 @@ def _block_index(name: str) -> int | None:
 
 def input_bytes(slot: str, stream: int, act: int) -> int:
     """Bytes per element of the input an adapter in ``slot`` reads (the residual stream's or a matmul's)."""
-    return stream if SLOTS[slot] == ATTENTION_IN or slot in ("gate", "up") else act
+    return stream if SLOTS[slot] in (ATTENTION_IN, MLP_IN) else act
