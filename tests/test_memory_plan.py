@@ -278,4 +278,5 @@ def test_readme_plans_are_what_the_commands_print():
         print_plan(result, Console(width=140, file=printed, color_system=None))
         if result.fits is False:
             printed.write(f"error: {result.refusal()}\n")
-        assert [line.rstrip() for line in printed.getvalue().splitlines()] == text.rstrip("\n").splitlines(), command
+        fresh = "\n".join(line.rstrip() for line in printed.getvalue().splitlines())
+        assert fresh == text.rstrip("\n"), f"README's block for `{command}` is stale; it now prints:\n{fresh}"
