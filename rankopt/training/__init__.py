@@ -10,6 +10,7 @@ batch), :mod:`.loss_log` (losses read every few steps, not every step), :mod:`.m
 checkpointing, freeing memory between trials), :mod:`.lm_loss` (causal-LM evaluation loss in chunks).
 :mod:`.memory_plan` is a run's peak memory by part before anything loads (:mod:`.memory_parts` the
 parts, :mod:`.activations` what autograd saves per block, :mod:`.model_shapes` what is read off the
-meta-device model). It may import :mod:`rankopt.adapters`, :mod:`rankopt.controller`, :mod:`rankopt.tasks`, :mod:`rankopt.config`, :mod:`rankopt.devices` and
-:mod:`rankopt.errors`; never tracking, search or outputs.
+meta-device model). It may import :mod:`rankopt.adapters`, :mod:`rankopt.controller`,
+:mod:`rankopt.tasks`, :mod:`rankopt.config`, :mod:`rankopt.devices` and :mod:`rankopt.errors`; never
+tracking, search or outputs.
 """
