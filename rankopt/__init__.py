@@ -5,12 +5,14 @@ Public names are imported on first use, so ``rankopt --help`` does not pay for t
 
 from importlib import import_module
 
-__all__ = ["Callback", "Config", "RankControllerCallback", "RankEvent", "RankoptError", "TrainResult", "adapt",
-           "export", "load_config", "report", "save_adapter", "train", "tune"]
+__all__ = ["Callback", "Config", "MemoryPlan", "RankControllerCallback", "RankEvent", "RankoptError", "TrainResult",
+           "adapt", "export", "load_config", "plan", "report", "save_adapter", "train", "tune"]
 __version__ = "0.1.0"
 
 _HOME = {
     "train": "rankopt.api",
+    "plan": "rankopt.api",
+    "MemoryPlan": "rankopt.training.memory_plan",
     "tune": "rankopt.search.tuner",
     "export": "rankopt.outputs.export",
     "report": "rankopt.outputs.report",

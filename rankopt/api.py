@@ -9,10 +9,11 @@ from rankopt import distributed
 from rankopt.config import Config, resolve_config
 from rankopt.tasks.modeling import portable_model_name
 from rankopt.training.events import Callback, TrainResult
+from rankopt.training.memory_plan import MemoryPlan, check_memory, estimate
 from rankopt.training.setup import build_model, prepare_data
 from rankopt.training.trainer import train_adapted
 
-__all__ = ["train"]
+__all__ = ["plan", "train"]
 
 
 def train(preset: str | Config, overrides: dict[str, Any] | list[str] | None = None, *, data_dir: str | None = None,
@@ -32,6 +33,7 @@ def train(preset: str | Config, overrides: dict[str, Any] | list[str] | None = N
     cfg = resolve_config(preset, overrides, data_dir)
     procs = distributed.init_from_environment(cfg.training.device)
     distributed.check_divisible(cfg.training.batch_size)  # before anything is written
+    check_memory(cfg, procs.world)  # on a GPU: a run that cannot fit stops here, in one line
     data = prepare_data(cfg)
     adapted = build_model(cfg, data.num_labels, data.label_names, data.label_mean)
     callbacks = list(callbacks or [])
@@ -60,6 +62,24 @@ def train(preset: str | Config, overrides: dict[str, Any] | list[str] | None = N
     result.run_id = run_id
     result.artifacts = mlflow_runs.artifact_folder(client, exp_id)
     return result
+
+
+def plan(preset: str | Config, overrides: dict[str, Any] | list[str] | None = None, *, data_dir: str | None = None,
+         device_memory: str | int | None = None, processes: int = 1, config_json: str | None = None) -> MemoryPlan:
+    """The peak memory of one process of a run, by part, from the model's shapes alone (no weights read).
+
+    ``device_memory`` ('80GB', or bytes) plans for a device this machine lacks; without it the
+    plan is held against this machine's GPU (``training.device: cuda``) or host RAM (cpu).
+    ``processes`` data-parallel processes each get ``training.batch_size / processes`` rows.
+    ``config_json`` is the model's config.json, for a hub model that cannot be reached from here.
+
+    Example:
+        >>> import rankopt
+        >>> p = rankopt.plan("llm_gpu", device_memory="80GB")  # doctest: +SKIP
+        >>> p.peak / 2**30, p.peak_phase, p.fits  # doctest: +SKIP
+    """
+    cfg = resolve_config(preset, overrides, data_dir)
+    return estimate(cfg, processes=processes, device_memory=device_memory, config_json=config_json)
 
 
 def _interrupted() -> bool:

@@ -173,6 +173,36 @@ def train(preset: Annotated[str, typer.Argument(help="preset name (see search_sp
 
 
 @app.command()
+def plan(preset: Annotated[str, typer.Argument(help="preset name (see search_spaces/) or a .yml path")],
+         set_: SetOpt = None, data: DataOpt = None,
+         device_memory: Annotated[Optional[str], typer.Option(
+             "--device-memory", help="plan for a device of this size, e.g. 80GB or 24GiB (default: this "
+             "machine's GPU for training.device cuda, host RAM for cpu)")] = None,
+         nproc_per_node: Annotated[int, typer.Option(
+             "--nproc-per-node", help="plan one of N data-parallel processes (one per GPU): each gets "
+             "training.batch_size / N rows of every micro-batch")] = 1,
+         config_json: Annotated[Optional[str], typer.Option(
+             "--config-json", help="the model's config.json, for a hub model this machine cannot reach")] = None,
+         ) -> None:
+    """Print a run's peak memory by part, from the model's shapes alone; exit 2 when it cannot fit."""
+    from rankopt.api import plan as plan_api
+    from rankopt.training.memory_plan import print_plan
+
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        result = plan_api(preset, set_, data_dir=data, device_memory=device_memory, processes=nproc_per_node,
+                          config_json=config_json)
+    except RankoptError as exc:
+        _fail(str(exc))
+        return
+    print_plan(result)
+    if result.fits is False:
+        _fail(result.refusal())
+
+
+@app.command()
 def tune(preset: Annotated[str, typer.Argument(help="preset name (see search_spaces/) or a .yml path")],
          trials: Annotated[Optional[int], typer.Option("--trials", help="trials to run now (default: the preset's)")] = None,
          timeout: Annotated[Optional[float], typer.Option("--timeout", help="stop starting trials after S seconds")] = None,

@@ -27,6 +27,7 @@ from rankopt.search.selection import check_within, smallest_within
 from rankopt.search.studies import (CONFIG_ATTR, LIMIT_ATTR, StaleTrialHandler, open_storage, retried_from,
                              tally)
 from rankopt.training.memory import release_memory
+from rankopt.training.memory_plan import check_memory
 from rankopt.training.trainer import train_adapted
 from rankopt.tracking.urls import mask_text
 from rankopt.tracking.urls import mask_url as _mask  # noqa: F401 - kept importable from here
@@ -229,6 +230,7 @@ def prepare_study(preset: str | Config, overrides: dict[str, Any] | list[str] | 
     cfg = resolve_config(preset, overrides, data_dir)
     if not cfg.search.space:
         raise RankoptError("the preset's search.space is empty; add dimensions such as controller.target_rank")
+    check_memory(cfg, distributed.current().world)  # on a GPU: a study whose preset cannot fit stops here
     data = prepare_data(cfg)
     build_model(cfg, data.num_labels)
     out = Path(out)

@@ -20,6 +20,7 @@ import optuna
 
 from rankopt import distributed
 from rankopt.search import data_parallel
+from rankopt.training.memory_plan import check_memory
 from rankopt.training.setup import build_model, prepare_data
 from rankopt.config import Config, build_config, parse_overrides, resolve_config
 from rankopt.devices import check_device
@@ -143,6 +144,7 @@ def _join(study_name: str, storage: str, preset: str | None, overrides: list[str
             log.warning("study '%s' exists: using the config stored in it, not the preset's", study_name)
     if not cfg.search.space:
         raise RankoptError("the preset's search.space is empty; add dimensions such as controller.target_rank")
+    check_memory(cfg, distributed.current().world)  # on a GPU: a config that cannot fit stops here
     data = prepare_data(cfg)  # fail on bad data or model before anything is written
     build_model(cfg, data.num_labels)
     if track and tracking_uri:
