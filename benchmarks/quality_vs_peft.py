@@ -68,11 +68,32 @@ CODE = _commit()
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "quality_equal_size.jsonl"  # 2026-12 grid
 
 
+def variant_settings(spec: str) -> dict:
+    """``importance=energy,min_rank=0`` -> ``{"controller.importance": "energy", ...}`` (values read as YAML);
+    a key with a section (``adapter.init_rank=16``) is taken as it is."""
+    import yaml
+
+    pairs = [item.split("=", 1) for item in spec.split(",") if item]
+    return {(key if "." in key else f"controller.{key}"): yaml.safe_load(value) for key, value in pairs}
+
+
+def known_method(name: str) -> str:
+    """argparse type: a method of :data:`METHODS`, or a rankopt variant ``rankopt[_...]:key=value,...``."""
+    if name in METHODS or (name.partition(":")[0] in RANKOPT_VARIANTS and ":" in name):
+        return name
+    raise argparse.ArgumentTypeError(f"unknown method {name!r}; choose from {', '.join(METHODS)} or rankopt:key=value")
+
+
+def label(method: str) -> str:
+    return LABELS.get(method, method)
+
+
 def run_config(task: str, budget: int, lr: float, seed: int, args: argparse.Namespace, method: str = "rankopt"):
     """The run's config: a rankopt method's own settings, or the data, steps and budget a PEFT baseline shares."""
     from rankopt.config import resolve_config
 
-    start, controller_on, unit = RANKOPT_VARIANTS.get(method, RANKOPT_VARIANTS["rankopt"])
+    base, _, spec = method.partition(":")  # "rankopt:importance=energy,min_rank=0": a variant's settings
+    start, controller_on, unit = RANKOPT_VARIANTS.get(base, RANKOPT_VARIANTS["rankopt"])
     init = start * budget
     overrides = {
         "task.max_train_samples": args.train_samples, "task.max_eval_samples": args.eval_samples,
@@ -82,6 +103,7 @@ def run_config(task: str, budget: int, lr: float, seed: int, args: argparse.Name
         "controller.target_rank": budget, "controller.max_rank": 4 * budget,
         "controller.warmup": 0.1, "controller.final": 0.2, "controller.interval": 10,
         "controller.enabled": controller_on, "controller.budget_unit": unit, "training.device": args.device,
+        **variant_settings(spec),
     }
     return resolve_config(task, overrides, data_dir=str(args.data / task))
 
@@ -206,7 +228,7 @@ def summarize(path: Path, seeds: list[int], tasks: list[str], methods: list[str]
         edge = ", edge" if cell["edge"] else ""
         return f"{statistics.fmean(vals):.1f} ± {std:.1f} (lr {cell['lr']:g}{edge}, n={len(vals)})"
 
-    lines = ["| task (metric) | budget | " + " | ".join(LABELS[m] for m in methods) + " | params (k) |",
+    lines = ["| task (metric) | budget | " + " | ".join(label(m) for m in methods) + " | params (k) |",
              "|---|---|" + "---|" * len(methods) + "---|"]
     for task, budget in sorted({(t, b) for t, b, _ in cells}):
         row = [cells.get((task, budget, m)) for m in methods]
@@ -215,7 +237,7 @@ def summarize(path: Path, seeds: list[int], tasks: list[str], methods: list[str]
                           for c in row)
         lines.append(f"| {task} ({metric}) | {budget} | " + " | ".join(fmt(c) for c in row) + f" | {params} |")
     others = [m for m in methods if m != reference]
-    lines += ["", "| task | budget | " + " | ".join(f"{LABELS[reference]} − {LABELS[m]} (p)" for m in others)
+    lines += ["", "| task | budget | " + " | ".join(f"{label(reference)} − {label(m)} (p)" for m in others)
               + " | pairs |", "|---|---|" + "---|" * len(others) + "---|"]
     for task, budget in sorted({(t, b) for t, b, _ in cells}):
         out, pairs = [task, str(budget)], 0
@@ -253,7 +275,7 @@ def add_run_arguments(ap: argparse.ArgumentParser) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", nargs="+", default=["sst2", "cola", "rte", "mrpc", "stsb"])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), type=known_method)
     ap.add_argument("--budgets", nargs="+", type=int, default=[4], help="mean final rank per layer")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="the first one also picks the lr")
     ap.add_argument("--lrs", nargs="+", type=float, default=[1e-3, 3e-3, 9e-3],
@@ -262,7 +284,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSONL of finished runs (appended, resumable)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--summary", action="store_true", help="print the table from --out and exit")
-    ap.add_argument("--reference", default="rankopt", choices=METHODS, help="the method the paired tests compare")
+    ap.add_argument("--reference", default="rankopt", type=known_method, help="the method the paired tests compare")
     args = ap.parse_args()
     if args.summary:
         print(summarize(args.out, args.seeds, args.tasks, args.methods, args.reference, args.budgets))

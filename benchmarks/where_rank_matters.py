@@ -33,20 +33,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality_vs_peft import CODE, load_results, next_rate  # noqa: E402
+from quality_vs_peft import CODE, load_results, next_rate, variant_settings  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "where_rank_matters.jsonl"
 PLANTED_METHODS = ("peft_lora", "peft_oracle", "peft_adalora", "peft_eva", "rankopt_fixed", "rankopt")
 PLANTED_AT = 2  # the planting costs a uniform rank-2 adapter
-
-
-def rankopt_settings(method: str) -> dict:
-    """``rankopt:key=value,...`` -> controller overrides (values read as YAML)."""
-    import yaml
-
-    _, _, spec = method.partition(":")
-    pairs = [item.split("=", 1) for item in spec.split(",") if item]
-    return {f"controller.{key}": yaml.safe_load(value) for key, value in pairs}
 
 
 # --- the planted rung ---------------------------------------------------------------------------
@@ -84,7 +75,8 @@ def run_planted(method: str, budget: int, lr: float, seed: int, args: argparse.N
         from rankopt.config import build_config
 
         defaults = {"controller.min_rank": cfg.controller.min_rank}  # the rung's; a method may override it
-        cfg = build_config(cfg.model_dump(), {**defaults, **rankopt_settings(method)}) if ":" in method else cfg
+        cfg = build_config(cfg.model_dump(), {**defaults, **variant_settings(method.partition(":")[2])}) \
+            if ":" in method else cfg
         model, ranks = P.train_rankopt(task, cfg)
         params = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     total = sum(ranks.values())
