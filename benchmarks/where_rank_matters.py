@@ -205,6 +205,32 @@ def summarize(path: Path, rung: str, seeds: list[int], methods: list[str], refer
     return "\n".join(lines)
 
 
+def planted_targets(path: Path, seeds: list[int], methods: list[str]) -> str:
+    """The issue's targets at the planted total: unexplained vs the oracle's and uniform LoRA's (mean ratio
+    over paired seeds), and the share of the final rank on planted modules."""
+    results = [r for r in load_results(path) if r.get("rung") == "planted" and r["budget"] == PLANTED_AT]
+    steps = max((r["steps"] for r in results), default=0)
+    results = [r for r in results if r["steps"] == steps]
+
+    def at_picked(method):
+        lr = picked_lr(results, "planted", "planted", PLANTED_AT, method, seeds[0], steps, True)
+        return {r["seed"]: r for r in results if r["method"] == method and r["lr"] == lr and r["seed"] in seeds}
+
+    oracle, uniform = at_picked("peft_oracle"), at_picked("peft_lora")
+    lines = ["| method | unexplained / oracle's (target <= 1.5) | / uniform LoRA's (target <= 0.5) | "
+             "rank on planted modules (target >= 80 %) | seeds |", "|---|---|---|---|---|"]
+    for method in methods:
+        mine = at_picked(method)
+        common = sorted(set(mine) & set(oracle) & set(uniform))
+        if not common:
+            continue
+        to_oracle = statistics.fmean(mine[s]["metric"] / oracle[s]["metric"] for s in common)
+        to_uniform = statistics.fmean(mine[s]["metric"] / uniform[s]["metric"] for s in common)
+        share = statistics.fmean(mine[s]["planted_rank_share"] for s in common)
+        lines.append(f"| {method} | {to_oracle:.2f} | {to_uniform:.2f} | {100 * share:.0f} % | {len(common)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("rung", choices=["planted"])
@@ -225,6 +251,8 @@ def main() -> None:
     if args.summary:
         print(summarize(args.out, args.rung, args.seeds, methods, args.reference, lower_is_better=True,
                         extra=("planted_rank_share",)))
+        print()
+        print(planted_targets(args.out, args.seeds, methods))
         return
     torch.set_num_threads(args.threads)
     # the oracle's size is the planting's: it runs at the budget the planting costs only
