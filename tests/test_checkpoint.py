@@ -54,6 +54,21 @@ def _params(adapted) -> dict[str, torch.Tensor]:
 
 
 def test_resumed_run_matches_the_uninterrupted_one_bit_for_bit(cfg, tiny_task_data, tmp_path):
+    resume_matches_the_uninterrupted_run(cfg, tiny_task_data, tmp_path)
+
+
+def test_layers_at_rank_zero_resume_bit_for_bit(cfg, tiny_task_data, tmp_path):
+    """min_rank 0 and the swap: layers checkpointed with no adapter at all, and grown back after the resume."""
+    cfg = cfg.model_copy(update={"controller": cfg.controller.model_copy(
+        update={"min_rank": 0, "swap": 0.5, "target_rank": 1.0, "importance": "energy"})})
+    history = resume_matches_the_uninterrupted_run(cfg, tiny_task_data, tmp_path)
+    at_zero = [e.step for e in history if 0 in e.ranks.values()]
+    assert at_zero and at_zero[0] <= 15, "no layer reached rank 0 before the checkpoint"
+    assert any(e.step > 15 and e.ranks != prev.ranks for prev, e in zip(history, history[1:]))
+
+
+def resume_matches_the_uninterrupted_run(cfg, tiny_task_data, tmp_path) -> list:
+    """Stop a run after step 17 (checkpoint at 15), resume it: everything as if it had never stopped."""
     full_losses = Losses()
     full = make_tiny_adapted(0)
     full_result = train_adapted(cfg, full, tiny_task_data, [full_losses])
@@ -76,6 +91,7 @@ def test_resumed_run_matches_the_uninterrupted_one_bit_for_bit(cfg, tiny_task_da
         assert torch.equal(value, _params(resumed)[name]), name
     assert result.eval_history == full_result.eval_history
     assert [(e.step, e.ranks) for e in result.rank_history] == [(e.step, e.ranks) for e in full_result.rank_history]
+    return full_result.rank_history
 
 
 def test_checkpoint_is_safetensors_and_json_only(cfg, tiny_task_data, tmp_path):
