@@ -8,6 +8,7 @@ sensitivity EMA, and dropout's RNG in the middle of its stream.
 from __future__ import annotations
 
 import json
+import logging
 
 import optuna
 import pytest
@@ -136,3 +137,35 @@ def test_retried_trial_resumes_at_the_checkpointed_step(cfg, tmp_path):
     assert retry.user_attrs["retry_of"] == 0 and retry.user_attrs["resumed_from_step"] == 10
     assert starts == [0, 10]
     assert not (tmp_path / "ckpt" / study.study_name / "trial-0").exists()  # done: checkpoints removed
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_checkpoint_is_skipped_with_one_warning_and_the_trial_starts_clean(damage, cfg, tmp_path, caplog):
+    """Issue 25: a cut-short state.safetensors raised SafetensorError (neither OSError nor ValueError): the
+    retry FAILed for good with a traceback and its checkpoint was deleted. Now it is skipped and the
+    retry trains from step 0 to the end."""
+    from rankopt.search.tuner import Objective
+
+    base = cfg.model_copy(deep=True)
+    base.search.space = {"training.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
+    base.training.steps = 15
+    base = Config.model_validate(base.model_dump())
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}", direction="maximize")
+    store = CheckpointStore(tmp_path / "ckpt", study.study_name, every=1)
+    with pytest.raises(KeyboardInterrupt):
+        study.optimize(Objective(base, callbacks_for_trial=lambda t, c: [StopAt(7)], checkpoints=store), n_trials=1)
+    [folder] = (tmp_path / "ckpt" / study.study_name / "trial-0").glob("step-*")
+    tensors = folder / "state.safetensors"
+    data = tensors.read_bytes()
+    if damage == "truncate":
+        tensors.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":  # same size, one byte of a tensor changed: only the checksum tells
+        tensors.write_bytes(data[:-10] + bytes([data[-10] ^ 0xFF]) + data[-9:])
+    StaleTrialHandler(base.search).queue_retry(study, study.trials[0])
+    with caplog.at_level(logging.WARNING, logger="rankopt"):
+        study.optimize(Objective(base, checkpoints=store), n_trials=1)
+    retry = study.trials[1]
+    assert retry.state == optuna.trial.TrialState.COMPLETE, retry.user_attrs.get("fail_reason")
+    assert "resumed_from_step" not in retry.user_attrs  # started clean, from step 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "skipping damaged checkpoint" in warnings[0] and "\n" not in warnings[0]
