@@ -7,6 +7,7 @@ round trip on the real MiniLM with real SST-2 sentences.
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -282,7 +283,7 @@ def test_failing_last_step_leaves_no_folder(tiny, tmp_path, monkeypatch):
 
 def test_existing_folder_needs_force_and_survives_a_failed_replace(tiny, tmp_path, monkeypatch):
     out = tmp_path / "adapter"
-    out.mkdir()
+    export(out, study="tiny", storage=tiny.storage)
     (out / "mine.txt").write_text("keep me")
     with pytest.raises(RankoptError, match="already exists"):
         export(out, study="tiny", storage=tiny.storage)
@@ -291,9 +292,55 @@ def test_existing_folder_needs_force_and_survives_a_failed_replace(tiny, tmp_pat
         export(out, study="tiny", storage=tiny.storage, force=True)
     assert (out / "mine.txt").read_text() == "keep me" and _leftovers(out) == []
     monkeypatch.undo()
-    export(out, study="tiny", storage=tiny.storage, force=True)
+    export(out, study="tiny", storage=tiny.storage, force=True)  # rankopt wrote it: --force replaces it
     assert not (out / "mine.txt").exists() and (out / "adapter_config.json").is_file()
     assert _leftovers(out) == []
+
+
+def test_force_never_replaces_a_folder_rankopt_did_not_write(tiny, tmp_path, monkeypatch):
+    """Issue 25: --force wiped whatever folder --out named (a folder holding important.txt), and
+    `--out . --force` crashed with OSError leaving a '..old.*' folder behind."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "important.txt").write_text("keep me")
+    result = CliRunner().invoke(app, ["export", "--study", "tiny", "--storage", tiny.storage, "--out", str(out),
+                                      "--force"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "was not written by rankopt" in lines[0]
+    assert sorted(p.name for p in out.iterdir()) == ["important.txt"] and _leftovers(out) == []
+    monkeypatch.chdir(out)
+    result = CliRunner().invoke(app, ["export", "--study", "tiny", "--storage", tiny.storage, "--out", ".", "--force"])
+    assert result.exit_code == 2 and "is the folder you are in" in result.stderr, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+    assert sorted(p.name for p in out.iterdir()) == ["important.txt"]
+
+
+def test_the_next_export_cleans_up_after_a_killed_one(tiny, tmp_path):
+    """A SIGKILLed export leaves its hidden temporary folder; the next export to the same --out removes it,
+    and puts back an old folder whose replacement never arrived (killed between the two renames)."""
+    import subprocess
+    import sys
+
+    from rankopt.adapters.atomic import MARKER
+
+    out = tmp_path / "adapter"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid, host = int(dead.stdout), __import__("socket").gethostname()
+    stale_tmp = tmp_path / f".adapter.rankopt-tmp.{pid}@{host}.abcd1234"
+    stale_tmp.mkdir()
+    (stale_tmp / "adapter_model.safetensors").write_bytes(b"x" * 1000)
+    moved_aside = tmp_path / f".adapter.rankopt-old.{pid}@{host}.efgh5678"
+    (moved_aside / "old").mkdir(parents=True)
+    (moved_aside / "old" / MARKER).write_text("{}")
+    (moved_aside / "old" / "README.md").write_text("the previous export")
+    with pytest.raises(RankoptError, match="already exists"):  # the old folder is back where it was
+        export(out, study="tiny", storage=tiny.storage)
+    assert (out / "README.md").read_text() == "the previous export" and _leftovers(out) == []
+    theirs = tmp_path / f".adapter.rankopt-tmp.{os.getpid()}@{host}.ijkl9012"  # a live process's: left alone
+    theirs.mkdir()
+    export(out, study="tiny", storage=tiny.storage, force=True)
+    assert (out / "adapter_config.json").is_file() and _leftovers(out) == [theirs.name]
 
 
 def test_register_adds_model_versions(tiny, tmp_path):
@@ -380,9 +427,10 @@ def test_cli_errors_are_one_line_and_write_nothing(tiny, bad_inputs, tmp_path, c
 def test_cli_refuses_an_existing_folder_without_force(tiny, tmp_path):
     out = tmp_path / "adapter"
     out.mkdir()
+    (out / ".rankopt").write_text("{}")
     result = CliRunner().invoke(app, ["export", "--study", "tiny", "--storage", tiny.storage, "--out", str(out)])
     assert result.exit_code == 2 and result.stderr.startswith("error: ") and "--force" in result.stderr
-    assert list(out.iterdir()) == []
+    assert [p.name for p in out.iterdir()] == [".rankopt"]
 
 
 def test_cli_export_summarises_what_it_wrote(tiny, tmp_path):

@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from rankopt.adapters.atomic import atomic_folder  # noqa: F401 - also imported from here
 from rankopt.adapters.model import AdaptedModel
 from rankopt.errors import RankoptError
 
@@ -71,32 +68,6 @@ def peft_config(adapted: AdaptedModel, base_model: str, task_type: str | None = 
         "init_lora_weights": True,
         "inference_mode": True,
     }
-
-
-@contextmanager
-def atomic_folder(out: Path, force: bool = False):
-    """Yield a temporary folder beside ``out``; rename it into place only if the block succeeds.
-
-    An existing ``out`` is replaced only with ``force``; an interrupted write leaves nothing.
-    """
-    out = Path(out)
-    if out.exists() and not force:
-        raise RankoptError(f"{out} already exists; choose another folder or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            # a fresh trash folder: a stale '.old' left by a crash, or ``out`` being a file, must not block
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, trash / "old")
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_adapter_files(adapted: AdaptedModel, folder: Path, base_model: str, meta: dict[str, Any] | None = None,

@@ -212,9 +212,10 @@ def export(out: str | Path, *, study: str | None = None, storage: str | None = N
     from rankopt.adapters.peft_format import atomic_folder, head_num_labels, read_adapter
     from rankopt.tasks.modeling import load_tokenizer
 
+    from rankopt.adapters.atomic import check_target
+
     out = Path(out)
-    if out.exists() and not force:
-        raise RankoptError(f"{out} already exists; choose another --out or pass --force to replace it")
+    check_target(out, force)  # a folder rankopt did not write is refused before anything is done
     if register is not None and not register.strip():
         raise RankoptError("--register needs a model name")
     command = command or _command(out, study=study, storage=storage, tracking_uri=tracking_uri, trial=trial,

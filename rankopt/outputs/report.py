@@ -82,9 +82,10 @@ def report(study: str, storage: str | None = None, tracking_uri: str | None = No
     from rankopt.search.trials import default_storage
     from rankopt.tracking.mlflow_runs import default_tracking_uri
 
+    from rankopt.adapters.atomic import check_target
+
     out = Path(out) if out is not None else runs_folder(storage) / "reports" / _folder_name(study)
-    if out.exists() and not force:
-        raise RankoptError(f"{out} already exists; choose another --out or pass --force to replace it")
+    check_target(out, force)  # a folder rankopt did not write is refused before anything is done
     check_within(within)
     found = load_study(study, storage or default_storage(runs_folder(None)))
     best, _, _ = select_trial(found)
@@ -97,7 +98,7 @@ def report(study: str, storage: str | None = None, tracking_uri: str | None = No
     for row in rows:
         row.test_metric = holdout.score_of(found, row.number, _metric_name(found))
     counts = {s: sum(r.state == s for r in rows) for s in ("complete", "pruned", "failed", "running", "waiting")}
-    from rankopt.adapters.peft_format import atomic_folder
+    from rankopt.adapters.atomic import MARKER, atomic_folder
 
     with atomic_folder(out, force=force) as dest:
         figures = _figures(found, rows, best.number, history, dest, notes)
@@ -105,7 +106,9 @@ def report(study: str, storage: str | None = None, tracking_uri: str | None = No
                      (smallest, within) if smallest is not None else None)
         (dest / HTML_NAME).write_text(page, encoding="utf-8")
     if client is not None and parent is not None:
-        client.log_artifacts(parent, str(out), "report")
+        for path in sorted(out.iterdir()):
+            if path.name != MARKER:  # the marker is for --force on this disk, not for MLflow
+                client.log_artifact(parent, str(path), "report")
     return ReportResult(html=out / HTML_NAME, study=study, best_trial=best.number, figures=figures, counts=counts,
                         run_id=parent, notes=notes, smallest_trial=smallest.number if smallest is not None else None)
 
