@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from rankopt.cli import app
 from rankopt.errors import RankoptError
 from rankopt.outputs.export import export, select_trial
+from rankopt.tracking.urls import sqlalchemy_url
 
 REPO = Path(__file__).resolve().parents[1]
 SST2 = REPO.parent / "shared" / "data" / "glue" / "sst2"
@@ -473,3 +474,18 @@ def test_minilm_export_matches_the_trained_model_on_sst2(tmp_path):
     peft_diff, merged_diff = (peft_logits - live).abs().max().item(), (merged_logits - live).abs().max().item()
     print(f"\nMiniLM / SST-2, 32 sentences: max |logit diff| PEFT {peft_diff:.2e}, merged {merged_diff:.2e}")
     assert peft_diff < 1e-5 and merged_diff < 1e-5
+
+
+@pytest.mark.parametrize("command", ["export", "report"])
+def test_export_and_report_take_the_plain_postgresql_url_tune_takes(command, tmp_path):
+    """Issue 25: `postgresql://` (no driver named) worked for tune and failed for export and report
+    ('cannot open Optuna storage'): they did not translate it to the installed driver."""
+    from scaleout_support import pg_databases
+
+    with pg_databases(1) as (url,):
+        optuna.create_study(study_name="there", storage=sqlalchemy_url(url))
+        out = tmp_path / "out"
+        result = CliRunner().invoke(app, [command, "--study", "missing", "--storage", url, "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: no study 'missing' in postgresql://") and "(studies: there)" in result.stderr
+    assert not out.exists()

@@ -82,18 +82,18 @@ def runs_folder(storage: str | None) -> Path:
 
 
 def load_study(name: str, storage: str):
+    """Study ``name`` in ``storage``, opened as ``rankopt tune`` opens it (every URL form tune takes)."""
     import optuna
 
+    from rankopt.search.studies import open_storage
+
     require_sqlite_file(storage, "Optuna storage", "--storage")
-    try:
-        names = optuna.get_all_study_names(storage)
-    except Exception as exc:  # noqa: BLE001 - bad URL, missing driver, unreachable server
-        raise RankoptError(f"cannot open Optuna storage '{mask_url(storage)}' ({str(exc).splitlines()[0]}); "
-                           "pass a valid --storage URL") from None
+    storage_obj = open_storage(storage)  # a bad URL, a missing driver, a dead server: one line
+    names = optuna.get_all_study_names(storage_obj)
     if name not in names:
         known = ", ".join(sorted(names)) or "none"
         raise RankoptError(f"no study '{name}' in {mask_url(storage)} (studies: {known}); check --study and --storage")
-    return optuna.load_study(study_name=name, storage=storage)
+    return optuna.load_study(study_name=name, storage=storage_obj)
 
 
 def find_source(*, study: str | None = None, storage: str | None = None, tracking_uri: str | None = None,
