@@ -291,3 +291,34 @@ def test_sigterm_hands_the_trial_back(tmp_path, tiny_model_dir, tiny_data_dir):
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     assert sorted((r.data.tags.get("rankopt.kind"), r.info.status) for r in runs) == [("study", "KILLED"),
                                                                                        ("trial", "KILLED")]
+
+
+def _open_stores(optuna_url: str, mlflow_url: str, barrier, results) -> None:
+    from rankopt.search.studies import open_storage
+    from rankopt.tracking.mlflow_runs import client_for, ensure_experiment
+
+    barrier.wait()  # every process opens the fresh databases at the same moment
+    try:
+        optuna.create_study(storage=open_storage(optuna_url), study_name="s", load_if_exists=True)
+        ensure_experiment(client_for(mlflow_url), "e", None)
+        results.put("ok")
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        results.put(f"{type(exc).__name__}: {str(exc)[:300]}")
+
+
+def test_processes_opening_fresh_stores_together_create_them_once(tmp_path):
+    """Issue 25: on a fresh database the second process died on Optuna's (and MLflow's) table-creation
+    race, reported as "pass a valid --storage URL". Opening a store is now serialized."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(4), ctx.Queue()
+    procs = [ctx.Process(target=_open_stores, args=(f"sqlite:///{tmp_path / 'optuna.db'}",
+                                                     f"sqlite:///{tmp_path / 'mlflow.db'}", barrier, results))
+             for _ in range(4)]
+    for proc in procs:
+        proc.start()
+    outcomes = [results.get(timeout=300) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=60)
+    assert outcomes == ["ok"] * 4, outcomes

@@ -22,7 +22,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 
 from rankopt.config import Config
 from rankopt.errors import RankoptError
-from rankopt.search.trials import default_storage
+from rankopt.search.trials import default_storage, suggest
 from rankopt.tracking.mlflow_runs import default_tracking_uri
 from rankopt.search.tuner import Objective, _mask, open_study, tune
 
@@ -360,6 +360,24 @@ def test_existing_study_with_other_objectives_is_refused(tiny_files, tmp_path):
     with pytest.raises(RankoptError, match="exists with 2 objective.*asks for 1"):
         tune(make_config(tiny_files), n_trials=1, study_name="two", out=tmp_path)
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_processes_sharing_a_study_never_draw_the_same_point(tiny_files, tmp_path, sampler):
+    """Issue 25: two `rankopt tune --study same` processes seeded their samplers alike (training.seed plus
+    the trials before), so they trained the same parameters twice. Each trial now draws from its own
+    seed (its number is unique in the study); one process alone still draws reproducibly."""
+    cfg = make_config(tiny_files, {"sampler": sampler, "startup_trials": 2})
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    first, second = open_study(cfg, "shared", url), open_study(cfg, "shared", url)  # as two processes open it
+    drawn = []
+    for _ in range(3):
+        for study in (first, second):
+            trial = study.ask()  # left RUNNING, like a trial the other process is training
+            drawn.append(json.dumps(suggest(trial, cfg.search.space), sort_keys=True))
+    assert len(set(drawn)) == len(drawn), drawn
+    again = open_study(cfg, "shared", f"sqlite:///{tmp_path / 'again.db'}")
+    assert [json.dumps(suggest(again.ask(), cfg.search.space), sort_keys=True) for _ in range(6)] == drawn
 
 
 @pytest.mark.parametrize("url", ["foo://x", "sqlite:////no/such/folder/optuna.db"])

@@ -96,7 +96,9 @@ def open_storage(url: str, search: SearchConfig | None = None,
     try:
         import warnings
 
-        with warnings.catch_warnings():
+        from rankopt.tracking.store_lock import opening
+
+        with warnings.catch_warnings(), opening(url):  # a fresh database gets its tables once
             warnings.simplefilter("ignore")  # heartbeats are 'experimental' in Optuna
             return optuna.storages.RDBStorage(sqlalchemy_url(url), **kwargs)
     except Exception as exc:  # noqa: BLE001 - bad URL, missing driver, unreachable server

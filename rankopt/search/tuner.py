@@ -20,12 +20,12 @@ from rankopt.config import Config, resolve_config
 from rankopt.errors import RankoptError
 from rankopt.training.events import Callback
 from rankopt.tasks.modeling import resolve_model_path
-from rankopt.search.trials import (ReportToTrial, TuneResult, best_trials, default_storage, make_pruner, make_sampler,
-                            objective_directions, suggest, summarize, trial_config)
+from rankopt.search.trials import (ReportToTrial, SeededPerTrial, TuneResult, best_trials, default_storage, make_pruner,
+                            make_sampler, objective_directions, suggest, summarize, trial_config)
 from rankopt.search import data_parallel, holdout
 from rankopt.search.selection import check_within, smallest_within
-from rankopt.search.studies import (CONFIG_ATTR, LIMIT_ATTR, StaleTrialHandler, open_storage, retried_from,
-                             tally)
+from rankopt.search.studies import (CONFIG_ATTR, LIMIT_ATTR, StaleTrialHandler, StudyLock, open_storage,
+                             retried_from, tally)
 from rankopt.training.memory import release_memory
 from rankopt.training.trainer import train_adapted
 from rankopt.tracking.urls import mask_text
@@ -143,12 +143,12 @@ class Objective:
             checkpoint.clear()
 
 
-def open_study(cfg: Config, study_name: str, storage: str, *, storage_obj=None,
-               distributed: bool = False) -> optuna.Study:
+def open_study(cfg: Config, study_name: str, storage: str, *, storage_obj=None) -> optuna.Study:
     """Create the study, or load it when it exists (then its objectives must match).
 
-    ``distributed``: one of several workers; each samples with its own random seed (and TPE
-    with the constant-liar strategy), so that concurrent workers do not propose the same trial.
+    Other processes may share the study (workers, a second ``rankopt tune``): each trial's sampler
+    is seeded from its trial number (:class:`rankopt.search.trials.SeededPerTrial`), and TPE uses
+    the constant-liar strategy, so that concurrent processes do not propose the same trial.
     """
     directions = objective_directions(cfg)
     if storage_obj is None:
@@ -157,16 +157,11 @@ def open_study(cfg: Config, study_name: str, storage: str, *, storage_obj=None,
     if study_name in existing and len(existing[study_name].directions) != len(directions):
         raise RankoptError(f"study '{study_name}' exists with {len(existing[study_name].directions)} objective(s), "
                            f"the preset asks for {len(directions)}; pick another --study name")
-    n_before = existing[study_name].n_trials if study_name in existing else 0
     eval_every = cfg.training.eval_every
-    seed = cfg.training.seed + n_before
-    if distributed:
-        import secrets
-
-        seed = secrets.randbelow(2**31)
+    sampler = SeededPerTrial(lambda seed: make_sampler(cfg.search, seed, len(directions), constant_liar=True),
+                             cfg.training.seed)
     study = optuna.create_study(storage=storage_obj, study_name=study_name, directions=directions,
-                                load_if_exists=True,
-                                sampler=make_sampler(cfg.search, seed, len(directions), constant_liar=distributed),
+                                load_if_exists=True, sampler=sampler,
                                 pruner=make_pruner(cfg.search, eval_every, cfg.training.steps))
     study.set_user_attr("objectives", list(cfg.search.objectives))
     return study
@@ -241,10 +236,16 @@ def prepare_study(preset: str | Config, overrides: dict[str, Any] | list[str] | 
         mlflow_runs.check_reachable(tracking_uri)
     out.mkdir(parents=True, exist_ok=True)
     url = storage or default_storage(out)
-    study = open_study(cfg, name, url, storage_obj=storage_obj or open_storage(url, cfg.search, on_stale))
+    storage_obj = storage_obj or open_storage(url, cfg.search, on_stale)
     trials = cfg.search.n_trials if n_trials is None else n_trials
-    remember_for_workers(study, cfg, trials)
-    tracker = start_tracking(study, cfg, tracking_uri, out) if track else None
+    lock = StudyLock(url, name)
+    try:
+        with lock:  # another tune or a worker may be joining the same study: one parent run, one config
+            study = open_study(cfg, name, url, storage_obj=storage_obj)
+            remember_for_workers(study, cfg, trials)
+            tracker = start_tracking(study, cfg, tracking_uri, out) if track else None
+    finally:
+        lock.close()
     on_stale.tracker = tracker
     checkpoints = CheckpointStore(out / "checkpoints", name, cfg.search.checkpoint_every)
     return PreparedStudy(cfg, study, url, trials, tracker, checkpoints)

@@ -156,7 +156,7 @@ def _join(study_name: str, storage: str, preset: str | None, overrides: list[str
     lock = StudyLock(storage, study_name)
     try:
         with lock:  # one worker at a time creates the study, the experiment and the parent run
-            study = open_study(cfg, study_name, storage, storage_obj=storage_obj, distributed=True)
+            study = open_study(cfg, study_name, storage, storage_obj=storage_obj)
             if CONFIG_ATTR not in study.user_attrs:
                 study.set_user_attr(CONFIG_ATTR, cfg.model_dump(mode="json"))
             if LIMIT_ATTR not in study.user_attrs:

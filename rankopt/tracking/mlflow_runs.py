@@ -76,8 +76,14 @@ def client_for(uri: str):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     from rankopt.tracking.urls import sqlalchemy_url
 
+    from rankopt.tracking.store_lock import opening
+
     mlflow.set_tracking_uri(sqlalchemy_url(uri))
-    return ResilientClient(MlflowClient(tracking_uri=sqlalchemy_url(uri)), uri)
+    with opening(uri):  # MLflow creates and migrates a fresh database on first use: one process at a time
+        client = MlflowClient(tracking_uri=sqlalchemy_url(uri))
+        if uri.startswith(("sqlite:", "postgresql:", "postgres:")):
+            client.search_experiments(max_results=1)
+    return ResilientClient(client, uri)
 
 
 def check_reachable(uri: str) -> None:
