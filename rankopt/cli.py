@@ -24,6 +24,9 @@ OutOpt = Annotated[str, typer.Option("--out", help="output folder for stores and
 NprocOpt = Annotated[int, typer.Option(
     "--nproc-per-node", help="data-parallel processes for one fine-tune on this machine (one per GPU); "
     "the same as starting the command under `torchrun --nproc-per-node N -m rankopt`")]
+TrustOpt = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="allow model.trust_remote_code (the model's own code runs here) when it comes from "
+    "a shared study or an exported rankopt.json; stored there alone it is refused")]
 WithinOpt = Annotated[Optional[float], typer.Option(
     "--within", help="the trial with the fewest adapter params whose metric is within DELTA of the best "
     "(metric units: 0.01 = 1 accuracy point; from the Pareto set for two objectives)")]
@@ -221,14 +224,15 @@ def export(out: Annotated[str, typer.Option("--out", help="folder to write (must
            force: Annotated[bool, typer.Option("--force", help="replace an existing --out folder")] = False,
            max_params: Annotated[Optional[int], typer.Option("--max-params", help="best trial with at most P adapter params (Pareto front for two objectives)")] = None,
            register: Annotated[Optional[str], typer.Option("--register", help="also register it in the MLflow Model Registry under NAME")] = None,
-           within: WithinOpt = None) -> None:
+           within: WithinOpt = None, trust_remote_code: TrustOpt = False) -> None:
     """Write a tuned adapter as a PEFT folder (or a merged model), with tokenizer and model card."""
     from rankopt.outputs.export import export as export_api
 
     try:
         _quiet_libraries()
         result = export_api(out, study=study, storage=storage, tracking_uri=tracking_uri, trial=trial, run_id=run_id,
-                            merge=merge, force=force, max_params=max_params, register=register, within=within)
+                            merge=merge, force=force, max_params=max_params, register=register, within=within,
+                            trust_remote_code=trust_remote_code)
     except RankoptError as exc:
         _fail(str(exc))
         return
@@ -308,7 +312,8 @@ def worker(preset: Annotated[Optional[str], typer.Argument(help="preset to creat
            trials: Annotated[Optional[int], typer.Option("--trials", help="most trials this worker runs (default: until the study's limit)")] = None,
            device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:K: pins this worker to one GPU (sets training.device)")] = None,
            checkpoint_dir: Annotated[Optional[str], typer.Option("--checkpoint-dir", help="trial checkpoints; shared storage for workers on several machines (default: OUT/checkpoints)")] = None,
-           data: DataOpt = None, set_: SetOpt = None, out: OutOpt = "runs", nproc_per_node: NprocOpt = 1) -> None:
+           data: DataOpt = None, set_: SetOpt = None, out: OutOpt = "runs", nproc_per_node: NprocOpt = 1,
+           trust_remote_code: TrustOpt = False) -> None:
     """Join a study in a shared database and take trials until its trial limit is reached."""
     from rankopt import distributed
     from rankopt.training.progress import TrialProgress
@@ -332,7 +337,8 @@ def worker(preset: Annotated[Optional[str], typer.Argument(help="preset to creat
         try:
             result = run_worker(study, storage, preset, set_, data_dir=data, tracking_uri=tracking_uri,
                                 max_trials=trials, device=device, out=out, checkpoint_dir=checkpoint_dir,
-                                callbacks_for_trial=progress.for_trial, on_trial_end=trial_ended)
+                                callbacks_for_trial=progress.for_trial, on_trial_end=trial_ended,
+                                trust_remote_code=trust_remote_code)
         finally:
             progress.close()
         distributed.shutdown()

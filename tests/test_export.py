@@ -489,3 +489,27 @@ def test_export_and_report_take_the_plain_postgresql_url_tune_takes(command, tmp
     assert result.exit_code == 2, result.output
     assert result.stderr.startswith("error: no study 'missing' in postgresql://") and "(studies: there)" in result.stderr
     assert not out.exists()
+
+
+def test_trust_remote_code_from_an_artifact_needs_the_flag(tiny, tmp_path):
+    """Issue 25: export took trust_remote_code from the artifact's rankopt.json, so whoever could write the
+    tracking store could make an export run a model's code. The artifact alone is refused."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tiny.tracking)
+    best = tiny.study.best_trial.user_attrs["mlflow_run_id"]
+    adapter = Path(client.download_artifacts(best, "adapter", str(tmp_path / "dl")))
+    meta = json.loads((adapter / "rankopt.json").read_text())
+    meta["config"]["model"]["trust_remote_code"] = True
+    (adapter / "rankopt.json").write_text(json.dumps(meta))
+    run = client.create_run(client.get_run(best).info.experiment_id)
+    client.log_artifacts(run.info.run_id, str(adapter), "adapter")
+    client.set_terminated(run.info.run_id)
+    args = ["export", "--run-id", run.info.run_id, "--tracking-uri", tiny.tracking, "--out", str(tmp_path / "a")]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2, refused.output
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "rankopt.json sets model.trust_remote_code" in lines[0]
+    assert "--trust-remote-code" in lines[0] and not (tmp_path / "a").exists()
+    allowed = CliRunner().invoke(app, [*args, "--trust-remote-code"])
+    assert allowed.exit_code == 0, allowed.output
