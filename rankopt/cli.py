@@ -145,7 +145,9 @@ def _sigterm_interrupts() -> None:
 @app.command()
 def train(preset: Annotated[str, typer.Argument(help="preset name (see search_spaces/) or a .yml path")],
           set_: SetOpt = None, data: DataOpt = None, tracking_uri: UriOpt = None, out: OutOpt = "runs",
-          nproc_per_node: NprocOpt = 1) -> None:
+          nproc_per_node: NprocOpt = 1,
+          resume: Annotated[bool, typer.Option("--resume", help="go on from the checkpoint an interrupted run left "
+                                               "under --out, in the same MLflow run")] = False) -> None:
     """Fine-tune once with the preset's values, adapting ranks during training."""
     from rankopt import distributed
     from rankopt.config import resolve_config
@@ -154,14 +156,16 @@ def train(preset: Annotated[str, typer.Argument(help="preset name (see search_sp
 
     if nproc_per_node != 1:
         _launch(nproc_per_node)
-    with _one_job("a started MLflow run is marked KILLED"):
+    with _one_job("a started MLflow run is marked KILLED; run the same command with --resume to go on from its "
+                  "last checkpoint"):
         _quiet_libraries()
+        _show_rankopt_warnings()
         _sigterm_interrupts()
         cfg = resolve_config(preset, set_, data)
         procs = distributed.init_from_environment(cfg.training.device)
         bar = ProgressBar(cfg.training.steps, description=f"train {cfg.task.name}") if procs.main else None
         try:
-            result = train_api(cfg, tracking_uri=tracking_uri, out=out, callbacks=[bar] if bar else [])
+            result = train_api(cfg, tracking_uri=tracking_uri, out=out, callbacks=[bar] if bar else [], resume=resume)
         finally:
             if bar is not None:
                 bar.close()
@@ -170,6 +174,8 @@ def train(preset: Annotated[str, typer.Argument(help="preset name (see search_sp
         return
     if result.artifacts:
         typer.echo(f"artifacts (adapter, plots): {result.artifacts}")
+    if result.resumed_from_step:
+        typer.echo(f"resumed from the checkpoint at step {result.resumed_from_step}")
     typer.echo(f"{result.metric_name} {result.metric:.4f} | total rank {result.total_rank} over "
                f"{len(result.ranks)} layers | trainable params {result.trainable_params:,} | "
                f"{result.seconds:.0f}s | mlflow run {result.run_id}")
@@ -193,6 +199,7 @@ def tune(preset: Annotated[str, typer.Argument(help="preset name (see search_spa
         _launch(nproc_per_node)
     with _one_job("the current trial was recorded as failed; run the same command to resume"):
         _quiet_libraries()
+        _show_rankopt_warnings()
         _sigterm_interrupts()
         if trials is not None and trials < 0:
             raise RankoptError("--trials must be 0 or more")

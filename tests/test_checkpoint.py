@@ -169,3 +169,37 @@ def test_damaged_checkpoint_is_skipped_with_one_warning_and_the_trial_starts_cle
     assert "resumed_from_step" not in retry.user_attrs  # started clean, from step 0
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "skipping damaged checkpoint" in warnings[0] and "\n" not in warnings[0]
+
+
+def test_train_resume_goes_on_from_its_checkpoint_in_the_same_mlflow_run(tiny_preset_file, tmp_path, caplog):
+    """Issue 25: `rankopt train` had no resume: a killed run restarted at step 0 and its MLflow run stayed
+    RUNNING. Now it checkpoints under --out like a trial, and --resume goes on in the same run."""
+    from mlflow.tracking import MlflowClient
+
+    import rankopt
+    from rankopt.errors import RankoptError
+
+    out = tmp_path / "out"
+    short = {"training.steps": 20}
+    with pytest.raises(RankoptError, match="--resume: no checkpoint"):
+        rankopt.train(str(tiny_preset_file), short, out=out, resume=True)
+    with pytest.raises(KeyboardInterrupt):
+        rankopt.train(str(tiny_preset_file), short, out=out, callbacks=[StopAt(12)])
+    assert [p.name for p in (out / "checkpoints" / "train" / "tiny").glob("step-*")] == ["step-00000010"]
+    resumed = rankopt.train(str(tiny_preset_file), short, out=out, resume=True)
+    assert resumed.resumed_from_step == 10  # and goes on as the uninterrupted run would (tests above)
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert run.info.run_id == resumed.run_id and run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "eval_accuracy")
+    assert sorted(m.step for m in history) == [10, 20]  # each evaluation once, the curve whole
+    assert not (out / "checkpoints" / "train" / "tiny").exists()  # done: the checkpoint is gone
+
+    with pytest.raises(KeyboardInterrupt):  # killed again; this time a plain rerun starts over
+        rankopt.train(str(tiny_preset_file), short, out=out, callbacks=[StopAt(12)])
+    [killed] = [r for r in client.search_runs([run.info.experiment_id]) if r.info.run_id != run.info.run_id]
+    client.update_run(killed.info.run_id, "RUNNING")  # as SIGKILL leaves it
+    with caplog.at_level(logging.WARNING, logger="rankopt"):
+        again = rankopt.train(str(tiny_preset_file), short, out=out)
+    assert again.resumed_from_step == 0 and "starting over from step 0" in caplog.text
+    assert client.get_run(killed.info.run_id).info.status == "KILLED"

@@ -147,10 +147,12 @@ def log_params(client, run_id: str, params: dict[str, Any]) -> None:
 class MLflowLogger(Callback):
     """Logs one training run: eval metrics, ranks per reallocation, heatmap, history, adapter."""
 
-    def __init__(self, client, run_id: str, base_model: str, meta: dict[str, Any] | None = None):
+    def __init__(self, client, run_id: str, base_model: str, meta: dict[str, Any] | None = None,
+                 log_history: bool = True):
         self.client, self.run_id = client, run_id
         self.base_model = base_model
         self.meta = meta or {}
+        self.log_history = log_history  # False: a resumed run continues the run that logged them
         self._loss_sum, self._loss_n = 0.0, 0
 
     def _metrics(self, values: dict[str, float], step: int) -> None:
@@ -165,7 +167,7 @@ class MLflowLogger(Callback):
 
     def on_train_start(self, info: dict[str, Any]) -> None:
         # a resumed trial: its run gets the evaluations made before the checkpoint, so its curves are whole
-        for step, metrics in info.get("eval_history") or []:
+        for step, metrics in (info.get("eval_history") or []) if self.log_history else []:
             self._metrics({f"eval_{k}": v for k, v in metrics.items()}, step)
 
     def on_step(self, step: int, loss: float) -> None:

@@ -267,15 +267,26 @@ class TrialCheckpoint:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def folder_name(name: str) -> str:
+    """``name`` as one folder name: other characters replaced (plus a hash of the name), never '.' or '..'."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    if safe != name or safe.strip(".") == "":
+        safe = safe.replace(".", "_") if safe.strip(".") == "" else safe
+        safe += "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    return safe
+
+
 class CheckpointStore:
     """Where a study's trials keep their checkpoints: ``ROOT/STUDY/trial-N``."""
 
     def __init__(self, root: str | Path, study_name: str, every: int):
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", study_name)
-        if safe != study_name:
-            safe += "-" + hashlib.sha256(study_name.encode()).hexdigest()[:8]
-        self.root = Path(root) / safe
+        self.root = Path(root) / folder_name(study_name)
         self.every = every
 
     def for_trial(self, number: int, config: dict[str, Any]) -> TrialCheckpoint:
         return TrialCheckpoint(self.root / f"trial-{number}", self.every, fingerprint(config))
+
+
+def train_checkpoint(out: str | Path, name: str, every: int, config: dict[str, Any]) -> TrialCheckpoint:
+    """The checkpoints of one ``rankopt train`` run: ``OUT/checkpoints/train/NAME`` (NAME: the task's, or the run's)."""
+    return TrialCheckpoint(Path(out) / "checkpoints" / "train" / folder_name(name), every, fingerprint(config))
