@@ -271,6 +271,11 @@ def test_aggressive_pruner_prunes_a_clearly_worse_trial(tiny_files, tmp_path, pr
     assert "total_rank" not in bad.user_attrs
     runs = assert_runs_match_trials(tmp_path, result.study, result.parent_run_id)
     assert runs[bad.number].data.tags["optuna.state"] == "pruned"
+    # issue 25: the evaluation that triggered pruning reaches MLflow too, so MLflow, Optuna, the CLI and the
+    # report show the same last metric of a pruned trial
+    client, _, _ = mlflow_runs(tmp_path)
+    logged = {m.step: m.value for m in client.get_metric_history(runs[bad.number].info.run_id, "eval_accuracy")}
+    assert logged == bad.intermediate_values
 
 
 def test_resume_adds_trials_without_redoing_any(tiny_files, tmp_path):

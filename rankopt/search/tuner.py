@@ -92,9 +92,7 @@ class Objective:
         checkpoint = None
         if self.checkpoints is not None and self.checkpoints.every > 0:
             checkpoint = self.checkpoints.for_trial(trial.number if retry_of is None else retry_of, cfg.model_dump())
-        callbacks: list[Callback] = [ReportToTrial(shared, cfg.task.metric, can_prune=len(self.objectives) == 1,
-                                                    final_step=cfg.training.steps)]
-        callbacks += self.callbacks_for_trial(trial, cfg)
+        callbacks: list[Callback] = list(self.callbacks_for_trial(trial, cfg))
         run_id = None
         if self.tracker is not None:
             from rankopt.tracking.mlflow_runs import MLflowLogger
@@ -106,6 +104,9 @@ class Objective:
                                           meta={"config": cfg.model_dump(), "study": self.tracker.study_name,
                                                 "trial": trial.number}))
         callbacks.append(_RecordResume(trial, self.tracker, run_id))
+        # last: the evaluation that prunes the trial has reached every other listener (MLflow, progress) first
+        callbacks.append(ReportToTrial(shared, cfg.task.metric, can_prune=len(self.objectives) == 1,
+                                       final_step=cfg.training.steps))
         try:
             result = train_adapted(cfg, adapted, data, callbacks, checkpointer=checkpoint)
         except optuna.TrialPruned:
