@@ -385,6 +385,18 @@ def test_processes_sharing_a_study_never_draw_the_same_point(tiny_files, tmp_pat
     assert [json.dumps(suggest(again.ask(), cfg.search.space), sort_keys=True) for _ in range(6)] == drawn
 
 
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "..\\up"])
+def test_study_names_that_would_climb_out_of_the_checkpoint_folder_are_refused(tiny_files, tmp_path, name):
+    """Issue 25: `--study ..` put checkpoints one level above --out/checkpoints."""
+    from rankopt.search.worker import run_worker
+
+    with pytest.raises(RankoptError, match="cannot name a folder"):
+        tune(make_config(tiny_files), n_trials=0, study_name=name, out=tmp_path / "out")
+    with pytest.raises(RankoptError, match="cannot name a folder"):
+        run_worker(name, f"sqlite:///{tmp_path / 'o.db'}", out=tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("url", ["foo://x", "sqlite:////no/such/folder/optuna.db"])
 def test_bad_storage_url_is_a_user_error(tiny_files, tmp_path, url):
     with pytest.raises(RankoptError, match="cannot open Optuna storage"):

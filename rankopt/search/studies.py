@@ -107,6 +107,14 @@ def open_storage(url: str, search: SearchConfig | None = None,
                            "such as sqlite:///runs/optuna.db or postgresql://user@host:5432/db") from None
 
 
+def check_study_name(name: str) -> str:
+    """A study name also names folders (checkpoints, reports): '.', '..' and path separators are refused."""
+    if not name or name.strip() in (".", "..") or any(c in name for c in "/\\\0"):
+        raise RankoptError(f"study name {name!r} cannot name a folder (checkpoints go under it): no '.', '..', "
+                           "'/' or '\\'; pick another --study (the default is the preset's task.name)")
+    return name
+
+
 def retried_from(trial: optuna.Trial) -> int | None:
     """The number of the trial that ``trial`` retries (the first of the chain), or None."""
     study = getattr(trial, "study", None)  # an optuna FixedTrial has no study, and retries nothing

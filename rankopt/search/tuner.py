@@ -24,8 +24,8 @@ from rankopt.search.trials import (ReportToTrial, SeededPerTrial, TuneResult, be
                             make_sampler, objective_directions, suggest, summarize, trial_config)
 from rankopt.search import data_parallel, holdout
 from rankopt.search.selection import check_within, smallest_within
-from rankopt.search.studies import (CONFIG_ATTR, LIMIT_ATTR, StaleTrialHandler, StudyLock, open_storage,
-                             retried_from, tally)
+from rankopt.search.studies import (CONFIG_ATTR, LIMIT_ATTR, StaleTrialHandler, StudyLock, check_study_name,
+                             open_storage, retried_from, tally)
 from rankopt.training.memory import release_memory
 from rankopt.training.trainer import train_adapted
 from rankopt.tracking.urls import mask_text
@@ -225,6 +225,7 @@ def prepare_study(preset: str | Config, overrides: dict[str, Any] | list[str] | 
     cfg = resolve_config(preset, overrides, data_dir)
     if not cfg.search.space:
         raise RankoptError("the preset's search.space is empty; add dimensions such as controller.target_rank")
+    check_study_name(study_name or cfg.task.name)
     data = prepare_data(cfg)
     build_model(cfg, data.num_labels)
     out = Path(out)

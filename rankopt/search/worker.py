@@ -25,7 +25,7 @@ from rankopt.config import Config, build_config, parse_overrides, resolve_config
 from rankopt.devices import check_device
 from rankopt.errors import RankoptError
 from rankopt.search.studies import (CONFIG_ATTR, LIMIT_ATTR, PARENT_CLOSED_ATTR, Decision, StaleTrialHandler, StudyLock,
-                             Tally, TrialLimit, close_orphan_runs, open_storage, tally)
+                             Tally, TrialLimit, check_study_name, close_orphan_runs, open_storage, tally)
 from rankopt.search.tuner import Objective, open_study, start_tracking
 from rankopt.tracking.urls import check_storage_url, check_tracking_uri, mask_url
 
@@ -104,6 +104,7 @@ def run_worker(study_name: str, storage: str, preset: str | None = None, overrid
     trials (:mod:`rankopt.search.data_parallel`) and return None.
     """
     check_storage_url(storage)
+    check_study_name(study_name)
     if tracking_uri is not None:
         check_tracking_uri(tracking_uri)
     if device is not None:
