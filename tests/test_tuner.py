@@ -8,6 +8,7 @@ slow part of each study is MLflow creating its database.
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -383,6 +384,31 @@ def test_processes_sharing_a_study_never_draw_the_same_point(tiny_files, tmp_pat
     assert len(set(drawn)) == len(drawn), drawn
     again = open_study(cfg, "shared", f"sqlite:///{tmp_path / 'again.db'}")
     assert [json.dumps(suggest(again.ask(), cfg.search.space), sort_keys=True) for _ in range(6)] == drawn
+
+
+def test_a_killed_runs_trial_is_retried_at_once_by_the_rerun(tiny_files, tmp_path):
+    """Issue 25: a SIGKILLed `rankopt tune` left its trial RUNNING for the 180 s grace period after an
+    immediate rerun, counted nowhere. A rerun on the same machine sees that its process is gone."""
+    import socket
+    import subprocess
+    import sys
+
+    from rankopt.search.owners import OWNER_ATTR
+
+    cfg = make_config(tiny_files)
+    study = optuna.create_study(storage=default_storage(tmp_path), study_name="tiny", direction="maximize")
+    lost = study.ask({"controller.target_rank": optuna.distributions.FloatDistribution(1.0, 4.0)})
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    lost.set_user_attr(OWNER_ATTR, f"{socket.gethostname()}:{dead}:1")  # as the killed process left it
+    live = study.ask({"controller.target_rank": optuna.distributions.FloatDistribution(1.0, 4.0)})
+    live.set_user_attr(OWNER_ATTR, f"{socket.gethostname()}:{os.getpid()}:")  # a live process's: left alone
+    result = tune(cfg, n_trials=1, study_name="tiny", out=tmp_path, track=False)
+    trials = result.study.trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.RUNNING, TrialState.COMPLETE]
+    assert (result.n_complete, result.n_failed, result.n_running) == (1, 1, 1)  # every trial counted somewhere
+    assert trials[2].system_attrs["failed_trial"] == 0
+    assert trials[2].params["controller.target_rank"] == trials[0].params["controller.target_rank"]
 
 
 @pytest.mark.parametrize("name", ["..", ".", "a/b", "..\\up"])

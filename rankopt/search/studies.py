@@ -54,17 +54,17 @@ class StaleTrialHandler:
             self.retry = RetryCallback(max_retry=search.max_retry)
         self.tracker = None  # set once the MLflow side is up
 
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str | None = None) -> None:
+        reason = reason or f"no heartbeat for {self.grace}s"
         run_id = trial.user_attrs.get("mlflow_run_id")
         if self.tracker is not None and run_id:
             try:
-                self.tracker.end_trial(run_id, "failed", f"worker lost: no heartbeat for {self.grace}s; "
+                self.tracker.end_trial(run_id, "failed", f"worker lost: {reason}; "
                                        "the trial was failed and queued for retry", status="KILLED")
             except Exception as exc:  # noqa: BLE001 - the sweep at the next start closes it then
                 log.warning("could not close the MLflow run of lost trial %d (%s)", trial.number, mask_text(exc))
         self.queue_retry(study, trial)
-        log.warning("trial %d lost its worker (no heartbeat for %ds): failed and queued for retry",
-                    trial.number, self.grace)
+        log.warning("trial %d lost its worker (%s): failed and queued for retry", trial.number, reason)
 
     def queue_retry(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """A WAITING copy of ``trial`` (same parameters), without the lost trial's outcome attributes."""

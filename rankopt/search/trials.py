@@ -204,6 +204,7 @@ class TuneResult:
     within: float | None = None  # the DELTA of ``smallest``
     smallest: TrialSummary | None = None  # fewest adapter params within ``within`` of the best
     artifacts: str | None = None  # where the study's MLflow experiment keeps its files
+    n_running: int = 0  # trials other processes are running now (a shared study)
 
 
 def summarize(trial: optuna.trial.FrozenTrial) -> TrialSummary:

@@ -23,6 +23,7 @@ from rankopt.tasks.modeling import resolve_model_path
 from rankopt.search.trials import (ReportToTrial, SeededPerTrial, TuneResult, best_trials, default_storage, make_pruner,
                             make_sampler, objective_directions, suggest, summarize, trial_config)
 from rankopt.search import data_parallel, holdout
+from rankopt.search.owners import OWNER_ATTR, fail_orphaned_trials, this_process
 from rankopt.search.selection import check_within, smallest_within
 from rankopt.search.studies import (CONFIG_ATTR, LIMIT_ATTR, StaleTrialHandler, StudyLock, check_study_name,
                              open_storage, retried_from, tally)
@@ -72,6 +73,7 @@ class Objective:
 
     def _run(self, trial: optuna.Trial) -> float | tuple[float, float]:
         retry_of = retried_from(trial)
+        trial.set_user_attr(OWNER_ATTR, this_process())  # a rerun on this machine sees at once if it dies
         data_parallel.announce(trial.number if retry_of is None else retry_of)  # the other processes join in
         shared = data_parallel.shared(trial)  # suggestions and pruning decisions reach every process
         values = suggest(shared, self.base.search.space)
@@ -246,9 +248,10 @@ def prepare_study(preset: str | Config, overrides: dict[str, Any] | list[str] | 
             study = open_study(cfg, name, url, storage_obj=storage_obj)
             remember_for_workers(study, cfg, trials)
             tracker = start_tracking(study, cfg, tracking_uri, out) if track else None
+            on_stale.tracker = tracker
+            fail_orphaned_trials(study, on_stale)  # a killed run's trial: retried now, not after the grace period
     finally:
         lock.close()
-    on_stale.tracker = tracker
     checkpoints = CheckpointStore(out / "checkpoints", name, cfg.search.checkpoint_every)
     return PreparedStudy(cfg, study, url, trials, tracker, checkpoints)
 
@@ -294,7 +297,7 @@ def run_trials(prepared: PreparedStudy, *, timeout: float | None = None, callbac
     return TuneResult(study_name=study.study_name, storage=_mask(prepared.storage),
                       objectives=list(cfg.search.objectives), best=best,
                       n_complete=states.count(TS.COMPLETE), n_pruned=states.count(TS.PRUNED),
-                      n_failed=states.count(TS.FAIL), parent_run_id=tracker.parent_run_id if tracker else None,
+                      n_failed=states.count(TS.FAIL), n_running=states.count(TS.RUNNING), parent_run_id=tracker.parent_run_id if tracker else None,
                       study=study, metric_name=cfg.task.metric, test_note=test_note, within=within,
                       smallest=smallest_summary, artifacts=_artifacts(tracker))
 

@@ -26,6 +26,7 @@ from rankopt.devices import check_device
 from rankopt.errors import RankoptError
 from rankopt.search.studies import (CONFIG_ATTR, LIMIT_ATTR, PARENT_CLOSED_ATTR, Decision, StaleTrialHandler, StudyLock,
                              Tally, TrialLimit, check_study_name, close_orphan_runs, open_storage, tally)
+from rankopt.search.owners import fail_orphaned_trials
 from rankopt.search.tuner import Objective, open_study, start_tracking
 from rankopt.tracking.urls import check_storage_url, check_tracking_uri, mask_url
 
@@ -209,6 +210,7 @@ def _loop(study: optuna.Study, storage: str, lock: StudyLock, objective: Objecti
         while max_trials is None or len(result.ran) < max_trials:
             with lock:
                 _fail_stale(study)
+                fail_orphaned_trials(study, on_stale)
                 decision = limit.decide(study)
                 if decision == Decision.RUN:
                     current.clear()
