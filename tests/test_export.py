@@ -513,3 +513,27 @@ def test_trust_remote_code_from_an_artifact_needs_the_flag(tiny, tmp_path):
     assert "--trust-remote-code" in lines[0] and not (tmp_path / "a").exists()
     allowed = CliRunner().invoke(app, [*args, "--trust-remote-code"])
     assert allowed.exit_code == 0, allowed.output
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "config not json", "rankopt.json a list"])
+def test_a_damaged_adapter_artifact_is_one_line(tiny, tmp_path, damage):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tiny.tracking)
+    best = tiny.study.best_trial.user_attrs["mlflow_run_id"]
+    adapter = Path(client.download_artifacts(best, "adapter", str(tmp_path / "dl")))
+    if damage == "truncated weights":
+        weights = adapter / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "config not json":
+        (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", ')
+    else:
+        (adapter / "rankopt.json").write_text("[1, 2]")
+    run = client.create_run(client.get_run(best).info.experiment_id)
+    client.log_artifacts(run.info.run_id, str(adapter), "adapter")
+    result = CliRunner().invoke(app, ["export", "--run-id", run.info.run_id, "--tracking-uri", tiny.tracking,
+                                      "--out", str(tmp_path / "a")])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"the adapter artifact of MLflow run '{run.info.run_id}' is damaged" in lines[0]
+    assert not (tmp_path / "a").exists() and _leftovers(tmp_path / "a") == []

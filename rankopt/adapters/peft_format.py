@@ -109,21 +109,38 @@ def save_adapter(adapted: AdaptedModel, out: Path, base_model: str, meta: dict[s
     return Path(out)
 
 
-def read_adapter(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
-    """``(adapter_config, tensors, rankopt meta)`` of a PEFT LoRA folder; meta is {} without rankopt.json."""
+def read_adapter(folder: Path, label: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """``(adapter_config, tensors, rankopt meta)`` of a PEFT LoRA folder; meta is {} without rankopt.json.
+
+    A damaged file (cut short, not JSON) is a one-line RankoptError naming it; ``label`` names the
+    folder in messages (say, the MLflow run it came from) instead of its path.
+    """
     from safetensors.torch import load_file
 
     folder = Path(folder)
+    label = label or str(folder)
     config_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     if not (config_path.is_file() and weights.is_file()):
-        raise RankoptError(f"{folder} is not an adapter folder (needs adapter_config.json and "
+        raise RankoptError(f"{label} is not an adapter folder (needs adapter_config.json and "
                            "adapter_model.safetensors)")
-    config = json.loads(config_path.read_text())
-    if config.get("peft_type") != "LORA":
-        raise RankoptError(f"{folder} holds a {config.get('peft_type')} adapter; only LoRA adapters can be exported")
     meta_path = folder / "rankopt.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    return config, load_file(str(weights)), meta
+    try:
+        config = _json_object(config_path)
+        meta = _json_object(meta_path) if meta_path.is_file() else {}
+        tensors = load_file(str(weights))
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, JSON errors: the file is damaged
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise RankoptError(f"{label} is damaged ({reason}); write it again (rerun the trial) or use another") from None
+    if config.get("peft_type") != "LORA":
+        raise RankoptError(f"{label} holds a {config.get('peft_type')} adapter; only LoRA adapters can be exported")
+    return config, tensors, meta
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    value = json.loads(path.read_text())
+    if not isinstance(value, dict):
+        raise ValueError(f"{path.name} holds a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def adapter_ranks(state: dict[str, torch.Tensor]) -> dict[str, int]:

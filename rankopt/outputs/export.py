@@ -239,7 +239,7 @@ def export(out: str | Path, *, study: str | None = None, storage: str | None = N
     with tempfile.TemporaryDirectory() as tmp:
         folder, run = fetch_adapter(client, source.run_id, Path(tmp))
         _describe(source, run)
-        adapter_config, state, meta = read_adapter(folder)
+        adapter_config, state, meta = read_adapter(folder, f"the adapter artifact of MLflow run '{source.run_id}'")
         model_cfg, task_type = _model_source(meta, adapter_config)
         check_remote_code(model_cfg, trust_remote_code, "the adapter's rankopt.json")
         if merge:

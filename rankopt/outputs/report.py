@@ -151,11 +151,12 @@ def _rank_history(client, best, notes: list[str]):
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = client.download_artifacts(run_id, "rank_history.json", tmp)
-            events = json.loads(Path(local).read_text())
-        except Exception:  # noqa: BLE001 - an older run, or artifacts kept elsewhere
-            notes.append(f"trial {best.number}'s MLflow run has no rank_history.json: no rank heatmap")
+            events = [RankEvent(step=e["step"], budget=e["budget"], ranks=dict(e["ranks"]))
+                      for e in json.loads(Path(local).read_text())]
+        except Exception:  # noqa: BLE001 - an older run, artifacts kept elsewhere, a damaged file
+            notes.append(f"trial {best.number}'s MLflow run has no readable rank_history.json: no rank heatmap")
             return None
-    return [RankEvent(step=e["step"], budget=e["budget"], ranks=e["ranks"]) for e in events] or None
+    return events or None
 
 
 def _row(trial, study) -> TrialRow:
