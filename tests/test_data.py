@@ -49,6 +49,8 @@ BAD_DATA = {  # case -> (file name, bytes, task type, what the message must say)
                         "train.csv row 2 (line 3) has no label"),
     "nan csv label": ("train.csv", b"text,label\na,1\nb,nan\n", "classification",
                       "train.csv row 2 (line 3) has no label"),
+    "negative class id": ("train.jsonl", b'{"text": "a", "label": 1}\n{"text": "b", "label": -1}\n', "classification",
+                          "train.jsonl row 2 has label -1; a classification label is a class id"),
     "nan json label": ("train.jsonl", b'{"text": "a", "label": 1}\n{"text": "b", "label": NaN}\n', "classification",
                        "train.jsonl row 2 has label nan; a classification label is a class id"),
     "null label": ("train.jsonl", b'{"text": "a", "label": 1}\n{"text": "b", "label": null}\n', "classification",

@@ -142,7 +142,8 @@ def load_raw(task: TaskConfig) -> datasets.DatasetDict:
         if missing:
             keys = "task.prompt_column / task.response_column" if task.type == "causal_lm" else \
                 "task.text_columns / task.label_column"
-            raise RankoptError(f"{role} data has no column {missing[0]!r} (columns: {', '.join(split.column_names)}); "
+            source = data_sources(task).get(role, f"{role} data")
+            raise RankoptError(f"{source} has no column {missing[0]!r} (columns: {', '.join(split.column_names)}); "
                                f"set {keys} to match")
     return raw
 

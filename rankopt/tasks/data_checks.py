@@ -120,7 +120,8 @@ def _check_labels(task: TaskConfig, values: list, source: str) -> None:
     if task.type != "classification":
         return
     for index, value in enumerate(values):
-        if isinstance(value, float) and not (math.isfinite(value) and value.is_integer() and value >= 0):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and \
+                not (math.isfinite(value) and float(value).is_integer() and value >= 0):
             raise RankoptError(f"{where(source, index)} has label {value!r}; a classification label is a class "
                                "id 0..K-1 or a name: fix the row (or set task.type=regression for scores)")
     numbers = [i for i, v in enumerate(values) if _is_number(v)]
