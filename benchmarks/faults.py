@@ -635,14 +635,14 @@ def main() -> None:
         project = build_project(work)
         if {"artifact", "kill-export"} & set(args.groups) and "kill-tune" not in args.groups:
             timed("tune", str(preset(project, work / "tune.yml")), "--trials", "2", "--out", str(work / "tune-base"))
-        plan = {
-            "data": lambda: bad_data(project, work, rng, args.random_files),
+        plan = {  # in this order; the data fuzzer runs the CLI in this process (typer's CliRunner): last
             "checkpoint": lambda: checkpoint_damage(project, work, rng),
             "kill-train": lambda: kill_train(project, work, args.kills, rng),
             "kill-tune": lambda: kill_tune(project, work, args.kills, rng),
             "kill-export": lambda: kill_export(project, work, args.kills, rng),
             "artifact": lambda: artifact_damage(project, work, rng),
             "workers": lambda: workers(project, work),
+            "data": lambda: bad_data(project, work, rng, args.random_files),
         }
         for group in sorted(args.groups, key=lambda g: list(plan).index(g)):
             started = time.perf_counter()

@@ -57,6 +57,7 @@ def _quiet_libraries() -> None:
     for handler in logging.getLogger("optuna").handlers:
         handler.addFilter(_no_traceback_for_user_errors)
     datasets.disable_progress_bars()
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)  # a file it cannot parse is our one-line error
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
 

@@ -45,6 +45,13 @@ BAD_DATA = {  # case -> (file name, bytes, task type, what the message must say)
                          "train.jsonl line 2 is not valid JSON"),
     "json list line": ("train.jsonl", b'{"text": "a", "label": 1}\n[1, 2]\n', "classification",
                        "train.jsonl line 2 is a JSON list"),
+    "csv extra field": ("train.csv", b"text,label\na,1\nb,0,9\n", "classification",
+                        "train.csv line 3 has 3 field(s), the header 2"),
+    "csv quote never closed": ("train.csv", b'text,label\na,1\n"b,0\nc,1\n', "classification",
+                               "train.csv line 3 has 1 field(s), the header 2"),
+    "empty json list": ("train.json", b"[]", "classification", "train.json is an empty list"),
+    "json list of numbers": ("train.json", b'[{"text": "a", "label": 1}, 2]', "classification",
+                             "train.json item 2 is a JSON int, not an object"),
     "empty csv label": ("train.csv", b"text,label\na,1\nb,\n", "classification",
                         "train.csv row 2 (line 3) has no label"),
     "nan csv label": ("train.csv", b"text,label\na,1\nb,nan\n", "classification",
@@ -68,14 +75,25 @@ BAD_DATA = {  # case -> (file name, bytes, task type, what the message must say)
 }
 
 
+def test_odd_but_valid_files_are_read(tmp_path, tokenizer):
+    """A UTF-8 byte order mark, CRLF line ends, quoted commas and a .json list are data, not errors."""
+    from rankopt.tasks.data import prepare
+
+    (tmp_path / "train.csv").write_bytes(b'\xef\xbb\xbftext,label\r\n"w1, good",1\r\nw2 bad,0\r\n')
+    (tmp_path / "validation.json").write_bytes(b'\xef\xbb\xbf[{"text": "w1 good", "label": 1}, {"text": "w2", "label": 0}]')
+    data = prepare(TaskConfig(name="t", data_dir=str(tmp_path), text_columns=["text"]), tokenizer)
+    assert len(data.train) == 2 and len(data.eval) == 2
+
+
 @pytest.mark.parametrize("case", sorted(BAD_DATA))
 def test_bad_data_is_named_by_file_and_row(case, tmp_path, tokenizer):
     from rankopt.errors import RankoptError
     from rankopt.tasks.data import prepare
 
     name, content, task_type, message = BAD_DATA[case]
-    (tmp_path / ("train.csv" if name.endswith(".csv") else "train.jsonl")).write_bytes(
-        GOOD_CSV if name.endswith(".csv") else GOOD_TRAIN)
+    if not name.endswith(".json"):
+        (tmp_path / ("train.csv" if name.endswith(".csv") else "train.jsonl")).write_bytes(
+            GOOD_CSV if name.endswith(".csv") else GOOD_TRAIN)
     (tmp_path / "validation.jsonl").write_bytes(GOOD_TRAIN)
     (tmp_path / name).write_bytes(content)
     task = TaskConfig(name="t", data_dir=str(tmp_path), text_columns=["text"], type=task_type,

@@ -36,6 +36,8 @@ def check_file(path: Path) -> None:
             except UnicodeDecodeError as exc:
                 raise RankoptError(f"{path} line {number} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at "
                                    f"column {exc.start + 1}); save the file as UTF-8") from None
+            if number == 1:
+                line = line.removeprefix("\ufeff")  # a byte order mark: datasets reads past it, so do we
             if not line.strip():
                 continue
             rows += 1
@@ -44,6 +46,40 @@ def check_file(path: Path) -> None:
     if rows == 0 or (path.suffix == ".csv" and rows == 1):
         what = "has a header but no rows" if rows == 1 else "is empty"
         raise RankoptError(f"{path} {what}; add examples to it (one per line)")
+    if path.suffix == ".csv":
+        _check_csv_fields(path)
+    elif path.suffix == ".json" and not json_lines:
+        _check_json_list(path)
+
+
+def _check_json_list(path: Path) -> None:
+    """A .json file holding one list: of objects, at least one."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8-sig"))
+    except ValueError as exc:
+        raise RankoptError(f"{path} is not valid JSON ({getattr(exc, 'msg', exc)}, line {getattr(exc, 'lineno', '?')}); "
+                           "write a list of objects, or one object per line (.jsonl)") from None
+    if not value:
+        raise RankoptError(f"{path} is an empty list; add examples to it")
+    bad = next((i for i, item in enumerate(value) if not isinstance(item, dict)), None)
+    if bad is not None:
+        raise RankoptError(f"{path} item {bad + 1} is a JSON {type(value[bad]).__name__}, not an object; write a "
+                           "list of objects such as {\"text\": \"...\", \"label\": 0}")
+
+
+def _check_csv_fields(path: Path) -> None:
+    """Every CSV row has the header's number of fields (a stray comma, a quote never closed)."""
+    import csv
+
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader)
+        start = reader.line_num + 1
+        for row in reader:
+            if row and len(row) != len(header):
+                raise RankoptError(f"{path} line {start} has {len(row)} field(s), the header {len(header)}; put a "
+                                   "field holding a comma in double quotes, and close every quote")
+            start = reader.line_num + 1
 
 
 def _starts_with(path: Path, prefix: bytes) -> bool:
@@ -55,7 +91,7 @@ def _check_json_line(path: Path, number: int, line: str) -> None:
     try:
         value = json.loads(line)
     except ValueError as exc:
-        raise RankoptError(f"{path} line {number} is not valid JSON ({exc.msg} at column {exc.colno}); "
+        raise RankoptError(f"{path} line {number} is not valid JSON ({exc.msg}, column {exc.colno}); "
                            "write one JSON object per line") from None
     if not isinstance(value, dict):
         raise RankoptError(f"{path} line {number} is a JSON {type(value).__name__}, not an object; write one "
