@@ -322,3 +322,25 @@ def test_processes_opening_fresh_stores_together_create_them_once(tmp_path):
     for proc in procs:
         proc.join(timeout=60)
     assert outcomes == ["ok"] * 4, outcomes
+
+
+def test_a_store_whose_creation_was_killed_is_made_again_whole(tmp_path):
+    """A process killed while MLflow migrated a fresh SQLite store left it half made: every later command
+    failed ("out-of-date database schema", a traceback). A fresh store is now made aside and renamed in."""
+    from rankopt.tracking.store_lock import made_whole
+
+    url = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def killed(temp_url: str) -> None:
+        path = temp_url[len("sqlite:///"):]
+        open(path, "wb").write(b"SQLite format 3\x00 half")
+        open(path + "-journal", "wb").write(b"hot")
+        raise KeyboardInterrupt  # as SIGKILL would, mid-creation
+
+    with pytest.raises(KeyboardInterrupt):
+        made_whole(url, killed)
+    assert not (tmp_path / "mlflow.db").exists()  # nothing half made where the store goes
+    made_whole(url, lambda temp_url: open(temp_url[len("sqlite:///"):], "wb").write(b"whole"))
+    assert (tmp_path / "mlflow.db").read_bytes() == b"whole" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "mlflow.db"]
+    made_whole(url, killed)  # an existing store is left alone

@@ -76,14 +76,32 @@ def client_for(uri: str):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     from rankopt.tracking.urls import sqlalchemy_url
 
-    from rankopt.tracking.store_lock import opening
+    from rankopt.tracking.store_lock import made_whole, opening
 
     mlflow.set_tracking_uri(sqlalchemy_url(uri))
     with opening(uri):  # MLflow creates and migrates a fresh database on first use: one process at a time
+        made_whole(uri, lambda url: MlflowClient(tracking_uri=url).search_experiments(max_results=1))
         client = MlflowClient(tracking_uri=sqlalchemy_url(uri))
         if uri.startswith(("sqlite:", "postgresql:", "postgres:")):
-            client.search_experiments(max_results=1)
+            _check_schema(client, uri)
     return ResilientClient(client, uri)
+
+
+def _check_schema(client, uri: str) -> None:
+    """Open the store now; one made half by an interrupted first run is a one-line error saying how to finish it."""
+    from mlflow.exceptions import MlflowException
+
+    from rankopt.errors import RankoptError
+    from rankopt.tracking.urls import mask_url
+
+    try:
+        client.search_experiments(max_results=1)
+    except MlflowException as exc:
+        if "out-of-date database schema" not in str(exc):
+            raise
+        raise RankoptError(f"the MLflow store '{mask_url(uri)}' has an older schema (made by an older MLflow, or "
+                           f"left half made by a run killed while creating it); back it up, then run `mlflow db "
+                           f"upgrade {mask_url(uri)}`") from None
 
 
 def check_reachable(uri: str) -> None:

@@ -6,7 +6,8 @@ study, workers started together) race: "table studies already exists", a UNIQUE 
 ``alembic_version``, or a half-migrated MLflow database. :func:`opening` serializes the open:
 an advisory lock on PostgreSQL (its own connection, dropped by the server if the process dies),
 an ``flock`` on the folder of a SQLite file. Other stores (MySQL, a tracking server) are opened
-as they are: a server migrates its own database.
+as they are: a server migrates its own database. A fresh SQLite store is also made aside and
+renamed into place (:func:`made_whole`), so a kill during its creation leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -54,6 +55,31 @@ def opening(url: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def made_whole(url: str, create) -> None:
+    """Make a missing SQLite store beside its place (``create(temp_url)``) and rename it in when complete.
+
+    A process killed while MLflow migrates a fresh database leaves it half made, and every later
+    open fails ("out-of-date database schema"). Made aside, the store appears whole or not at all.
+    Call it under :func:`opening` (the temporary file then belongs to no one else).
+    """
+    folder = _sqlite_folder(url) if url.startswith("sqlite:///") else None
+    if folder is None or not folder.is_dir():
+        return
+    path = Path(url[len("sqlite:///"):].split("?", 1)[0])
+    if path.exists():
+        return
+    tmp = folder / f".{path.name}.creating"
+    leftovers = [tmp, *(folder / f"{tmp.name}{suffix}" for suffix in ("-journal", "-wal", "-shm"))]
+    for stale in leftovers:  # left by a creation that was killed
+        stale.unlink(missing_ok=True)
+    try:
+        create(f"sqlite:///{tmp}")
+        os.replace(tmp, path)
+    finally:
+        for stale in leftovers:
+            stale.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
