@@ -6,6 +6,9 @@ stores. One JSON row per case goes to ``--out-jsonl``; the table printed at the 
 group, the cases tried and survived. A case survives when nothing is lost and nothing is wrong
 in silence:
 
+Kill moments are drawn uniformly between a third of the command's uninterrupted wall time (Python's
+imports are done by then) and its end.
+
 * ``kill-train``: SIGKILL ``rankopt train`` at a random moment, rerun with ``--resume`` (plain when
   no checkpoint was left): exit 0, no traceback, the same final metric as an uninterrupted run, no
   MLflow run left RUNNING, no checkpoint left behind.
@@ -185,12 +188,12 @@ def runs_in(uri: str):
 
 
 def kill_train(project: dict, work: Path, kills: int, rng: random.Random):
-    tiny = preset(project, work / "train.yml", steps=40, eval_every=5)
+    tiny = preset(project, work / "train.yml", steps=300, eval_every=25)  # training, not start-up, most of the time
     seconds, base = timed("train", str(tiny), "--out", str(work / "train-base"))
     expected = metric_line(base.stdout)
     for k in range(kills):
         out = work / f"train-{k}"
-        delay = rng.uniform(1.0, seconds)
+        delay = rng.uniform(seconds / 3, seconds)
         killed = kill_after(["train", str(tiny), "--out", str(out)], delay, work / f"train-{k}.log")
         done = cli("train", str(tiny), "--out", str(out), "--resume")
         how = "resumed"
@@ -236,11 +239,11 @@ def check_study(url: str, name: str, tracking: str | None) -> str | None:
 
 
 def kill_tune(project: dict, work: Path, kills: int, rng: random.Random):
-    tiny = preset(project, work / "tune.yml", steps=20, eval_every=5)
+    tiny = preset(project, work / "tune.yml", steps=80, eval_every=10)
     seconds, _ = timed("tune", str(tiny), "--trials", "2", "--out", str(work / "tune-base"))
     for k in range(kills):
         out = work / f"tune-{k}"
-        delay = rng.uniform(1.0, seconds)
+        delay = rng.uniform(seconds / 3, seconds)
         killed = kill_after(["tune", str(tiny), "--trials", "2", "--out", str(out)], delay, work / f"tune-{k}.log")
         done = cli("tune", str(tiny), "--trials", "2", "--out", str(out))
         problem = clean_exit(done) or check_study(f"sqlite:///{out / 'optuna.db'}", "tiny",
@@ -277,7 +280,7 @@ def kill_export(project: dict, work: Path, kills: int, rng: random.Random):
         replacing = k % 2 == 1
         if replacing:
             shutil.copytree(work / "export-base", out)
-        delay = rng.uniform(0.5, seconds)
+        delay = rng.uniform(seconds / 3, seconds)
         killed = kill_after(["export", *common, "--out", str(out), "--force"], delay, work / f"export-{k}.log")
         after_kill = folder_state(out)
         done = cli("export", *common, "--out", str(out), "--force")
@@ -634,7 +637,8 @@ def main() -> None:
         work = Path(tmp)
         project = build_project(work)
         if {"artifact", "kill-export"} & set(args.groups) and "kill-tune" not in args.groups:
-            timed("tune", str(preset(project, work / "tune.yml")), "--trials", "2", "--out", str(work / "tune-base"))
+            timed("tune", str(preset(project, work / "tune.yml", steps=80, eval_every=10)), "--trials", "2", "--out",
+                  str(work / "tune-base"))
         plan = {  # in this order; the data fuzzer runs the CLI in this process (typer's CliRunner): last
             "checkpoint": lambda: checkpoint_damage(project, work, rng),
             "kill-train": lambda: kill_train(project, work, args.kills, rng),
