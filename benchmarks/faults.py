@@ -29,7 +29,7 @@ imports are done by then) and its end.
   (no ``--out`` folder, no MLflow run).
 
     python benchmarks/faults.py                                              # all groups, ~1 h on 2 busy cores
-    python benchmarks/faults.py --groups data checkpoint --kills 1 --random-files 2 --out-jsonl /tmp/f.jsonl
+    python benchmarks/faults.py --groups checkpoint data --max-cases 2 --out-jsonl /tmp/f.jsonl   # smoke run
 """
 
 from __future__ import annotations
@@ -624,6 +624,7 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=10, help="random kill moments per killed command")
     ap.add_argument("--random-files", type=int, default=10, help="random byte mutations on top of the named files")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-cases", type=int, default=None, help="stop each group after this many cases (smoke runs)")
     ap.add_argument("--out-jsonl", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args()
     import torch
@@ -650,7 +651,7 @@ def main() -> None:
         }
         for group in sorted(args.groups, key=lambda g: list(plan).index(g)):
             started = time.perf_counter()
-            for case, survived, detail in plan[group]():
+            for number, (case, survived, detail) in enumerate(plan[group](), 1):
                 row = {"group": group, "case": case, "survived": survived, "detail": detail[:1000],
                        "seconds": round(time.perf_counter() - started, 1), "code": CODE,
                        "date": time.strftime("%Y-%m-%d")}
@@ -663,6 +664,8 @@ def main() -> None:
                 print(f"{'ok  ' if survived else 'FAIL'} {group}: {case}: {detail[:200]}", flush=True)
                 if not survived:
                     failures.append(row)
+                if args.max_cases is not None and number >= args.max_cases:
+                    break
     print("\n| group | cases tried | survived |\n|---|---:|---:|")
     for group, (tried, survived) in counts.items():
         print(f"| {group} | {tried} | {survived} |")

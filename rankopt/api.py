@@ -65,7 +65,8 @@ def train(preset: str | Config, overrides: dict[str, Any] | list[str] | None = N
     if not resume:
         checkpoint.clear()  # starting over (its MLflow run, if left running, was just ended)
     if run_id is None:
-        run = client.create_run(exp_id, run_name=run_name, tags={"rankopt.kind": "train", "rankopt.task": cfg.task.name})
+        run = client.create_run(exp_id, run_name=run_name,
+                                tags={"rankopt.kind": "train", "rankopt.task": cfg.task.name})
         run_id = run.info.run_id
         mlflow_runs.log_params(client, run_id, cfg.model_dump(exclude={"search"}))
         checkpoint.folder.mkdir(parents=True, exist_ok=True)

@@ -308,3 +308,14 @@ def test_demo_times_runs_the_readme_commands_and_appends_a_row_each(tmp_path):
     assert all(positive(r["seconds"]) and positive(r["peak_rss_gib"]) for r in (train, tune))
     assert "total rank" in train["result"][-1] and "1 complete" in tune["result"][0]
     assert {"rankopt train demo", "rankopt tune demo --trials 1"} <= set(table_rows(proc.stdout))
+
+
+def test_faults_campaign_counts_what_it_tried(tmp_path):
+    """Two cases of two groups (a damaged checkpoint, a malformed data file): each row appended, the table printed."""
+    out = tmp_path / "faults.jsonl"
+    proc = run_script("faults.py", "--groups", "checkpoint", "data", "--max-cases", "2", "--out-jsonl", str(out))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["group"] for r in rows] == ["checkpoint", "checkpoint", "data", "data"]
+    assert all(r["survived"] for r in rows), rows
+    assert table_rows(proc.stdout)["**all**"] == ["**4**", "**4**"]
+    assert last_json(proc.stdout)["failures"] == []

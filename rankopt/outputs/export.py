@@ -221,10 +221,9 @@ def export(out: str | Path, *, study: str | None = None, storage: str | None = N
         >>> export("sst2-small", study="sst2", within=0.01)  # the smallest within 1 point  # doctest: +SKIP
     """
     from rankopt.tracking import mlflow_runs
+    from rankopt.adapters.atomic import check_target
     from rankopt.adapters.peft_format import atomic_folder, head_num_labels, read_adapter
     from rankopt.tasks.modeling import load_tokenizer
-
-    from rankopt.adapters.atomic import check_target
 
     out = Path(out)
     check_target(out, force)  # a folder rankopt did not write is refused before anything is done

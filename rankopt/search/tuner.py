@@ -297,7 +297,8 @@ def run_trials(prepared: PreparedStudy, *, timeout: float | None = None, callbac
     return TuneResult(study_name=study.study_name, storage=_mask(prepared.storage),
                       objectives=list(cfg.search.objectives), best=best,
                       n_complete=states.count(TS.COMPLETE), n_pruned=states.count(TS.PRUNED),
-                      n_failed=states.count(TS.FAIL), n_running=states.count(TS.RUNNING), parent_run_id=tracker.parent_run_id if tracker else None,
+                      n_failed=states.count(TS.FAIL), n_running=states.count(TS.RUNNING),
+                      parent_run_id=tracker.parent_run_id if tracker else None,
                       study=study, metric_name=cfg.task.metric, test_note=test_note, within=within,
                       smallest=smallest_summary, artifacts=_artifacts(tracker))
 
