@@ -49,9 +49,9 @@ def check_target(out: str | Path, force: bool = False) -> None:
     if not force:
         raise RankoptError(f"{out} already exists; choose another --out or pass --force to replace it")
     if not (path.is_dir() and (path / MARKER).is_file()):
-        raise RankoptError(f"{out} was not written by rankopt (it has no {MARKER} file, nor have folders of "
-                           "rankopt before issue 25), so --force does not replace it; choose another --out, or move "
-                           "it away yourself")
+        raise RankoptError(f"{out} was not written by rankopt (it has no {MARKER} file; folders from older "
+                           "rankopt versions have none either), so --force does not replace it; choose another "
+                           "--out, or move it away yourself")
 
 
 def _tag(out: Path, kind: str) -> str:
