@@ -4,9 +4,10 @@ Heartbeats notice a lost trial after ``search.grace_period`` seconds (180 by def
 is right for a worker on another machine. But a ``rankopt tune`` killed and rerun at once on
 the same machine would leave its trial RUNNING (counted nowhere) for those three minutes,
 while the answer is one system call away: every trial records its process (host, pid and the
-pid's start time, so a reused pid is not taken for it), and a process that starts on the same
-host fails and retries the trials whose process is gone. Other hosts' trials are left to the
-heartbeats: from here nothing safe can be said about them.
+pid's start time, so a reused pid is not taken for it) the moment Optuna makes it (:func:`mark`,
+through the study's sampler), and a process that starts on the same host fails and retries the
+trials whose process is gone. Other hosts' trials are left to the heartbeats: from here nothing
+safe can be said about them.
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ def _start_time(pid: int) -> str:
 def this_process() -> str:
     pid = os.getpid()
     return f"{socket.gethostname()}:{pid}:{_start_time(pid)}"
+
+
+def mark(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """Record this process on a trial Optuna has just made (before the objective runs, so a kill at
+    any later moment leaves it marked)."""
+    if trial.state == TrialState.RUNNING and OWNER_ATTR not in trial.user_attrs:
+        study._storage.set_trial_user_attr(trial._trial_id, OWNER_ATTR, this_process())
 
 
 def is_gone(owner: str) -> bool:

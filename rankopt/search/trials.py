@@ -78,13 +78,18 @@ class SeededPerTrial(optuna.samplers.BaseSampler):
     seed. One process alone stays reproducible (trial k always draws from the same seed), and a
     resumed study draws new points. Optuna's samplers keep their history in the study, not in
     the sampler, so a fresh one per trial loses nothing but caches.
+
+    ``on_new_trial(study, trial)`` runs first, as soon as Optuna has made the trial (the earliest
+    moment rankopt's code sees it): :func:`rankopt.search.owners.mark` records the process there.
     """
 
-    def __init__(self, make, seed: int):
-        self._make, self._seed = make, seed
+    def __init__(self, make, seed: int, on_new_trial=None):
+        self._make, self._seed, self._on_new_trial = make, seed, on_new_trial
         self._inner = make(seed)
 
     def before_trial(self, study, trial) -> None:
+        if self._on_new_trial is not None:
+            self._on_new_trial(study, trial)
         self._inner = self._make(trial_seed(self._seed, trial.number))
         self._inner.before_trial(study, trial)
 

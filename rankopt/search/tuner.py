@@ -23,7 +23,8 @@ from rankopt.tasks.modeling import resolve_model_path
 from rankopt.search.trials import (ReportToTrial, SeededPerTrial, TuneResult, best_trials, default_storage, make_pruner,
                             make_sampler, objective_directions, suggest, summarize, trial_config)
 from rankopt.search import data_parallel, holdout
-from rankopt.search.owners import OWNER_ATTR, fail_orphaned_trials, this_process
+from rankopt.search import owners
+from rankopt.search.owners import fail_orphaned_trials
 from rankopt.search.selection import check_within, smallest_within
 from rankopt.search.studies import (CONFIG_ATTR, LIMIT_ATTR, StaleTrialHandler, StudyLock, check_study_name,
                              open_storage, retried_from, tally)
@@ -73,7 +74,6 @@ class Objective:
 
     def _run(self, trial: optuna.Trial) -> float | tuple[float, float]:
         retry_of = retried_from(trial)
-        trial.set_user_attr(OWNER_ATTR, this_process())  # a rerun on this machine sees at once if it dies
         data_parallel.announce(trial.number if retry_of is None else retry_of)  # the other processes join in
         shared = data_parallel.shared(trial)  # suggestions and pruning decisions reach every process
         values = suggest(shared, self.base.search.space)
@@ -162,7 +162,7 @@ def open_study(cfg: Config, study_name: str, storage: str, *, storage_obj=None) 
                            f"the preset asks for {len(directions)}; pick another --study name")
     eval_every = cfg.training.eval_every
     sampler = SeededPerTrial(lambda seed: make_sampler(cfg.search, seed, len(directions), constant_liar=True),
-                             cfg.training.seed)
+                             cfg.training.seed, on_new_trial=owners.mark)  # a rerun here sees at once if it dies
     study = optuna.create_study(storage=storage_obj, study_name=study_name, directions=directions,
                                 load_if_exists=True, sampler=sampler,
                                 pruner=make_pruner(cfg.search, eval_every, cfg.training.steps))
