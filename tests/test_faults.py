@@ -7,6 +7,7 @@ killed-worker test needs PostgreSQL on 127.0.0.1:5432 (skips otherwise).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -295,32 +296,37 @@ def test_sigterm_hands_the_trial_back(tmp_path, tiny_model_dir, tiny_data_dir):
 
 def _open_stores(optuna_url: str, mlflow_url: str, barrier, results) -> None:
     from rankopt.search.studies import open_storage
-    from rankopt.tracking.mlflow_runs import client_for, ensure_experiment
+    from rankopt.tracking.mlflow_runs import check_reachable, client_for, ensure_experiment
 
     barrier.wait()  # every process opens the fresh databases at the same moment
     try:
         optuna.create_study(storage=open_storage(optuna_url), study_name="s", load_if_exists=True)
+        check_reachable(mlflow_url)  # as tune and worker do first with --tracking-uri
         ensure_experiment(client_for(mlflow_url), "e", None)
         results.put("ok")
     except Exception as exc:  # noqa: BLE001 - reported to the test
         results.put(f"{type(exc).__name__}: {str(exc)[:300]}")
 
 
-def test_processes_opening_fresh_stores_together_create_them_once(tmp_path):
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_processes_opening_fresh_stores_together_create_them_once(tmp_path, backend):
     """Issue 25: on a fresh database the second process died on Optuna's (and MLflow's) table-creation
     race, reported as "pass a valid --storage URL". Opening a store is now serialized."""
     import multiprocessing
 
-    ctx = multiprocessing.get_context("fork")
-    barrier, results = ctx.Barrier(4), ctx.Queue()
-    procs = [ctx.Process(target=_open_stores, args=(f"sqlite:///{tmp_path / 'optuna.db'}",
-                                                     f"sqlite:///{tmp_path / 'mlflow.db'}", barrier, results))
-             for _ in range(4)]
-    for proc in procs:
-        proc.start()
-    outcomes = [results.get(timeout=300) for _ in procs]
-    for proc in procs:
-        proc.join(timeout=60)
+    with contextlib.ExitStack() as stack:
+        if backend == "sqlite":
+            urls = (f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}")
+        else:
+            urls = tuple(stack.enter_context(pg_databases(2)))
+        ctx = multiprocessing.get_context("fork")
+        barrier, results = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_open_stores, args=(*urls, barrier, results)) for _ in range(4)]
+        for proc in procs:
+            proc.start()
+        outcomes = [results.get(timeout=300) for _ in procs]
+        for proc in procs:
+            proc.join(timeout=60)
     assert outcomes == ["ok"] * 4, outcomes
 
 

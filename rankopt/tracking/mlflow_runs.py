@@ -121,8 +121,11 @@ def check_reachable(uri: str) -> None:
         return
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"})
+    from rankopt.tracking.store_lock import opening
+
     try:
-        MlflowClient(tracking_uri=sqlalchemy_url(uri)).search_experiments(max_results=1)
+        with opening(uri):  # a fresh database gets MLflow's tables here: one process at a time
+            MlflowClient(tracking_uri=sqlalchemy_url(uri)).search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - any failure here means the URI does not work
         reason = mask_text(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:300]
         raise RankoptError(f"cannot reach MLflow at '{mask_url(uri)}' ({reason}); start the tracking server "
