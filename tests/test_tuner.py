@@ -382,6 +382,10 @@ def test_processes_sharing_a_study_never_draw_the_same_point(tiny_files, tmp_pat
             trial = study.ask()  # left RUNNING, like a trial the other process is training
             drawn.append(json.dumps(suggest(trial, cfg.search.space), sort_keys=True))
     assert len(set(drawn)) == len(drawn), drawn
+    from rankopt.search.owners import OWNER_ATTR, this_process
+
+    # each trial carries its process from the moment Optuna made it (a kill before the objective starts is seen)
+    assert {t.user_attrs.get(OWNER_ATTR) for t in first.trials} == {this_process()}
     again = open_study(cfg, "shared", f"sqlite:///{tmp_path / 'again.db'}")
     assert [json.dumps(suggest(again.ask(), cfg.search.space), sort_keys=True) for _ in range(6)] == drawn
 
