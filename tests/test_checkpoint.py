@@ -203,3 +203,13 @@ def test_train_resume_goes_on_from_its_checkpoint_in_the_same_mlflow_run(tiny_pr
         again = rankopt.train(str(tiny_preset_file), short, out=out)
     assert again.resumed_from_step == 0 and "starting over from step 0" in caplog.text
     assert client.get_run(killed.info.run_id).info.status == "KILLED"
+
+
+def test_folder_names_never_climb_out():
+    from rankopt.training.checkpoint import folder_name
+
+    assert folder_name("demo") == "demo" and folder_name("x.y") == "x.y"
+    for name in ("..", ".", "", "a/b", "../up", "..\\up"):
+        safe = folder_name(name)
+        assert safe.strip(".") and "/" not in safe and "\\" not in safe, (name, safe)
+    assert folder_name("a/b") != folder_name("a_b")  # replaced characters do not make two names one

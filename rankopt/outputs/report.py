@@ -79,10 +79,9 @@ def report(study: str, storage: str | None = None, tracking_uri: str | None = No
         >>> rankopt.report("demo").html  # doctest: +SKIP
         PosixPath('runs/reports/demo/report.html')
     """
+    from rankopt.adapters.atomic import check_target
     from rankopt.search.trials import default_storage
     from rankopt.tracking.mlflow_runs import default_tracking_uri
-
-    from rankopt.adapters.atomic import check_target
 
     out = Path(out) if out is not None else runs_folder(storage) / "reports" / _folder_name(study)
     check_target(out, force)  # a folder rankopt did not write is refused before anything is done

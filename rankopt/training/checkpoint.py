@@ -12,8 +12,9 @@ What is saved, after every ``search.checkpoint_every``-th evaluation:
 Never pickle: the tensors are read back with ``safetensors`` and the rest is JSON, so a
 checkpoint folder from anywhere cannot run code. ``state.json`` holds the SHA-256 of
 ``state.safetensors``: a checkpoint cut short or damaged on disk (a full disk, a copy that
-stopped) is skipped with one warning, and the trial starts from the one before or from step 0. The data order is not saved: the trainer
-replays the data loader's seeded shuffle up to the checkpoint's step (cheap next to training).
+stopped) is skipped with one warning, and the trial starts from the one before or from step 0.
+The data order is not saved: the trainer replays the data loader's seeded shuffle up to the
+checkpoint's step (cheap next to training).
 
 Layout: ``ROOT/STUDY/trial-N/step-00000040/``, where N is the trial's original number (a
 retry of trial 3 reads ``trial-3``). A step folder is written beside the others and renamed
@@ -270,8 +271,9 @@ class TrialCheckpoint:
 def folder_name(name: str) -> str:
     """``name`` as one folder name: other characters replaced (plus a hash of the name), never '.' or '..'."""
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-    if safe != name or safe.strip(".") == "":
-        safe = safe.replace(".", "_") if safe.strip(".") == "" else safe
+    if not safe.strip("."):  # '', '.', '..': a folder name that would not be a folder of its own
+        safe = safe.replace(".", "_") or "_"
+    if safe != name:
         safe += "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
     return safe
 
