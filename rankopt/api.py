@@ -8,6 +8,7 @@ from typing import Any
 
 from rankopt import distributed
 from rankopt.config import Config, resolve_config
+from rankopt.search import owners
 from rankopt.tasks.modeling import resolve_model_path
 from rankopt.training.events import Callback, TrainResult
 from rankopt.training.setup import build_model, prepare_data
@@ -62,15 +63,16 @@ def train(preset: str | Config, overrides: dict[str, Any] | list[str] | None = N
     client = mlflow_runs.client_for(uri)
     exp_id = mlflow_runs.ensure_experiment(client, cfg.task.name, mlflow_runs.artifact_root(tracking_uri, out))
     run_id = _earlier_run(client, checkpoint, exp_id, resume)
+    _close_lost_runs(client, exp_id, keep=run_id)
     if not resume:
-        checkpoint.clear()  # starting over (its MLflow run, if left running, was just ended)
+        checkpoint.clear()  # starting over
     if run_id is None:
-        run = client.create_run(exp_id, run_name=run_name,
-                                tags={"rankopt.kind": "train", "rankopt.task": cfg.task.name})
+        run = client.create_run(exp_id, run_name=run_name, tags={
+            "rankopt.kind": "train", "rankopt.task": cfg.task.name, PROCESS_TAG: owners.this_process()})
         run_id = run.info.run_id
-        mlflow_runs.log_params(client, run_id, cfg.model_dump(exclude={"search"}))
         checkpoint.folder.mkdir(parents=True, exist_ok=True)
         (checkpoint.folder / RUN_FILE).write_text(json.dumps({"mlflow_run_id": run_id}))
+        mlflow_runs.log_params(client, run_id, cfg.model_dump(exclude={"search"}))
     base = resolve_model_path(cfg.model.name)
     logger = mlflow_runs.MLflowLogger(client, run_id, base_model=cfg.model.name if base == cfg.model.name else base,
                                       meta={"config": cfg.model_dump()}, log_history=not resume)
@@ -86,6 +88,7 @@ def train(preset: str | Config, overrides: dict[str, Any] | list[str] | None = N
 
 
 RUN_FILE = "run.json"  # beside a train run's checkpoints: the MLflow run a resume continues
+PROCESS_TAG = "rankopt.process"  # on a train run: the process that runs it (rankopt.search.owners)
 
 
 def _check_resumable(checkpoint, resume: bool) -> None:
@@ -105,7 +108,9 @@ def _check_resumable(checkpoint, resume: bool) -> None:
 
 
 def _earlier_run(client, checkpoint, experiment_id: str, resume: bool) -> str | None:
-    """The MLflow run an interrupted run logged to: reopened with ``resume``, else ended as KILLED."""
+    """With ``resume``, the MLflow run the interrupted run logged to, reopened; else None (a new run)."""
+    if not resume:
+        return None
     try:
         run_id = json.loads((checkpoint.folder / RUN_FILE).read_text())["mlflow_run_id"]
         run = client.get_run(run_id)
@@ -113,12 +118,24 @@ def _earlier_run(client, checkpoint, experiment_id: str, resume: bool) -> str | 
         return None
     if run.info.experiment_id != experiment_id:
         return None
-    if resume:
-        client.update_run(run_id, status="RUNNING")
-        return run_id
-    if run.info.status == "RUNNING":  # its process was killed: do not leave it running
-        client.set_terminated(run_id, "KILLED")
-    return None
+    client.update_run(run_id, status="RUNNING")
+    return run_id
+
+
+def _close_lost_runs(client, experiment_id: str, keep: str | None) -> None:
+    """End as KILLED the train runs left RUNNING by a process of this machine that is gone (killed).
+
+    Any moment of a kill is covered: the process is a tag of the run from its creation on.
+    """
+    try:
+        runs = client.search_runs([experiment_id], filter_string="tags.`rankopt.kind` = 'train' and "
+                                  "attributes.status = 'RUNNING'", max_results=1000)
+    except Exception:  # noqa: BLE001 - best effort: the next run looks again
+        return
+    for run in runs:
+        owner = run.data.tags.get(PROCESS_TAG)
+        if run.info.run_id != keep and owner and owners.is_gone(owner):
+            client.set_terminated(run.info.run_id, "KILLED")
 
 
 def _run(cfg: Config, adapted, data, callbacks: list[Callback], checkpoint, main: bool) -> TrainResult:

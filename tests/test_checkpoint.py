@@ -174,6 +174,10 @@ def test_damaged_checkpoint_is_skipped_with_one_warning_and_the_trial_starts_cle
 def test_train_resume_goes_on_from_its_checkpoint_in_the_same_mlflow_run(tiny_preset_file, tmp_path, caplog):
     """Issue 25: `rankopt train` had no resume: a killed run restarted at step 0 and its MLflow run stayed
     RUNNING. Now it checkpoints under --out like a trial, and --resume goes on in the same run."""
+    import socket
+    import subprocess
+    import sys
+
     from mlflow.tracking import MlflowClient
 
     import rankopt
@@ -198,7 +202,9 @@ def test_train_resume_goes_on_from_its_checkpoint_in_the_same_mlflow_run(tiny_pr
     with pytest.raises(KeyboardInterrupt):  # killed again; this time a plain rerun starts over
         rankopt.train(str(tiny_preset_file), short, out=out, callbacks=[StopAt(12)])
     [killed] = [r for r in client.search_runs([run.info.experiment_id]) if r.info.run_id != run.info.run_id]
-    client.update_run(killed.info.run_id, "RUNNING")  # as SIGKILL leaves it
+    client.update_run(killed.info.run_id, "RUNNING")  # as SIGKILL leaves it, its process gone
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    client.set_tag(killed.info.run_id, "rankopt.process", f"{socket.gethostname()}:{int(dead.stdout)}:")
     with caplog.at_level(logging.WARNING, logger="rankopt"):
         again = rankopt.train(str(tiny_preset_file), short, out=out)
     assert again.resumed_from_step == 0 and "starting over from step 0" in caplog.text
