@@ -24,6 +24,9 @@ OutOpt = Annotated[str, typer.Option("--out", help="output folder for stores and
 NprocOpt = Annotated[int, typer.Option(
     "--nproc-per-node", help="data-parallel processes for one fine-tune on this machine (one per GPU); "
     "the same as starting the command under `torchrun --nproc-per-node N -m rankopt`")]
+TrustOpt = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="allow model.trust_remote_code (the model's own code runs here) when it comes from "
+    "a shared study or an exported rankopt.json; stored there alone it is refused")]
 WithinOpt = Annotated[Optional[float], typer.Option(
     "--within", help="the trial with the fewest adapter params whose metric is within DELTA of the best "
     "(metric units: 0.01 = 1 accuracy point; from the Pareto set for two objectives)")]
@@ -54,6 +57,7 @@ def _quiet_libraries() -> None:
     for handler in logging.getLogger("optuna").handlers:
         handler.addFilter(_no_traceback_for_user_errors)
     datasets.disable_progress_bars()
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)  # a file it cannot parse is our one-line error
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
 
@@ -142,7 +146,9 @@ def _sigterm_interrupts() -> None:
 @app.command()
 def train(preset: Annotated[str, typer.Argument(help="preset name (see search_spaces/) or a .yml path")],
           set_: SetOpt = None, data: DataOpt = None, tracking_uri: UriOpt = None, out: OutOpt = "runs",
-          nproc_per_node: NprocOpt = 1) -> None:
+          nproc_per_node: NprocOpt = 1,
+          resume: Annotated[bool, typer.Option("--resume", help="go on from the checkpoint an interrupted run left "
+                                               "under --out, in the same MLflow run")] = False) -> None:
     """Fine-tune once with the preset's values, adapting ranks during training."""
     from rankopt import distributed
     from rankopt.config import resolve_config
@@ -151,14 +157,16 @@ def train(preset: Annotated[str, typer.Argument(help="preset name (see search_sp
 
     if nproc_per_node != 1:
         _launch(nproc_per_node)
-    with _one_job("a started MLflow run is marked KILLED"):
+    with _one_job("a started MLflow run is marked KILLED; run the same command with --resume to go on from its "
+                  "last checkpoint"):
         _quiet_libraries()
+        _show_rankopt_warnings()
         _sigterm_interrupts()
         cfg = resolve_config(preset, set_, data)
         procs = distributed.init_from_environment(cfg.training.device)
         bar = ProgressBar(cfg.training.steps, description=f"train {cfg.task.name}") if procs.main else None
         try:
-            result = train_api(cfg, tracking_uri=tracking_uri, out=out, callbacks=[bar] if bar else [])
+            result = train_api(cfg, tracking_uri=tracking_uri, out=out, callbacks=[bar] if bar else [], resume=resume)
         finally:
             if bar is not None:
                 bar.close()
@@ -167,6 +175,8 @@ def train(preset: Annotated[str, typer.Argument(help="preset name (see search_sp
         return
     if result.artifacts:
         typer.echo(f"artifacts (adapter, plots): {result.artifacts}")
+    if result.resumed_from_step:
+        typer.echo(f"resumed from the checkpoint at step {result.resumed_from_step}")
     typer.echo(f"{result.metric_name} {result.metric:.4f} | total rank {result.total_rank} over "
                f"{len(result.ranks)} layers | trainable params {result.trainable_params:,} | "
                f"{result.seconds:.0f}s | mlflow run {result.run_id}")
@@ -220,6 +230,7 @@ def tune(preset: Annotated[str, typer.Argument(help="preset name (see search_spa
         _launch(nproc_per_node)
     with _one_job("the current trial was recorded as failed; run the same command to resume"):
         _quiet_libraries()
+        _show_rankopt_warnings()
         _sigterm_interrupts()
         if trials is not None and trials < 0:
             raise RankoptError("--trials must be 0 or more")
@@ -253,14 +264,15 @@ def export(out: Annotated[Optional[str], typer.Option("--out", help="folder to w
            force: Annotated[bool, typer.Option("--force", help="replace an existing --out folder")] = False,
            max_params: Annotated[Optional[int], typer.Option("--max-params", help="best trial with at most P adapter params (Pareto front for two objectives)")] = None,
            register: Annotated[Optional[str], typer.Option("--register", help="also register it in the MLflow Model Registry under NAME")] = None,
-           within: WithinOpt = None) -> None:
+           within: WithinOpt = None, trust_remote_code: TrustOpt = False) -> None:
     """Write a tuned adapter as a PEFT folder (or a merged model), with tokenizer and model card."""
     from rankopt.outputs.export import export as export_api
 
     try:
         _quiet_libraries()
         result = export_api(out, study=study, storage=storage, tracking_uri=tracking_uri, trial=trial, run_id=run_id,
-                            merge=merge, force=force, max_params=max_params, register=register, within=within)
+                            merge=merge, force=force, max_params=max_params, register=register, within=within,
+                            trust_remote_code=trust_remote_code)
     except RankoptError as exc:
         _fail(str(exc))
         return
@@ -340,7 +352,8 @@ def worker(preset: Annotated[Optional[str], typer.Argument(help="preset to creat
            trials: Annotated[Optional[int], typer.Option("--trials", help="most trials this worker runs (default: until the study's limit)")] = None,
            device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:K: pins this worker to one GPU (sets training.device)")] = None,
            checkpoint_dir: Annotated[Optional[str], typer.Option("--checkpoint-dir", help="trial checkpoints; shared storage for workers on several machines (default: OUT/checkpoints)")] = None,
-           data: DataOpt = None, set_: SetOpt = None, out: OutOpt = "runs", nproc_per_node: NprocOpt = 1) -> None:
+           data: DataOpt = None, set_: SetOpt = None, out: OutOpt = "runs", nproc_per_node: NprocOpt = 1,
+           trust_remote_code: TrustOpt = False) -> None:
     """Join a study in a shared database and take trials until its trial limit is reached."""
     from rankopt import distributed
     from rankopt.training.progress import TrialProgress
@@ -364,7 +377,8 @@ def worker(preset: Annotated[Optional[str], typer.Argument(help="preset to creat
         try:
             result = run_worker(study, storage, preset, set_, data_dir=data, tracking_uri=tracking_uri,
                                 max_trials=trials, device=device, out=out, checkpoint_dir=checkpoint_dir,
-                                callbacks_for_trial=progress.for_trial, on_trial_end=trial_ended)
+                                callbacks_for_trial=progress.for_trial, on_trial_end=trial_ended,
+                                trust_remote_code=trust_remote_code)
         finally:
             progress.close()
         distributed.shutdown()

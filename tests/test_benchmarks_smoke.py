@@ -326,3 +326,14 @@ def test_gpu_overhead_starts_bare_from_any_folder_and_skips_4bit_without_bitsand
     assert f"rankopt from {REPO / 'rankopt'}; 4bit skipped" in proc.stdout
     rows = last_json(proc.stdout)
     assert {r["variant"] for r in rows} == {"ckpt"} and all(positive(r["median_s"]) for r in rows)
+
+
+def test_faults_campaign_counts_what_it_tried(tmp_path):
+    """Two cases of two groups (a damaged checkpoint, a malformed data file): each row appended, the table printed."""
+    out = tmp_path / "faults.jsonl"
+    proc = run_script("faults.py", "--groups", "checkpoint", "data", "--max-cases", "2", "--out-jsonl", str(out))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["group"] for r in rows] == ["checkpoint", "checkpoint", "data", "data"]
+    assert all(r["survived"] for r in rows), rows
+    assert table_rows(proc.stdout)["**all**"] == ["**4**", "**4**"]
+    assert last_json(proc.stdout)["failures"] == []

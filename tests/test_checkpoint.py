@@ -8,6 +8,7 @@ sensitivity EMA, and dropout's RNG in the middle of its stream.
 from __future__ import annotations
 
 import json
+import logging
 
 import optuna
 import pytest
@@ -152,3 +153,85 @@ def test_retried_trial_resumes_at_the_checkpointed_step(cfg, tmp_path):
     assert retry.user_attrs["retry_of"] == 0 and retry.user_attrs["resumed_from_step"] == 10
     assert starts == [0, 10]
     assert not (tmp_path / "ckpt" / study.study_name / "trial-0").exists()  # done: checkpoints removed
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_checkpoint_is_skipped_with_one_warning_and_the_trial_starts_clean(damage, cfg, tmp_path, caplog):
+    """Issue 25: a cut-short state.safetensors raised SafetensorError (neither OSError nor ValueError): the
+    retry FAILed for good with a traceback and its checkpoint was deleted. Now it is skipped and the
+    retry trains from step 0 to the end."""
+    from rankopt.search.tuner import Objective
+
+    base = cfg.model_copy(deep=True)
+    base.search.space = {"training.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
+    base.training.steps = 15
+    base = Config.model_validate(base.model_dump())
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}", direction="maximize")
+    store = CheckpointStore(tmp_path / "ckpt", study.study_name, every=1)
+    with pytest.raises(KeyboardInterrupt):
+        study.optimize(Objective(base, callbacks_for_trial=lambda t, c: [StopAt(7)], checkpoints=store), n_trials=1)
+    [folder] = (tmp_path / "ckpt" / study.study_name / "trial-0").glob("step-*")
+    tensors = folder / "state.safetensors"
+    data = tensors.read_bytes()
+    if damage == "truncate":
+        tensors.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":  # same size, one byte of a tensor changed: only the checksum tells
+        tensors.write_bytes(data[:-10] + bytes([data[-10] ^ 0xFF]) + data[-9:])
+    StaleTrialHandler(base.search).queue_retry(study, study.trials[0])
+    with caplog.at_level(logging.WARNING, logger="rankopt"):
+        study.optimize(Objective(base, checkpoints=store), n_trials=1)
+    retry = study.trials[1]
+    assert retry.state == optuna.trial.TrialState.COMPLETE, retry.user_attrs.get("fail_reason")
+    assert "resumed_from_step" not in retry.user_attrs  # started clean, from step 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "skipping damaged checkpoint" in warnings[0] and "\n" not in warnings[0]
+
+
+def test_train_resume_goes_on_from_its_checkpoint_in_the_same_mlflow_run(tiny_preset_file, tmp_path, caplog):
+    """Issue 25: `rankopt train` had no resume: a killed run restarted at step 0 and its MLflow run stayed
+    RUNNING. Now it checkpoints under --out like a trial, and --resume goes on in the same run."""
+    import socket
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    import rankopt
+    from rankopt.errors import RankoptError
+
+    out = tmp_path / "out"
+    short = {"training.steps": 20}
+    with pytest.raises(RankoptError, match="--resume: no checkpoint"):
+        rankopt.train(str(tiny_preset_file), short, out=out, resume=True)
+    with pytest.raises(KeyboardInterrupt):
+        rankopt.train(str(tiny_preset_file), short, out=out, callbacks=[StopAt(12)])
+    assert [p.name for p in (out / "checkpoints" / "train" / "tiny").glob("step-*")] == ["step-00000010"]
+    resumed = rankopt.train(str(tiny_preset_file), short, out=out, resume=True)
+    assert resumed.resumed_from_step == 10  # and goes on as the uninterrupted run would (tests above)
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    assert run.info.run_id == resumed.run_id and run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "eval_accuracy")
+    assert sorted(m.step for m in history) == [10, 20]  # each evaluation once, the curve whole
+    assert not (out / "checkpoints" / "train" / "tiny").exists()  # done: the checkpoint is gone
+
+    with pytest.raises(KeyboardInterrupt):  # killed again; this time a plain rerun starts over
+        rankopt.train(str(tiny_preset_file), short, out=out, callbacks=[StopAt(12)])
+    [killed] = [r for r in client.search_runs([run.info.experiment_id]) if r.info.run_id != run.info.run_id]
+    client.update_run(killed.info.run_id, "RUNNING")  # as SIGKILL leaves it, its process gone
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    client.set_tag(killed.info.run_id, "rankopt.process", f"{socket.gethostname()}:{int(dead.stdout)}:")
+    with caplog.at_level(logging.WARNING, logger="rankopt"):
+        again = rankopt.train(str(tiny_preset_file), short, out=out)
+    assert again.resumed_from_step == 0 and "starting over from step 0" in caplog.text
+    assert client.get_run(killed.info.run_id).info.status == "KILLED"
+
+
+def test_folder_names_never_climb_out():
+    from rankopt.training.checkpoint import folder_name
+
+    assert folder_name("demo") == "demo" and folder_name("x.y") == "x.y"
+    for name in ("..", ".", "", "a/b", "../up", "..\\up"):
+        safe = folder_name(name)
+        assert safe.strip(".") and "/" not in safe and "\\" not in safe, (name, safe)
+    assert folder_name("a/b") != folder_name("a_b")  # replaced characters do not make two names one

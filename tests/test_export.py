@@ -7,6 +7,7 @@ round trip on the real MiniLM with real SST-2 sentences.
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +21,7 @@ from typer.testing import CliRunner
 from rankopt.cli import app
 from rankopt.errors import RankoptError
 from rankopt.outputs.export import export, select_trial
+from rankopt.tracking.urls import sqlalchemy_url
 
 REPO = Path(__file__).resolve().parents[1]
 SST2 = REPO.parent / "shared" / "data" / "glue" / "sst2"
@@ -268,7 +270,7 @@ def test_failing_last_step_leaves_no_folder(tiny, tmp_path, monkeypatch):
 
 def test_existing_folder_needs_force_and_survives_a_failed_replace(tiny, tmp_path, monkeypatch):
     out = tmp_path / "adapter"
-    out.mkdir()
+    export(out, study="tiny", storage=tiny.storage)
     (out / "mine.txt").write_text("keep me")
     with pytest.raises(RankoptError, match="already exists"):
         export(out, study="tiny", storage=tiny.storage)
@@ -277,9 +279,55 @@ def test_existing_folder_needs_force_and_survives_a_failed_replace(tiny, tmp_pat
         export(out, study="tiny", storage=tiny.storage, force=True)
     assert (out / "mine.txt").read_text() == "keep me" and _leftovers(out) == []
     monkeypatch.undo()
-    export(out, study="tiny", storage=tiny.storage, force=True)
+    export(out, study="tiny", storage=tiny.storage, force=True)  # rankopt wrote it: --force replaces it
     assert not (out / "mine.txt").exists() and (out / "adapter_config.json").is_file()
     assert _leftovers(out) == []
+
+
+def test_force_never_replaces_a_folder_rankopt_did_not_write(tiny, tmp_path, monkeypatch):
+    """Issue 25: --force wiped whatever folder --out named (a folder holding important.txt), and
+    `--out . --force` crashed with OSError leaving a '..old.*' folder behind."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "important.txt").write_text("keep me")
+    result = CliRunner().invoke(app, ["export", "--study", "tiny", "--storage", tiny.storage, "--out", str(out),
+                                      "--force"])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "was not written by rankopt" in lines[0]
+    assert sorted(p.name for p in out.iterdir()) == ["important.txt"] and _leftovers(out) == []
+    monkeypatch.chdir(out)
+    result = CliRunner().invoke(app, ["export", "--study", "tiny", "--storage", tiny.storage, "--out", ".", "--force"])
+    assert result.exit_code == 2 and "is the folder you are in" in result.stderr, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+    assert sorted(p.name for p in out.iterdir()) == ["important.txt"]
+
+
+def test_the_next_export_cleans_up_after_a_killed_one(tiny, tmp_path):
+    """A SIGKILLed export leaves its hidden temporary folder; the next export to the same --out removes it,
+    and puts back an old folder whose replacement never arrived (killed between the two renames)."""
+    import subprocess
+    import sys
+
+    from rankopt.adapters.atomic import MARKER
+
+    out = tmp_path / "adapter"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid, host = int(dead.stdout), __import__("socket").gethostname()
+    stale_tmp = tmp_path / f".adapter.rankopt-tmp.{pid}@{host}.abcd1234"
+    stale_tmp.mkdir()
+    (stale_tmp / "adapter_model.safetensors").write_bytes(b"x" * 1000)
+    moved_aside = tmp_path / f".adapter.rankopt-old.{pid}@{host}.efgh5678"
+    (moved_aside / "old").mkdir(parents=True)
+    (moved_aside / "old" / MARKER).write_text("{}")
+    (moved_aside / "old" / "README.md").write_text("the previous export")
+    with pytest.raises(RankoptError, match="already exists"):  # the old folder is back where it was
+        export(out, study="tiny", storage=tiny.storage)
+    assert (out / "README.md").read_text() == "the previous export" and _leftovers(out) == []
+    theirs = tmp_path / f".adapter.rankopt-tmp.{os.getpid()}@{host}.ijkl9012"  # a live process's: left alone
+    theirs.mkdir()
+    export(out, study="tiny", storage=tiny.storage, force=True)
+    assert (out / "adapter_config.json").is_file() and _leftovers(out) == [theirs.name]
 
 
 def test_register_adds_model_versions(tiny, tmp_path):
@@ -366,9 +414,10 @@ def test_cli_errors_are_one_line_and_write_nothing(tiny, bad_inputs, tmp_path, c
 def test_cli_refuses_an_existing_folder_without_force(tiny, tmp_path):
     out = tmp_path / "adapter"
     out.mkdir()
+    (out / ".rankopt").write_text("{}")
     result = CliRunner().invoke(app, ["export", "--study", "tiny", "--storage", tiny.storage, "--out", str(out)])
     assert result.exit_code == 2 and result.stderr.startswith("error: ") and "--force" in result.stderr
-    assert list(out.iterdir()) == []
+    assert [p.name for p in out.iterdir()] == [".rankopt"]
 
 
 def test_cli_export_summarises_what_it_wrote(tiny, tmp_path):
@@ -429,3 +478,66 @@ def test_minilm_export_matches_the_trained_model_on_sst2(tmp_path):
     peft_diff, merged_diff = (peft_logits - live).abs().max().item(), (merged_logits - live).abs().max().item()
     print(f"\nMiniLM / SST-2, 32 sentences: max |logit diff| PEFT {peft_diff:.2e}, merged {merged_diff:.2e}")
     assert peft_diff < 1e-5 and merged_diff < 1e-5
+
+
+@pytest.mark.parametrize("command", ["export", "report"])
+def test_export_and_report_take_the_plain_postgresql_url_tune_takes(command, tmp_path):
+    """Issue 25: `postgresql://` (no driver named) worked for tune and failed for export and report
+    ('cannot open Optuna storage'): they did not translate it to the installed driver."""
+    from scaleout_support import pg_databases
+
+    with pg_databases(1) as (url,):
+        optuna.create_study(study_name="there", storage=sqlalchemy_url(url))
+        out = tmp_path / "out"
+        result = CliRunner().invoke(app, [command, "--study", "missing", "--storage", url, "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: no study 'missing' in postgresql://") and "(studies: there)" in result.stderr
+    assert not out.exists()
+
+
+def test_trust_remote_code_from_an_artifact_needs_the_flag(tiny, tmp_path):
+    """Issue 25: export took trust_remote_code from the artifact's rankopt.json, so whoever could write the
+    tracking store could make an export run a model's code. The artifact alone is refused."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tiny.tracking)
+    best = tiny.study.best_trial.user_attrs["mlflow_run_id"]
+    adapter = Path(client.download_artifacts(best, "adapter", str(tmp_path / "dl")))
+    meta = json.loads((adapter / "rankopt.json").read_text())
+    meta["config"]["model"]["trust_remote_code"] = True
+    (adapter / "rankopt.json").write_text(json.dumps(meta))
+    run = client.create_run(client.get_run(best).info.experiment_id)
+    client.log_artifacts(run.info.run_id, str(adapter), "adapter")
+    client.set_terminated(run.info.run_id)
+    args = ["export", "--run-id", run.info.run_id, "--tracking-uri", tiny.tracking, "--out", str(tmp_path / "a")]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 2, refused.output
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "rankopt.json sets model.trust_remote_code" in lines[0]
+    assert "--trust-remote-code" in lines[0] and not (tmp_path / "a").exists()
+    allowed = CliRunner().invoke(app, [*args, "--trust-remote-code"])
+    assert allowed.exit_code == 0, allowed.output
+
+
+@pytest.mark.parametrize("damage", ["truncated weights", "config not json", "rankopt.json a list"])
+def test_a_damaged_adapter_artifact_is_one_line(tiny, tmp_path, damage):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tiny.tracking)
+    best = tiny.study.best_trial.user_attrs["mlflow_run_id"]
+    adapter = Path(client.download_artifacts(best, "adapter", str(tmp_path / "dl")))
+    if damage == "truncated weights":
+        weights = adapter / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "config not json":
+        (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", ')
+    else:
+        (adapter / "rankopt.json").write_text("[1, 2]")
+    run = client.create_run(client.get_run(best).info.experiment_id)
+    client.log_artifacts(run.info.run_id, str(adapter), "adapter")
+    result = CliRunner().invoke(app, ["export", "--run-id", run.info.run_id, "--tracking-uri", tiny.tracking,
+                                      "--out", str(tmp_path / "a")])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"the adapter artifact of MLflow run '{run.info.run_id}' is damaged" in lines[0]
+    assert not (tmp_path / "a").exists() and _leftovers(tmp_path / "a") == []

@@ -7,6 +7,7 @@ killed-worker test needs PostgreSQL on 127.0.0.1:5432 (skips otherwise).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -291,3 +292,61 @@ def test_sigterm_hands_the_trial_back(tmp_path, tiny_model_dir, tiny_data_dir):
     runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
     assert sorted((r.data.tags.get("rankopt.kind"), r.info.status) for r in runs) == [("study", "KILLED"),
                                                                                        ("trial", "KILLED")]
+
+
+def _open_stores(optuna_url: str, mlflow_url: str, barrier, results) -> None:
+    from rankopt.search.studies import open_storage
+    from rankopt.tracking.mlflow_runs import check_reachable, client_for, ensure_experiment
+
+    barrier.wait()  # every process opens the fresh databases at the same moment
+    try:
+        optuna.create_study(storage=open_storage(optuna_url), study_name="s", load_if_exists=True)
+        check_reachable(mlflow_url)  # as tune and worker do first with --tracking-uri
+        ensure_experiment(client_for(mlflow_url), "e", None)
+        results.put("ok")
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        results.put(f"{type(exc).__name__}: {str(exc)[:300]}")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_processes_opening_fresh_stores_together_create_them_once(tmp_path, backend):
+    """Issue 25: on a fresh database the second process died on Optuna's (and MLflow's) table-creation
+    race, reported as "pass a valid --storage URL". Opening a store is now serialized."""
+    import multiprocessing
+
+    with contextlib.ExitStack() as stack:
+        if backend == "sqlite":
+            urls = (f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}")
+        else:
+            urls = tuple(stack.enter_context(pg_databases(2)))
+        ctx = multiprocessing.get_context("fork")
+        barrier, results = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_open_stores, args=(*urls, barrier, results)) for _ in range(4)]
+        for proc in procs:
+            proc.start()
+        outcomes = [results.get(timeout=300) for _ in procs]
+        for proc in procs:
+            proc.join(timeout=60)
+    assert outcomes == ["ok"] * 4, outcomes
+
+
+def test_a_store_whose_creation_was_killed_is_made_again_whole(tmp_path):
+    """A process killed while MLflow migrated a fresh SQLite store left it half made: every later command
+    failed ("out-of-date database schema", a traceback). A fresh store is now made aside and renamed in."""
+    from rankopt.tracking.store_lock import made_whole
+
+    url = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def killed(temp_url: str) -> None:
+        path = temp_url[len("sqlite:///"):]
+        open(path, "wb").write(b"SQLite format 3\x00 half")
+        open(path + "-journal", "wb").write(b"hot")
+        raise KeyboardInterrupt  # as SIGKILL would, mid-creation
+
+    with pytest.raises(KeyboardInterrupt):
+        made_whole(url, killed)
+    assert not (tmp_path / "mlflow.db").exists()  # nothing half made where the store goes
+    made_whole(url, lambda temp_url: open(temp_url[len("sqlite:///"):], "wb").write(b"whole"))
+    assert (tmp_path / "mlflow.db").read_bytes() == b"whole" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "mlflow.db"]
+    made_whole(url, killed)  # an existing store is left alone

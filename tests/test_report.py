@@ -150,6 +150,17 @@ def test_existing_report_is_kept_without_force(tiny, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]  # no temporary folder left
 
 
+def test_force_does_not_replace_a_folder_rankopt_did_not_write(tiny, tmp_path):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "important.txt").write_text("keep me")
+    result = invoke("--study", "tiny", "--storage", tiny.storage, "--out", str(out), "--force")
+    assert result.exit_code == 2 and "was not written by rankopt" in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["important.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--study", "nope"], "error: no study 'nope' in sqlite:///"),
     (["--study", "tiny", "--storage", "sqlite:///{missing}/optuna.db"], "error: no Optuna storage at"),

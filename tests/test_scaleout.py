@@ -165,3 +165,28 @@ def test_worker_without_preset_needs_an_existing_study(tmp_path):
     with pytest.raises(RankoptError, match="no study 'nope'.*pass a PRESET"):
         run_worker("nope", f"sqlite:///{tmp_path / 'o.db'}", out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_stored_trust_remote_code_needs_the_workers_own_flag(tmp_path, tiny_preset):
+    """Issue 25: workers took model.trust_remote_code from the study database, so whoever could write
+    the shared store could make every worker run a model's code. Stored there alone, it is refused."""
+    from typer.testing import CliRunner
+
+    from rankopt.cli import app
+    from rankopt.config import Config
+
+    stored = Config.model_validate({**tiny_preset, "model": {**tiny_preset["model"], "trust_remote_code": True},
+                                    "search": {"space": {"training.lr": {"type": "float", "low": 1e-3, "high": 1e-2}}}})
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    study = optuna.create_study(study_name="shared", storage=url)
+    study.set_user_attr("config", stored.model_dump(mode="json"))
+    study.set_user_attr("trial_limit", 1)
+    join = ["worker", "--study", "shared", "--storage", url, "--trials", "0", "--out", str(tmp_path / "out")]
+    refused = CliRunner().invoke(app, join)
+    assert refused.exit_code == 2, refused.output
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.trust_remote_code" in lines[0] and "--trust-remote-code" in lines[0]
+    assert not (tmp_path / "out").exists()
+    dumped = stored.model_dump(mode="json")
+    assert worker_config(dumped, None, None, None, None, trust_remote_code=True).model.trust_remote_code
+    assert worker_config(dumped, None, ["model.trust_remote_code=true"], None, None).model.trust_remote_code

@@ -154,6 +154,23 @@ def test_divergence_is_reported(tiny_config, tiny_task_data):
     assert "lower training.lr" in str(excinfo.value) and "\n" not in str(excinfo.value)
 
 
+def test_a_runaway_loss_is_warned_about_once(tiny_config, tiny_task_data, caplog):
+    """Issue 25: at lr=10 the loss climbed to hundreds of times its start and the run ended with exit 0 and
+    no word. It still finishes (it may recover), with one warning naming the step."""
+    import logging
+
+    cfg = build_config(tiny_config.model_dump(), {"training.lr": 10.0, "training.steps": 10})
+    with caplog.at_level(logging.WARNING, logger="rankopt"):
+        train_adapted(cfg, make_tiny_adapted(), tiny_task_data)
+    warned = [r.getMessage() for r in caplog.records if "diverging" in r.getMessage()]
+    assert len(warned) == 1 and "over 100x its first value" in warned[0] and "lower training.lr" in warned[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rankopt"):
+        train_adapted(build_config(tiny_config.model_dump(), {"training.steps": 10}), make_tiny_adapted(),
+                      tiny_task_data)
+    assert "diverging" not in caplog.text  # a healthy run says nothing
+
+
 def test_same_seed_same_run_through_the_api(tiny_config, tmp_path, monkeypatch):
     """Local model and data folders, through rankopt.api.train: identical metrics and ranks twice."""
     monkeypatch.chdir(tmp_path)

@@ -8,6 +8,7 @@ slow part of each study is MLflow creating its database.
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -22,7 +23,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 
 from rankopt.config import Config
 from rankopt.errors import RankoptError
-from rankopt.search.trials import default_storage
+from rankopt.search.trials import default_storage, suggest
 from rankopt.tracking.mlflow_runs import default_tracking_uri
 from rankopt.search.tuner import Objective, _mask, open_study, tune
 
@@ -271,6 +272,11 @@ def test_aggressive_pruner_prunes_a_clearly_worse_trial(tiny_files, tmp_path, pr
     assert "total_rank" not in bad.user_attrs
     runs = assert_runs_match_trials(tmp_path, result.study, result.parent_run_id)
     assert runs[bad.number].data.tags["optuna.state"] == "pruned"
+    # issue 25: the evaluation that triggered pruning reaches MLflow too, so MLflow, Optuna, the CLI and the
+    # report show the same last metric of a pruned trial
+    client, _, _ = mlflow_runs(tmp_path)
+    logged = {m.step: m.value for m in client.get_metric_history(runs[bad.number].info.run_id, "eval_accuracy")}
+    assert logged == bad.intermediate_values
 
 
 def test_resume_adds_trials_without_redoing_any(tiny_files, tmp_path):
@@ -360,6 +366,65 @@ def test_existing_study_with_other_objectives_is_refused(tiny_files, tmp_path):
     with pytest.raises(RankoptError, match="exists with 2 objective.*asks for 1"):
         tune(make_config(tiny_files), n_trials=1, study_name="two", out=tmp_path)
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_processes_sharing_a_study_never_draw_the_same_point(tiny_files, tmp_path, sampler):
+    """Issue 25: two `rankopt tune --study same` processes seeded their samplers alike (training.seed plus
+    the trials before), so they trained the same parameters twice. Each trial now draws from its own
+    seed (its number is unique in the study); one process alone still draws reproducibly."""
+    cfg = make_config(tiny_files, {"sampler": sampler, "startup_trials": 2})
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    first, second = open_study(cfg, "shared", url), open_study(cfg, "shared", url)  # as two processes open it
+    drawn = []
+    for _ in range(3):
+        for study in (first, second):
+            trial = study.ask()  # left RUNNING, like a trial the other process is training
+            drawn.append(json.dumps(suggest(trial, cfg.search.space), sort_keys=True))
+    assert len(set(drawn)) == len(drawn), drawn
+    from rankopt.search.owners import OWNER_ATTR, this_process
+
+    # each trial carries its process from the moment Optuna made it (a kill before the objective starts is seen)
+    assert {t.user_attrs.get(OWNER_ATTR) for t in first.trials} == {this_process()}
+    again = open_study(cfg, "shared", f"sqlite:///{tmp_path / 'again.db'}")
+    assert [json.dumps(suggest(again.ask(), cfg.search.space), sort_keys=True) for _ in range(6)] == drawn
+
+
+def test_a_killed_runs_trial_is_retried_at_once_by_the_rerun(tiny_files, tmp_path):
+    """Issue 25: a SIGKILLed `rankopt tune` left its trial RUNNING for the 180 s grace period after an
+    immediate rerun, counted nowhere. A rerun on the same machine sees that its process is gone."""
+    import socket
+    import subprocess
+    import sys
+
+    from rankopt.search.owners import OWNER_ATTR
+
+    cfg = make_config(tiny_files)
+    study = optuna.create_study(storage=default_storage(tmp_path), study_name="tiny", direction="maximize")
+    lost = study.ask({"controller.target_rank": optuna.distributions.FloatDistribution(1.0, 4.0)})
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    lost.set_user_attr(OWNER_ATTR, f"{socket.gethostname()}:{dead}:1")  # as the killed process left it
+    live = study.ask({"controller.target_rank": optuna.distributions.FloatDistribution(1.0, 4.0)})
+    live.set_user_attr(OWNER_ATTR, f"{socket.gethostname()}:{os.getpid()}:")  # a live process's: left alone
+    result = tune(cfg, n_trials=1, study_name="tiny", out=tmp_path, track=False)
+    trials = result.study.trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.RUNNING, TrialState.COMPLETE]
+    assert (result.n_complete, result.n_failed, result.n_running) == (1, 1, 1)  # every trial counted somewhere
+    assert trials[2].system_attrs["failed_trial"] == 0
+    assert trials[2].params["controller.target_rank"] == trials[0].params["controller.target_rank"]
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", "..\\up"])
+def test_study_names_that_would_climb_out_of_the_checkpoint_folder_are_refused(tiny_files, tmp_path, name):
+    """Issue 25: `--study ..` put checkpoints one level above --out/checkpoints."""
+    from rankopt.search.worker import run_worker
+
+    with pytest.raises(RankoptError, match="cannot name a folder"):
+        tune(make_config(tiny_files), n_trials=0, study_name=name, out=tmp_path / "out")
+    with pytest.raises(RankoptError, match="cannot name a folder"):
+        run_worker(name, f"sqlite:///{tmp_path / 'o.db'}", out=tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("url", ["foo://x", "sqlite:////no/such/folder/optuna.db"])

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from rankopt.cli import app
 from rankopt.tracking.ui import exposure_note, server_command, url
+from rankopt.tracking.urls import sqlalchemy_url
 from tiny_project_support import make_tiny_project
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -39,6 +40,9 @@ def test_ui_serves_locally_by_default_and_warns_when_exposed(tmp_path):
     command = server_command(tmp_path, port=5123)
     assert command[command.index("--host") + 1] == "127.0.0.1" and "--artifacts-destination" in command
     assert command[command.index("--backend-store-uri") + 1].startswith("sqlite:///")
+    # issue 25: the plain postgresql:// URL tune takes, the UI takes too (with the driver installed here)
+    pg = server_command(tmp_path, "postgresql://me@db:5432/mlflow", port=5123)
+    assert pg[pg.index("--backend-store-uri") + 1] == sqlalchemy_url("postgresql://me@db:5432/mlflow")
     assert exposure_note("127.0.0.1") is None
     assert "no authentication" in exposure_note("0.0.0.0")
     assert url("0.0.0.0", 5123, "7") == "http://127.0.0.1:5123/#/experiments/7/runs?workflowType=machine_learning"

@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from rankopt.adapters.atomic import atomic_folder  # noqa: F401 - also imported from here
 from rankopt.adapters.model import AdaptedModel
 from rankopt.errors import RankoptError
 
@@ -81,32 +78,6 @@ def peft_config(adapted: AdaptedModel, base_model: str, task_type: str | None = 
     }
 
 
-@contextmanager
-def atomic_folder(out: Path, force: bool = False):
-    """Yield a temporary folder beside ``out``; rename it into place only if the block succeeds.
-
-    An existing ``out`` is replaced only with ``force``; an interrupted write leaves nothing.
-    """
-    out = Path(out)
-    if out.exists() and not force:
-        raise RankoptError(f"{out} already exists; choose another folder or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            # a fresh trash folder: a stale '.old' left by a crash, or ``out`` being a file, must not block
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, trash / "old")
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def write_adapter_files(adapted: AdaptedModel, folder: Path, base_model: str, meta: dict[str, Any] | None = None,
                         task_type: str | None = None) -> None:
     """Write ``adapter_config.json``, ``adapter_model.safetensors`` and ``rankopt.json`` into ``folder``."""
@@ -146,21 +117,38 @@ def save_adapter(adapted: AdaptedModel, out: Path, base_model: str, meta: dict[s
     return Path(out)
 
 
-def read_adapter(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
-    """``(adapter_config, tensors, rankopt meta)`` of a PEFT LoRA folder; meta is {} without rankopt.json."""
+def read_adapter(folder: Path, label: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """``(adapter_config, tensors, rankopt meta)`` of a PEFT LoRA folder; meta is {} without rankopt.json.
+
+    A damaged file (cut short, not JSON) is a one-line RankoptError naming it; ``label`` names the
+    folder in messages (say, the MLflow run it came from) instead of its path.
+    """
     from safetensors.torch import load_file
 
     folder = Path(folder)
+    label = label or str(folder)
     config_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     if not (config_path.is_file() and weights.is_file()):
-        raise RankoptError(f"{folder} is not an adapter folder (needs adapter_config.json and "
+        raise RankoptError(f"{label} is not an adapter folder (needs adapter_config.json and "
                            "adapter_model.safetensors)")
-    config = json.loads(config_path.read_text())
-    if config.get("peft_type") != "LORA":
-        raise RankoptError(f"{folder} holds a {config.get('peft_type')} adapter; only LoRA adapters can be exported")
     meta_path = folder / "rankopt.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    return config, load_file(str(weights)), meta
+    try:
+        config = _json_object(config_path)
+        meta = _json_object(meta_path) if meta_path.is_file() else {}
+        tensors = load_file(str(weights))
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, JSON errors: the file is damaged
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise RankoptError(f"{label} is damaged ({reason}); write it again (rerun the trial) or use another") from None
+    if config.get("peft_type") != "LORA":
+        raise RankoptError(f"{label} holds a {config.get('peft_type')} adapter; only LoRA adapters can be exported")
+    return config, tensors, meta
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    value = json.loads(path.read_text())
+    if not isinstance(value, dict):
+        raise ValueError(f"{path.name} holds a JSON {type(value).__name__}, not an object")
+    return value
 
 
 def adapter_ranks(state: dict[str, torch.Tensor]) -> dict[str, int]:

@@ -82,18 +82,18 @@ def runs_folder(storage: str | None) -> Path:
 
 
 def load_study(name: str, storage: str):
+    """Study ``name`` in ``storage``, opened as ``rankopt tune`` opens it (every URL form tune takes)."""
     import optuna
 
+    from rankopt.search.studies import open_storage
+
     require_sqlite_file(storage, "Optuna storage", "--storage")
-    try:
-        names = optuna.get_all_study_names(storage)
-    except Exception as exc:  # noqa: BLE001 - bad URL, missing driver, unreachable server
-        raise RankoptError(f"cannot open Optuna storage '{mask_url(storage)}' ({str(exc).splitlines()[0]}); "
-                           "pass a valid --storage URL") from None
+    storage_obj = open_storage(storage)  # a bad URL, a missing driver, a dead server: one line
+    names = optuna.get_all_study_names(storage_obj)
     if name not in names:
         known = ", ".join(sorted(names)) or "none"
         raise RankoptError(f"no study '{name}' in {mask_url(storage)} (studies: {known}); check --study and --storage")
-    return optuna.load_study(study_name=name, storage=storage)
+    return optuna.load_study(study_name=name, storage=storage_obj)
 
 
 def find_source(*, study: str | None = None, storage: str | None = None, tracking_uri: str | None = None,
@@ -188,6 +188,13 @@ def _model_source(meta: dict[str, Any], adapter_config: dict[str, Any]):
     return ModelConfig(name=base), "causal_lm" if adapter_config.get("task_type") == "CAUSAL_LM" else "classification"
 
 
+def check_remote_code(model_cfg, allowed: bool, where: str) -> None:
+    """A stored ``trust_remote_code`` alone (an artifact, a shared study) must not make this process run code."""
+    if model_cfg.trust_remote_code and not allowed:
+        raise RankoptError(f"{where} sets model.trust_remote_code (base model '{model_cfg.name}' would run code "
+                           "from its files); pass --trust-remote-code to export if you trust that model's code")
+
+
 def check_mergeable(model_cfg) -> None:
     """A quantized base has no full weights to fold the adapter into: say how to merge instead."""
     if model_cfg.quantization:
@@ -217,11 +224,15 @@ def default_out(*, study: str | None, run_id: str | None, storage: str | None, t
 def export(out: str | Path | None = None, *, study: str | None = None, storage: str | None = None,
            tracking_uri: str | None = None, trial: int | None = None, run_id: str | None = None,
            merge: bool = False, force: bool = False, max_params: int | None = None,
-           register: str | None = None, command: str | None = None, within: float | None = None) -> ExportResult:
+           register: str | None = None, command: str | None = None, within: float | None = None,
+           trust_remote_code: bool = False) -> ExportResult:
     """Write the chosen trial's adapter (or merged model) to ``out``, with tokenizer, card and rankopt.json.
 
     Without ``out``, the folder is :func:`default_out` (``runs/exports/STUDY`` for a study in the
     default storage).
+    The base model is loaded as the adapter's ``rankopt.json`` names it; a ``model.trust_remote_code``
+    written there (or in the study) is honoured only with ``trust_remote_code``: an artifact alone
+    cannot make this process run a model's code.
 
     Example:
         >>> from rankopt.outputs.export import export
@@ -231,26 +242,27 @@ def export(out: str | Path | None = None, *, study: str | None = None, storage: 
         >>> export("sst2-small", study="sst2", within=0.01)  # the smallest within 1 point  # doctest: +SKIP
     """
     from rankopt.tracking import mlflow_runs
+    from rankopt.adapters.atomic import check_target
     from rankopt.adapters.peft_format import atomic_folder, head_num_labels, read_adapter
     from rankopt.tasks.modeling import load_tokenizer
 
     out = Path(out) if out is not None else default_out(study=study, run_id=run_id, storage=storage, trial=trial,
                                                          max_params=max_params, within=within, merge=merge)
-    if out.exists() and not force:
-        raise RankoptError(f"{out} already exists; choose another --out or pass --force to replace it")
+    check_target(out, force)  # a folder rankopt did not write is refused before anything is done
     if register is not None and not register.strip():
         raise RankoptError("--register needs a model name")
     command = command or _command(out, study=study, storage=storage, tracking_uri=tracking_uri, trial=trial,
                                   run_id=run_id, max_params=max_params, within=within, merge=merge, force=force,
-                                  register=register)
+                                  register=register, trust_remote_code=trust_remote_code)
     source = find_source(study=study, storage=storage, tracking_uri=tracking_uri, trial=trial, run_id=run_id,
                          max_params=max_params, within=within)
     client = mlflow_runs.client_for(source.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         folder, run = fetch_adapter(client, source.run_id, Path(tmp))
         _describe(source, run)
-        adapter_config, state, meta = read_adapter(folder)
+        adapter_config, state, meta = read_adapter(folder, f"the adapter artifact of MLflow run '{source.run_id}'")
         model_cfg, task_type = _model_source(meta, adapter_config)
+        check_remote_code(model_cfg, trust_remote_code, "the adapter's rankopt.json")
         if merge:
             check_mergeable(model_cfg)
         num_labels = meta.get("num_labels") or head_num_labels(state, adapter_config.get("modules_to_save") or [])
@@ -259,7 +271,8 @@ def export(out: str | Path | None = None, *, study: str | None = None, storage: 
         ranks = _ranks_in_model_order(state, meta)
         metrics = run.data.metrics
         adapter_params = int(metrics["adapter_params"]) if "adapter_params" in metrics else None
-        test_metric, test_note = _test_score(source, run, meta, client, storage, from_study=study is not None)
+        test_metric, test_note = _test_score(source, run, meta, client, storage, from_study=study is not None,
+                                             trust_remote_code=trust_remote_code)
         shown = f"{test_metric:.4f} ({test_note})" if test_metric is not None else test_note
         card = model_card_for(source, meta, adapter_config, ranks, num_labels, adapter_params,
                      metrics.get("trainable_params"), command, merge, out, shown)
@@ -285,7 +298,7 @@ def export(out: str | Path | None = None, *, study: str | None = None, storage: 
 
 
 def _test_score(source: Source, run, meta: dict[str, Any], client, storage: str | None,
-                from_study: bool) -> tuple[float | None, str]:
+                from_study: bool, trust_remote_code: bool = False) -> tuple[float | None, str]:
     """The exported trial's held-out score, and where it comes from (or why there is none).
 
     A study's trial is scored once (:mod:`rankopt.search.holdout`): if tuning did not score it
@@ -309,6 +322,7 @@ def _test_score(source: Source, run, meta: dict[str, Any], client, storage: str 
         trial = next(t for t in study.trials if t.number == source.trial)
         if cfg is not None:
             try:
+                check_remote_code(cfg.model, trust_remote_code, f"study '{source.study}'")
                 holdout.score_trials(study, cfg, [trial], client)
             except RankoptError as exc:  # the data moved or went away: the export itself still stands
                 return None, f"not measured ({exc})"

@@ -79,12 +79,12 @@ def report(study: str, storage: str | None = None, tracking_uri: str | None = No
         >>> rankopt.report("demo").html  # doctest: +SKIP
         PosixPath('runs/reports/demo/report.html')
     """
+    from rankopt.adapters.atomic import check_target
     from rankopt.search.trials import default_storage
     from rankopt.tracking.mlflow_runs import default_tracking_uri
 
     out = Path(out) if out is not None else runs_folder(storage) / "reports" / _folder_name(study)
-    if out.exists() and not force:
-        raise RankoptError(f"{out} already exists; choose another --out or pass --force to replace it")
+    check_target(out, force)  # a folder rankopt did not write is refused before anything is done
     check_within(within)
     found = load_study(study, storage or default_storage(runs_folder(None)))
     best, _, _ = select_trial(found)
@@ -97,7 +97,7 @@ def report(study: str, storage: str | None = None, tracking_uri: str | None = No
     for row in rows:
         row.test_metric = holdout.score_of(found, row.number, _metric_name(found))
     counts = {s: sum(r.state == s for r in rows) for s in ("complete", "pruned", "failed", "running", "waiting")}
-    from rankopt.adapters.peft_format import atomic_folder
+    from rankopt.adapters.atomic import MARKER, atomic_folder
 
     with atomic_folder(out, force=force) as dest:
         figures = _figures(found, rows, best.number, history, dest, notes)
@@ -105,7 +105,9 @@ def report(study: str, storage: str | None = None, tracking_uri: str | None = No
                      (smallest, within) if smallest is not None else None)
         (dest / HTML_NAME).write_text(page, encoding="utf-8")
     if client is not None and parent is not None:
-        client.log_artifacts(parent, str(out), "report")
+        for path in sorted(out.iterdir()):
+            if path.name != MARKER:  # the marker is for --force on this disk, not for MLflow
+                client.log_artifact(parent, str(path), "report")
     return ReportResult(html=out / HTML_NAME, study=study, best_trial=best.number, figures=figures, counts=counts,
                         run_id=parent, notes=notes, smallest_trial=smallest.number if smallest is not None else None)
 
@@ -148,11 +150,12 @@ def _rank_history(client, best, notes: list[str]):
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = client.download_artifacts(run_id, "rank_history.json", tmp)
-            events = json.loads(Path(local).read_text())
-        except Exception:  # noqa: BLE001 - an older run, or artifacts kept elsewhere
-            notes.append(f"trial {best.number}'s MLflow run has no rank_history.json: no rank heatmap")
+            events = [RankEvent(step=e["step"], budget=e["budget"], ranks=dict(e["ranks"]))
+                      for e in json.loads(Path(local).read_text())]
+        except Exception:  # noqa: BLE001 - an older run, artifacts kept elsewhere, a damaged file
+            notes.append(f"trial {best.number}'s MLflow run has no readable rank_history.json: no rank heatmap")
             return None
-    return [RankEvent(step=e["step"], budget=e["budget"], ranks=e["ranks"]) for e in events] or None
+    return events or None
 
 
 def _row(trial, study) -> TrialRow:

@@ -54,17 +54,17 @@ class StaleTrialHandler:
             self.retry = RetryCallback(max_retry=search.max_retry)
         self.tracker = None  # set once the MLflow side is up
 
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str | None = None) -> None:
+        reason = reason or f"no heartbeat for {self.grace}s"
         run_id = trial.user_attrs.get("mlflow_run_id")
         if self.tracker is not None and run_id:
             try:
-                self.tracker.end_trial(run_id, "failed", f"worker lost: no heartbeat for {self.grace}s; "
+                self.tracker.end_trial(run_id, "failed", f"worker lost: {reason}; "
                                        "the trial was failed and queued for retry", status="KILLED")
             except Exception as exc:  # noqa: BLE001 - the sweep at the next start closes it then
                 log.warning("could not close the MLflow run of lost trial %d (%s)", trial.number, mask_text(exc))
         self.queue_retry(study, trial)
-        log.warning("trial %d lost its worker (no heartbeat for %ds): failed and queued for retry",
-                    trial.number, self.grace)
+        log.warning("trial %d lost its worker (%s): failed and queued for retry", trial.number, reason)
 
     def queue_retry(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """A WAITING copy of ``trial`` (same parameters), without the lost trial's outcome attributes."""
@@ -96,13 +96,23 @@ def open_storage(url: str, search: SearchConfig | None = None,
     try:
         import warnings
 
-        with warnings.catch_warnings():
+        from rankopt.tracking.store_lock import opening
+
+        with warnings.catch_warnings(), opening(url):  # a fresh database gets its tables once
             warnings.simplefilter("ignore")  # heartbeats are 'experimental' in Optuna
             return optuna.storages.RDBStorage(sqlalchemy_url(url), **kwargs)
     except Exception as exc:  # noqa: BLE001 - bad URL, missing driver, unreachable server
         reason = mask_text(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         raise RankoptError(f"cannot open Optuna storage '{mask_url(url)}' ({reason}); pass a valid --storage URL "
                            "such as sqlite:///runs/optuna.db or postgresql://user@host:5432/db") from None
+
+
+def check_study_name(name: str) -> str:
+    """A study name also names folders (checkpoints, reports): '.', '..' and path separators are refused."""
+    if not name or name.strip() in (".", "..") or any(c in name for c in "/\\\0"):
+        raise RankoptError(f"study name {name!r} cannot name a folder (checkpoints go under it): no '.', '..', "
+                           "'/' or '\\'; pick another --study (the default is the preset's task.name)")
+    return name
 
 
 def retried_from(trial: optuna.Trial) -> int | None:

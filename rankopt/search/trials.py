@@ -63,6 +63,52 @@ def make_sampler(search: SearchConfig, seed: int, n_objectives: int,
     raise RankoptError(f"unknown sampler {name!r}")
 
 
+def trial_seed(seed: int, number: int) -> int:
+    """The sampler seed of trial ``number``: a fixed mix of ``training.seed`` and the trial's number."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"rankopt:{seed}:{number}".encode()).digest()[:4], "big")
+
+
+class SeededPerTrial(optuna.samplers.BaseSampler):
+    """The preset's sampler, seeded afresh for every trial from (``training.seed``, trial number).
+
+    A study numbers its trials once, so processes sharing it (two ``rankopt tune`` on one study,
+    workers) draw from different streams: they never propose the same point for having the same
+    seed. One process alone stays reproducible (trial k always draws from the same seed), and a
+    resumed study draws new points. Optuna's samplers keep their history in the study, not in
+    the sampler, so a fresh one per trial loses nothing but caches.
+
+    ``on_new_trial(study, trial)`` runs first, as soon as Optuna has made the trial (the earliest
+    moment rankopt's code sees it): :func:`rankopt.search.owners.mark` records the process there.
+    """
+
+    def __init__(self, make, seed: int, on_new_trial=None):
+        self._make, self._seed, self._on_new_trial = make, seed, on_new_trial
+        self._inner = make(seed)
+
+    def before_trial(self, study, trial) -> None:
+        if self._on_new_trial is not None:
+            self._on_new_trial(study, trial)
+        self._inner = self._make(trial_seed(self._seed, trial.number))
+        self._inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self._inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:
+        self._inner.reseed_rng()
+
+
 def make_pruner(search: SearchConfig, eval_steps: int, total_steps: int | None = None) -> optuna.pruners.BasePruner:
     """Optuna's own pruners, by name; the first ``startup_trials`` trials always run to the end.
 
@@ -163,6 +209,7 @@ class TuneResult:
     within: float | None = None  # the DELTA of ``smallest``
     smallest: TrialSummary | None = None  # fewest adapter params within ``within`` of the best
     artifacts: str | None = None  # where the study's MLflow experiment keeps its files
+    n_running: int = 0  # trials other processes are running now (a shared study)
 
 
 def summarize(trial: optuna.trial.FrozenTrial) -> TrialSummary:

@@ -20,12 +20,14 @@ from rankopt.config import Config, resolve_config
 from rankopt.errors import RankoptError
 from rankopt.training.events import Callback
 from rankopt.tasks.modeling import portable_model_name
-from rankopt.search.trials import (ReportToTrial, TuneResult, best_trials, default_storage, make_pruner, make_sampler,
-                            objective_directions, suggest, summarize, trial_config)
+from rankopt.search.trials import (ReportToTrial, SeededPerTrial, TuneResult, best_trials, default_storage, make_pruner,
+                            make_sampler, objective_directions, suggest, summarize, trial_config)
 from rankopt.search import data_parallel, holdout
+from rankopt.search import owners
+from rankopt.search.owners import fail_orphaned_trials
 from rankopt.search.selection import check_within, smallest_within
-from rankopt.search.studies import (CONFIG_ATTR, LIMIT_ATTR, StaleTrialHandler, open_storage, retried_from,
-                             tally)
+from rankopt.search.studies import (CONFIG_ATTR, LIMIT_ATTR, StaleTrialHandler, StudyLock, check_study_name,
+                             open_storage, retried_from, tally)
 from rankopt.training.memory import release_memory
 from rankopt.training.memory_plan import check_memory
 from rankopt.training.trainer import train_adapted
@@ -93,9 +95,7 @@ class Objective:
         checkpoint = None
         if self.checkpoints is not None and self.checkpoints.every > 0:
             checkpoint = self.checkpoints.for_trial(trial.number if retry_of is None else retry_of, cfg.model_dump())
-        callbacks: list[Callback] = [ReportToTrial(shared, cfg.task.metric, can_prune=len(self.objectives) == 1,
-                                                    final_step=cfg.training.steps)]
-        callbacks += self.callbacks_for_trial(trial, cfg)
+        callbacks: list[Callback] = list(self.callbacks_for_trial(trial, cfg))
         run_id = None
         if self.tracker is not None:
             from rankopt.tracking.mlflow_runs import MLflowLogger
@@ -107,6 +107,9 @@ class Objective:
                                           meta={"config": cfg.model_dump(), "study": self.tracker.study_name,
                                                 "trial": trial.number}))
         callbacks.append(_RecordResume(trial, self.tracker, run_id))
+        # last: the evaluation that prunes the trial has reached every other listener (MLflow, progress) first
+        callbacks.append(ReportToTrial(shared, cfg.task.metric, can_prune=len(self.objectives) == 1,
+                                       final_step=cfg.training.steps))
         try:
             result = train_adapted(cfg, adapted, data, callbacks, checkpointer=checkpoint)
         except optuna.TrialPruned:
@@ -144,12 +147,12 @@ class Objective:
             checkpoint.clear()
 
 
-def open_study(cfg: Config, study_name: str, storage: str, *, storage_obj=None,
-               distributed: bool = False) -> optuna.Study:
+def open_study(cfg: Config, study_name: str, storage: str, *, storage_obj=None) -> optuna.Study:
     """Create the study, or load it when it exists (then its objectives must match).
 
-    ``distributed``: one of several workers; each samples with its own random seed (and TPE
-    with the constant-liar strategy), so that concurrent workers do not propose the same trial.
+    Other processes may share the study (workers, a second ``rankopt tune``): each trial's sampler
+    is seeded from its trial number (:class:`rankopt.search.trials.SeededPerTrial`), and TPE uses
+    the constant-liar strategy, so that concurrent processes do not propose the same trial.
     """
     directions = objective_directions(cfg)
     if storage_obj is None:
@@ -158,16 +161,11 @@ def open_study(cfg: Config, study_name: str, storage: str, *, storage_obj=None,
     if study_name in existing and len(existing[study_name].directions) != len(directions):
         raise RankoptError(f"study '{study_name}' exists with {len(existing[study_name].directions)} objective(s), "
                            f"the preset asks for {len(directions)}; pick another --study name")
-    n_before = existing[study_name].n_trials if study_name in existing else 0
     eval_every = cfg.training.eval_every
-    seed = cfg.training.seed + n_before
-    if distributed:
-        import secrets
-
-        seed = secrets.randbelow(2**31)
+    sampler = SeededPerTrial(lambda seed: make_sampler(cfg.search, seed, len(directions), constant_liar=True),
+                             cfg.training.seed, on_new_trial=owners.mark)  # a rerun here sees at once if it dies
     study = optuna.create_study(storage=storage_obj, study_name=study_name, directions=directions,
-                                load_if_exists=True,
-                                sampler=make_sampler(cfg.search, seed, len(directions), constant_liar=distributed),
+                                load_if_exists=True, sampler=sampler,
                                 pruner=make_pruner(cfg.search, eval_every, cfg.training.steps))
     study.set_user_attr("objectives", list(cfg.search.objectives))
     return study
@@ -230,6 +228,7 @@ def prepare_study(preset: str | Config, overrides: dict[str, Any] | list[str] | 
     cfg = resolve_config(preset, overrides, data_dir)
     if not cfg.search.space:
         raise RankoptError("the preset's search.space is empty; add dimensions such as controller.target_rank")
+    check_study_name(study_name or cfg.task.name)
     check_memory(cfg, distributed.current().world)  # on a GPU: a study whose preset cannot fit stops here
     data = prepare_data(cfg)
     build_model(cfg, data.num_labels)
@@ -243,11 +242,18 @@ def prepare_study(preset: str | Config, overrides: dict[str, Any] | list[str] | 
         mlflow_runs.check_reachable(tracking_uri)
     out.mkdir(parents=True, exist_ok=True)
     url = storage or default_storage(out)
-    study = open_study(cfg, name, url, storage_obj=storage_obj or open_storage(url, cfg.search, on_stale))
+    storage_obj = storage_obj or open_storage(url, cfg.search, on_stale)
     trials = cfg.search.n_trials if n_trials is None else n_trials
-    remember_for_workers(study, cfg, trials)
-    tracker = start_tracking(study, cfg, tracking_uri, out) if track else None
-    on_stale.tracker = tracker
+    lock = StudyLock(url, name)
+    try:
+        with lock:  # another tune or a worker may be joining the same study: one parent run, one config
+            study = open_study(cfg, name, url, storage_obj=storage_obj)
+            remember_for_workers(study, cfg, trials)
+            tracker = start_tracking(study, cfg, tracking_uri, out) if track else None
+            on_stale.tracker = tracker
+            fail_orphaned_trials(study, on_stale)  # a killed run's trial: retried now, not after the grace period
+    finally:
+        lock.close()
     checkpoints = CheckpointStore(out / "checkpoints", name, cfg.search.checkpoint_every)
     return PreparedStudy(cfg, study, url, trials, tracker, checkpoints)
 
@@ -293,7 +299,8 @@ def run_trials(prepared: PreparedStudy, *, timeout: float | None = None, callbac
     return TuneResult(study_name=study.study_name, storage=_mask(prepared.storage),
                       objectives=list(cfg.search.objectives), best=best,
                       n_complete=states.count(TS.COMPLETE), n_pruned=states.count(TS.PRUNED),
-                      n_failed=states.count(TS.FAIL), parent_run_id=tracker.parent_run_id if tracker else None,
+                      n_failed=states.count(TS.FAIL), n_running=states.count(TS.RUNNING),
+                      parent_run_id=tracker.parent_run_id if tracker else None,
                       study=study, metric_name=cfg.task.metric, test_note=test_note, within=within,
                       smallest=smallest_summary, artifacts=_artifacts(tracker))
 

@@ -26,7 +26,8 @@ from rankopt.config import Config, build_config, parse_overrides, resolve_config
 from rankopt.devices import check_device
 from rankopt.errors import RankoptError
 from rankopt.search.studies import (CONFIG_ATTR, LIMIT_ATTR, PARENT_CLOSED_ATTR, Decision, StaleTrialHandler, StudyLock,
-                             Tally, TrialLimit, close_orphan_runs, open_storage, tally)
+                             Tally, TrialLimit, check_study_name, close_orphan_runs, open_storage, tally)
+from rankopt.search.owners import fail_orphaned_trials
 from rankopt.search.tuner import Objective, open_study, start_tracking
 from rankopt.tracking.urls import check_storage_url, check_tracking_uri, mask_url
 
@@ -63,10 +64,21 @@ def _stored_study(url: str, name: str) -> tuple[dict, int] | None:
 
 
 def worker_config(stored: dict | None, preset: str | None, overrides: list[str] | None, data_dir: str | None,
-                  device: str | None) -> Config:
-    """The study's stored config (or the preset's, for a new study), with this worker's device and paths."""
+                  device: str | None, trust_remote_code: bool = False) -> Config:
+    """The study's stored config (or the preset's, for a new study), with this worker's device and paths.
+
+    Whoever can write the study database writes the stored config, so a stored
+    ``model.trust_remote_code`` (code from the model's files runs here) needs this worker's own
+    ``--trust-remote-code`` (or ``--set model.trust_remote_code=true``): alone it is refused.
+    """
     if stored is not None:
         over = parse_overrides(overrides)
+        asks = bool((stored.get("model") or {}).get("trust_remote_code"))
+        if asks and not (trust_remote_code or over.get("model.trust_remote_code") is True):
+            name = (stored.get("model") or {}).get("name")
+            raise RankoptError(f"the study's stored config sets model.trust_remote_code (model '{name}' would run "
+                               "code from its files), and a shared study database alone cannot allow that; pass "
+                               "--trust-remote-code to this worker if you trust that model's code")
         if data_dir is not None:
             if not Path(data_dir).is_dir():
                 raise RankoptError(f"--data '{data_dir}' is not a folder; point it at a folder of train/validation files")
@@ -83,14 +95,18 @@ def worker_config(stored: dict | None, preset: str | None, overrides: list[str] 
 def run_worker(study_name: str, storage: str, preset: str | None = None, overrides: list[str] | None = None, *,
                data_dir: str | None = None, tracking_uri: str | None = None, max_trials: int | None = None,
                device: str | None = None, out: str | Path = "runs", checkpoint_dir: str | Path | None = None,
-               track: bool = True, callbacks_for_trial=None, on_trial_end=None) -> WorkerResult | None:
+               track: bool = True, callbacks_for_trial=None, on_trial_end=None,
+               trust_remote_code: bool = False) -> WorkerResult | None:
     """Take trials of ``study_name`` until its trial limit (or ``max_trials`` here) is reached.
+
+    ``trust_remote_code`` allows a stored ``model.trust_remote_code`` (see :func:`worker_config`).
 
     Started under ``torchrun``, this worker's trials train data-parallel: rank 0 is the worker
     (storage, lock, heartbeats, MLflow) and returns the result; the other processes follow its
     trials (:mod:`rankopt.search.data_parallel`) and return None.
     """
     check_storage_url(storage)
+    check_study_name(study_name)
     if tracking_uri is not None:
         check_tracking_uri(tracking_uri)
     if device is not None:
@@ -100,7 +116,7 @@ def run_worker(study_name: str, storage: str, preset: str | None = None, overrid
     distributed.init_from_environment(device)
     joined, cfg, checkpoints = data_parallel.set_up(
         lambda: _join(study_name, storage, preset, overrides, data_dir, tracking_uri, device, out, checkpoint_dir,
-                      track),
+                      track, trust_remote_code),
         lambda j: (j.cfg, j.checkpoints))
     if joined is None:
         data_parallel.follow(cfg, checkpoints)
@@ -129,7 +145,7 @@ class _Joined:
 
 def _join(study_name: str, storage: str, preset: str | None, overrides: list[str] | None, data_dir: str | None,
           tracking_uri: str | None, device: str | None, out: str | Path, checkpoint_dir: str | Path | None,
-          track: bool) -> _Joined:
+          track: bool, trust_remote_code: bool = False) -> _Joined:
     """The study's config (stored, or the preset's for a new study), checked; the study, its lock and MLflow side."""
     from_preset = worker_config(None, preset, overrides, data_dir, device) if preset is not None else None
     stored = _stored_study(storage, study_name)
@@ -139,7 +155,7 @@ def _join(study_name: str, storage: str, preset: str | None, overrides: list[str
     if stored is None:
         cfg = from_preset
     else:
-        cfg = worker_config(stored[0], None, overrides, data_dir, device)
+        cfg = worker_config(stored[0], None, overrides, data_dir, device, trust_remote_code)
         if from_preset is not None and from_preset.model_dump(mode="json") != cfg.model_dump(mode="json"):
             log.warning("study '%s' exists: using the config stored in it, not the preset's", study_name)
     if not cfg.search.space:
@@ -158,7 +174,7 @@ def _join(study_name: str, storage: str, preset: str | None, overrides: list[str
     lock = StudyLock(storage, study_name)
     try:
         with lock:  # one worker at a time creates the study, the experiment and the parent run
-            study = open_study(cfg, study_name, storage, storage_obj=storage_obj, distributed=True)
+            study = open_study(cfg, study_name, storage, storage_obj=storage_obj)
             if CONFIG_ATTR not in study.user_attrs:
                 study.set_user_attr(CONFIG_ATTR, cfg.model_dump(mode="json"))
             if LIMIT_ATTR not in study.user_attrs:
@@ -196,6 +212,7 @@ def _loop(study: optuna.Study, storage: str, lock: StudyLock, objective: Objecti
         while max_trials is None or len(result.ran) < max_trials:
             with lock:
                 _fail_stale(study)
+                fail_orphaned_trials(study, on_stale)
                 decision = limit.decide(study)
                 if decision == Decision.RUN:
                     current.clear()

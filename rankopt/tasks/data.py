@@ -1,7 +1,7 @@
 """Task data: load from the hub, a local folder or the demo corpus; check columns; tokenize once.
 
-Everything a user can get wrong (missing files, missing columns, unreachable hub) becomes a
-:class:`RankoptError` before any training or logging starts.
+Everything a user can get wrong (missing files, missing columns, unreachable hub, a bad row:
+:mod:`rankopt.tasks.data_checks`) becomes a :class:`RankoptError` before any training or logging starts.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTra
 
 from rankopt.config import TaskConfig
 from rankopt.errors import RankoptError
+from rankopt.tasks.data_checks import check_file, check_rows
 
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -49,7 +50,8 @@ def _split_file(folder: Path, split: str) -> Path | None:
     return None
 
 
-def _load_local(task: TaskConfig) -> datasets.DatasetDict:
+def _local_files(task: TaskConfig) -> dict[str, Path]:
+    """Role (train, eval, test) -> the file in ``task.data_dir`` that holds it."""
     folder = Path(task.data_dir)
     if not folder.is_dir():
         raise RankoptError(f"task.data_dir '{folder}' is not a folder; point --data at a folder of train/validation files")
@@ -69,13 +71,31 @@ def _load_local(task: TaskConfig) -> datasets.DatasetDict:
         elif test is None and task.test_split != "test":
             raise RankoptError(f"no '{task.test_split}' file (.jsonl/.json/.csv/.parquet) in {folder}; add one or "
                                "set task.test_split (null for none)")
+    return files
+
+
+def _load_local(task: TaskConfig) -> datasets.DatasetDict:
     out = {}
-    for role, path in files.items():
+    for role, path in _local_files(task).items():
+        check_file(path)  # empty, not UTF-8, a broken JSON line: named by line before datasets parses it
         try:
             out[role] = datasets.load_dataset(FILE_TYPES[path.suffix], data_files=str(path), split="train")
         except Exception as exc:  # noqa: BLE001 - any parse failure is the file's fault
-            raise RankoptError(f"cannot read {path}: {str(exc).splitlines()[0]}; check the file format") from None
+            cause = exc.__cause__ or exc  # datasets wraps the parser's message, which names the line
+            reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+            raise RankoptError(f"cannot read {path}: {reason}; check the file format") from None
     return datasets.DatasetDict(out)
+
+
+def data_sources(task: TaskConfig) -> dict[str, str]:
+    """Role -> where its rows come from, as error messages name it (a file path, a hub split)."""
+    roles = {"train": task.train_split, "eval": task.eval_split, "test": task.test_split}
+    if task.builtin:
+        return {role: f"the built-in {task.builtin} data ({role})" for role in roles}
+    if task.data_dir:
+        return {role: str(path) for role, path in _local_files(task).items()}
+    name = f"{task.dataset}/{task.subset}" if task.subset else task.dataset
+    return {role: f"split '{split}' of dataset '{name}'" for role, split in roles.items()}
 
 
 def _load_hub(task: TaskConfig) -> datasets.DatasetDict:
@@ -123,7 +143,8 @@ def load_raw(task: TaskConfig) -> datasets.DatasetDict:
         if missing:
             keys = "task.prompt_column / task.response_column" if task.type == "causal_lm" else \
                 "task.text_columns / task.label_column"
-            raise RankoptError(f"{role} data has no column {missing[0]!r} (columns: {', '.join(split.column_names)}); "
+            source = data_sources(task).get(role, f"{role} data")
+            raise RankoptError(f"{source} has no column {missing[0]!r} (columns: {', '.join(split.column_names)}); "
                                f"set {keys} to match")
     return raw
 
@@ -230,6 +251,7 @@ def _prepare_causal_lm(task: TaskConfig, raw: datasets.DatasetDict, tokenizer: P
 def prepare(task: TaskConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> TaskData:
     """Load, check, subsample and tokenize the task's data (once; reuse the result across trials)."""
     raw = load_raw(task)
+    check_rows(task, raw, data_sources(task))  # the first bad row, named, before anything trains
     test, test_note = _labelled_test(task, raw.get("test"))
     raw = datasets.DatasetDict({
         "train": _subsample(raw["train"], task.max_train_samples, seed),

@@ -76,8 +76,32 @@ def client_for(uri: str):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     from rankopt.tracking.urls import sqlalchemy_url
 
+    from rankopt.tracking.store_lock import made_whole, opening
+
     mlflow.set_tracking_uri(sqlalchemy_url(uri))
-    return ResilientClient(MlflowClient(tracking_uri=sqlalchemy_url(uri)), uri)
+    with opening(uri):  # MLflow creates and migrates a fresh database on first use: one process at a time
+        made_whole(uri, lambda url: MlflowClient(tracking_uri=url).search_experiments(max_results=1))
+        client = MlflowClient(tracking_uri=sqlalchemy_url(uri))
+        if uri.startswith(("sqlite:", "postgresql:", "postgres:")):
+            _check_schema(client, uri)
+    return ResilientClient(client, uri)
+
+
+def _check_schema(client, uri: str) -> None:
+    """Open the store now; one made half by an interrupted first run is a one-line error saying how to finish it."""
+    from mlflow.exceptions import MlflowException
+
+    from rankopt.errors import RankoptError
+    from rankopt.tracking.urls import mask_url
+
+    try:
+        client.search_experiments(max_results=1)
+    except MlflowException as exc:
+        if "out-of-date database schema" not in str(exc):
+            raise
+        raise RankoptError(f"the MLflow store '{mask_url(uri)}' has an older schema (made by an older MLflow, or "
+                           f"left half made by a run killed while creating it); back it up, then run `mlflow db "
+                           f"upgrade {mask_url(uri)}`") from None
 
 
 def check_reachable(uri: str) -> None:
@@ -97,8 +121,11 @@ def check_reachable(uri: str) -> None:
         return
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"})
+    from rankopt.tracking.store_lock import opening
+
     try:
-        MlflowClient(tracking_uri=sqlalchemy_url(uri)).search_experiments(max_results=1)
+        with opening(uri):  # a fresh database gets MLflow's tables here: one process at a time
+            MlflowClient(tracking_uri=sqlalchemy_url(uri)).search_experiments(max_results=1)
     except Exception as exc:  # noqa: BLE001 - any failure here means the URI does not work
         reason = mask_text(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)[:300]
         raise RankoptError(f"cannot reach MLflow at '{mask_url(uri)}' ({reason}); start the tracking server "
@@ -141,10 +168,12 @@ def log_params(client, run_id: str, params: dict[str, Any]) -> None:
 class MLflowLogger(Callback):
     """Logs one training run: eval metrics, ranks per reallocation, heatmap, history, adapter."""
 
-    def __init__(self, client, run_id: str, base_model: str, meta: dict[str, Any] | None = None):
+    def __init__(self, client, run_id: str, base_model: str, meta: dict[str, Any] | None = None,
+                 log_history: bool = True):
         self.client, self.run_id = client, run_id
         self.base_model = base_model
         self.meta = meta or {}
+        self.log_history = log_history  # False: a resumed run continues the run that logged them
         self._loss_sum, self._loss_n = 0.0, 0
 
     def _metrics(self, values: dict[str, float], step: int) -> None:
@@ -159,7 +188,7 @@ class MLflowLogger(Callback):
 
     def on_train_start(self, info: dict[str, Any]) -> None:
         # a resumed trial: its run gets the evaluations made before the checkpoint, so its curves are whole
-        for step, metrics in info.get("eval_history") or []:
+        for step, metrics in (info.get("eval_history") or []) if self.log_history else []:
             self._metrics({f"eval_{k}": v for k, v in metrics.items()}, step)
 
     def on_step(self, step: int, loss: float) -> None:

@@ -52,8 +52,12 @@ def server_command(out: str | Path = "runs", tracking_uri: str | None = None, ho
         raise RankoptError(f"{mask_url(tracking_uri)} is already a tracking server: open it in a browser instead")
     if not 0 < port < 65536:
         raise RankoptError(f"--port {port} is not a TCP port (1-65535)")
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri,
-               "--registry-store-uri", tracking_uri, "--artifacts-destination", str((out / "mlartifacts").resolve()),
+    from rankopt.tracking.urls import sqlalchemy_url
+
+    # a plain postgresql:// as tune takes it: with the driver installed here, as every other command opens it
+    backend = sqlalchemy_url(tracking_uri)
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
+               "--registry-store-uri", backend, "--artifacts-destination", str((out / "mlartifacts").resolve()),
                "--host", host, "--port", str(port), "--workers", "1"]
     if "uvicorn_opts" in _server_options():  # MLflow 3 serves with uvicorn: its warnings, not every request
         command += ["--uvicorn-opts", "--log-level warning"]

@@ -10,8 +10,11 @@ What is saved, after every ``search.checkpoint_every``-th evaluation:
   state, the fp16 loss scaler's state, rank history, evaluation history, and a fingerprint of the trial's config.
 
 Never pickle: the tensors are read back with ``safetensors`` and the rest is JSON, so a
-checkpoint folder from anywhere cannot run code. The data order is not saved: the trainer
-replays the data loader's seeded shuffle up to the checkpoint's step (cheap next to training).
+checkpoint folder from anywhere cannot run code. ``state.json`` holds the SHA-256 of
+``state.safetensors``: a checkpoint cut short or damaged on disk (a full disk, a copy that
+stopped) is skipped with one warning, and the trial starts from the one before or from step 0.
+The data order is not saved: the trainer replays the data loader's seeded shuffle up to the
+checkpoint's step (cheap next to training).
 
 Layout: ``ROOT/STUDY/trial-N/step-00000040/``, where N is the trial's original number (a
 retry of trial 3 reads ``trial-3``). A step folder is written beside the others and renamed
@@ -164,6 +167,21 @@ def optimizer_state_on(device: torch.device | str, state: dict[str, torch.Tensor
     return {key: value if key == "step" and value.dim() == 0 else value.to(device) for key, value in state.items()}
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_complete(path: Path, meta: dict[str, Any]) -> None:
+    """Raise ValueError when ``state.safetensors`` is not the file ``state.json`` was written with."""
+    expected = meta.get("sha256")
+    if expected is not None and file_sha256(path / TENSORS) != expected:
+        raise ValueError(f"{TENSORS} does not match its checksum (truncated or changed)")
+
+
 @dataclass
 class Snapshot:
     """A checkpoint read from disk, not yet applied."""
@@ -193,7 +211,11 @@ class TrialCheckpoint:
         return sorted(found, key=lambda p: p.name)
 
     def load(self) -> Snapshot | None:
-        """The newest complete checkpoint that fits this trial's config, or None."""
+        """The newest complete checkpoint that fits this trial's config, or None.
+
+        A damaged one (truncated, bytes changed, a file missing) is skipped with one warning line:
+        whatever the damage, the trial goes on from an older checkpoint or from step 0.
+        """
         for path in reversed(self._steps()):
             try:
                 meta = json.loads((path / META).read_text())
@@ -202,11 +224,15 @@ class TrialCheckpoint:
                 if meta.get("fingerprint") != self.fingerprint:
                     log.warning("checkpoint %s belongs to another config; starting from step 0", path)
                     return None
+                check_complete(path, meta)
                 tensors = load_file(str(path / TENSORS))
-            except (OSError, ValueError) as exc:
-                log.warning("skipping unreadable checkpoint %s (%s)", path, exc)
+                step = int(meta["step"])
+            except Exception as exc:  # noqa: BLE001 - SafetensorError, JSON, missing keys: any damage
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                log.warning("skipping damaged checkpoint %s (%s); the run goes on from an earlier one or "
+                            "from step 0", path, reason)
                 continue
-            return Snapshot(step=int(meta["step"]), tensors=tensors, meta=meta, path=path)
+            return Snapshot(step=step, tensors=tensors, meta=meta, path=path)
         return None
 
     def after_eval(self, stepper, evals: list[tuple[int, dict[str, float]]]) -> None:
@@ -223,6 +249,7 @@ class TrialCheckpoint:
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.folder))
         try:
             save_file(tensors, str(tmp / TENSORS), metadata={"format": "pt", "step": str(stepper.done)})
+            meta["sha256"] = file_sha256(tmp / TENSORS)
             (tmp / META).write_text(json.dumps(meta, default=float))
             if final.exists():
                 shutil.rmtree(final)
@@ -241,15 +268,27 @@ class TrialCheckpoint:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def folder_name(name: str) -> str:
+    """``name`` as one folder name: other characters replaced (plus a hash of the name), never '.' or '..'."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    if not safe.strip("."):  # '', '.', '..': a folder name that would not be a folder of its own
+        safe = safe.replace(".", "_") or "_"
+    if safe != name:
+        safe += "-" + hashlib.sha256(name.encode()).hexdigest()[:8]
+    return safe
+
+
 class CheckpointStore:
     """Where a study's trials keep their checkpoints: ``ROOT/STUDY/trial-N``."""
 
     def __init__(self, root: str | Path, study_name: str, every: int):
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", study_name)
-        if safe != study_name:
-            safe += "-" + hashlib.sha256(study_name.encode()).hexdigest()[:8]
-        self.root = Path(root) / safe
+        self.root = Path(root) / folder_name(study_name)
         self.every = every
 
     def for_trial(self, number: int, config: dict[str, Any]) -> TrialCheckpoint:
         return TrialCheckpoint(self.root / f"trial-{number}", self.every, fingerprint(config))
+
+
+def train_checkpoint(out: str | Path, name: str, every: int, config: dict[str, Any]) -> TrialCheckpoint:
+    """The checkpoints of one ``rankopt train`` run: ``OUT/checkpoints/train/NAME`` (NAME: the task's, or the run's)."""
+    return TrialCheckpoint(Path(out) / "checkpoints" / "train" / folder_name(name), every, fingerprint(config))

@@ -39,6 +39,7 @@ class TrainResult:
     adapted: Any = field(repr=False, default=None)  # the AdaptedModel, for export
     run_id: str | None = None  # the MLflow run, when tracked
     artifacts: str | None = None  # where that run's experiment keeps its files (a folder, or a server's URI)
+    resumed_from_step: int = 0  # the checkpoint's step, when the run went on from one
 
     @property
     def total_rank(self) -> int:

@@ -4,16 +4,22 @@ Reading a loss (``.item()``) makes the host wait for the device; doing it every 
 GPU idle while Python launches the next step. The loop records each step's loss tensor here and
 reads them all at once every ``training.log_every`` steps, before an evaluation and before a
 reallocation, so callbacks still get every step's loss, in order, only a little later. A loss
-that is not finite is caught at that read, naming the step where it first appeared.
+that is not finite is caught at that read, naming the step where it first appeared; one that
+grows past :data:`RUNAWAY` times the first step's is warned about once (the run goes on: it may
+recover, but a user should not learn it from the final metric alone).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 
 from rankopt.errors import TrainingDiverged
+
+log = logging.getLogger(__name__)
+RUNAWAY = 100.0  # a loss this many times the first step's is running away
 
 
 class LossLog:
@@ -21,6 +27,8 @@ class LossLog:
 
     def __init__(self):
         self.pending: list[tuple[int, torch.Tensor]] = []
+        self.first: float | None = None
+        self.warned = False
 
     def add(self, step: int, loss: torch.Tensor) -> None:
         self.pending.append((step, loss.detach()))
@@ -35,4 +43,10 @@ class LossLog:
         for step, value in zip(steps, values):
             if not math.isfinite(value):
                 raise TrainingDiverged(f"loss became {value} at step {step}; lower training.lr")
+            if self.first is None:
+                self.first = value
+            elif not self.warned and self.first > 0 and value > RUNAWAY * self.first:
+                self.warned = True
+                log.warning("the training loss reached %.4g at step %d, over %dx its first value (%.4g): training "
+                            "is diverging; lower training.lr", value, step, RUNAWAY, self.first)
         return list(zip(steps, values))

@@ -130,13 +130,13 @@ def print_tune_result(result, console: Console | None = None) -> None:
     from rich.table import Table
 
     console = console or Console(width=None if Console().is_terminal else 200)  # piped: one line per row
+    running = getattr(result, "n_running", 0)  # other processes' trials (a shared study), counted too
+    others = f"{result.n_pruned} pruned, {result.n_failed} failed" + (f", {running} running" if running else "")
     if not result.best:
-        console.print(f"study {result.study_name}: no complete trial yet "
-                      f"({result.n_pruned} pruned, {result.n_failed} failed)")
+        console.print(f"study {result.study_name}: no complete trial yet ({others})")
         return
     title = "Pareto set" if len(result.objectives) > 1 else "best trial"
-    table = Table(title=f"study {result.study_name}: {title}  ({result.n_complete} complete, "
-                        f"{result.n_pruned} pruned, {result.n_failed} failed)")
+    table = Table(title=f"study {result.study_name}: {title}  ({result.n_complete} complete, {others})")
     metric = getattr(result, "metric_name", "metric")
     note = getattr(result, "test_note", None)
     smallest, within = getattr(result, "smallest", None), getattr(result, "within", None)

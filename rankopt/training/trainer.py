@@ -268,6 +268,6 @@ def train_adapted(cfg: Config, adapted: AdaptedModel, data: TaskData,
         metric_name=cfg.task.metric, metric=final[cfg.task.metric], metrics=final, ranks=adapted.ranks(),
         rank_history=stepper.history, eval_history=evals, trainable_params=adapted.count_trainable(),
         adapter_params=adapted.count_adapter(), steps=t.steps, seconds=time.perf_counter() - started,
-        adapted=adapted)
+        adapted=adapted, resumed_from_step=snapshot.step if snapshot is not None else 0)
     events.on_train_end(result)
     return result
