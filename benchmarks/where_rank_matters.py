@@ -6,7 +6,8 @@
   sits on planted modules, at budgets below, at and above the planted total (uniform ranks 1, 2, 4;
   the planting costs a uniform rank 2).
 - ``placement``: PEFT LoRA on q,v only, on attention only, on the MLP only and on all linears, each at
-  the rank that gives the same adapter size, against rankopt over all linears (``placement.py``).
+  the rank that gives the same adapter size, against rankopt over all linears (``placement.py``), on
+  the GLUE copies with ``quality_vs_peft``'s data, steps and loop (its rankopt rows are reused).
 
 Every method gets its own learning rate: the first seed runs a log grid, widened x3 at an edge (at
 most twice), and the other seeds run at the picked rate. Rows are appended to a JSONL file, so an
@@ -15,6 +16,7 @@ method may carry controller settings, ``rankopt:importance=energy,swap=0.3``.
 
     python benchmarks/where_rank_matters.py planted                      # the rung (about an hour on 2 cores)
     python benchmarks/where_rank_matters.py planted --summary            # tables and paired tests
+    python benchmarks/where_rank_matters.py placement --tasks sst2       # 4 placements + rankopt, 3 seeds
     python benchmarks/where_rank_matters.py planted --seeds 0 --budgets 2 --steps 4 --train-samples 64 \\
         --eval-samples 16 --lrs 1e-2 --methods rankopt peft_lora --out /tmp/w.jsonl      # smoke run
 """
@@ -33,11 +35,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality_vs_peft import CODE, load_results, next_rate, variant_settings  # noqa: E402
+from quality_vs_peft import CODE, GLUE, load_results, next_rate, variant_settings  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "where_rank_matters.jsonl"
 PLANTED_METHODS = ("peft_lora", "peft_oracle", "peft_adalora", "peft_eva", "rankopt_fixed", "rankopt")
 PLANTED_AT = 2  # the planting costs a uniform rank-2 adapter
+PLACEMENT_METHODS = ("peft_qv", "peft_attention", "peft_mlp", "peft_all", "rankopt")
+GLUE_GRID = RESULTS.parent / "glue_grid.jsonl"  # quality_vs_peft's rankopt rows, the same runs
+# per rung: steps, train and eval samples, lr grid, budgets (placement: quality_vs_peft's grid)
+RUNG_DEFAULTS = {"planted": (200, 1500, 300, [3e-3, 1e-2], [1, 2, 4]),
+                 "placement": (150, 600, 400, [1e-3, 3e-3, 9e-3], [4])}
 
 
 # --- the planted rung ---------------------------------------------------------------------------
@@ -85,6 +92,19 @@ def run_planted(method: str, budget: int, lr: float, seed: int, args: argparse.N
             "planted_rank_share": sum(ranks.get(n, 0) for n in planting.ranks) / total if total else 0.0,
             "planted": {n: [r, ranks.get(n, 0)] for n, r in planting.ranks.items()}, "total_rank": total,
             "adapter_params": params, "seconds": round(time.perf_counter() - started, 1), "code": CODE}
+
+
+def run_placement(task: str, method: str, budget: int, lr: float, seed: int, args: argparse.Namespace) -> dict:
+    """A placement run; a rankopt one quality_vs_peft already made (same settings and code) is reused."""
+    import placement
+
+    if method.startswith("rankopt"):
+        for row in load_results(GLUE_GRID):
+            if ((row["task"], row["method"], row["budget"], row["lr"], row["seed"], row["steps"],
+                 row.get("train_samples"), row.get("code")) ==
+                    (task, method, budget, lr, seed, args.steps, args.train_samples, CODE)):
+                return {"rung": "placement", **row, "rank": None, "from": GLUE_GRID.name}
+    return placement.run_placement(task, method, budget, lr, seed, args)
 
 
 # --- the grid ---------------------------------------------------------------------------------
@@ -233,28 +253,41 @@ def planted_targets(path: Path, seeds: list[int], methods: list[str]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("rung", choices=["planted"])
+    ap.add_argument("rung", choices=list(RUNG_DEFAULTS))
     ap.add_argument("--methods", nargs="+", default=None)
-    ap.add_argument("--budgets", nargs="+", type=int, default=[1, 2, 4], help="mean final rank (a uniform LoRA's)")
+    ap.add_argument("--tasks", nargs="+", default=["sst2"], help="placement: GLUE tasks under --data")
+    ap.add_argument("--data", type=Path, default=GLUE)
+    ap.add_argument("--budgets", nargs="+", type=int, default=None, help="mean final rank (a uniform LoRA's)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="the first one also picks the lr")
-    ap.add_argument("--lrs", nargs="+", type=float, default=[3e-3, 1e-2], help="log grid, widened x3 at an edge")
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--train-samples", type=int, default=1500)
-    ap.add_argument("--eval-samples", type=int, default=300)
+    ap.add_argument("--lrs", nargs="+", type=float, default=None, help="log grid, widened x3 at an edge")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--train-samples", type=int, default=None)
+    ap.add_argument("--eval-samples", type=int, default=None)
     ap.add_argument("--strength", type=float, default=1.0, help="planted: each component's size (see planted.py)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--summary", action="store_true")
     ap.add_argument("--reference", default="rankopt")
     args = ap.parse_args()
-    methods = args.methods or list(PLANTED_METHODS)
+    steps, train, evals, lrs, budgets = RUNG_DEFAULTS[args.rung]
+    args.steps, args.train_samples, args.eval_samples = (args.steps or steps, args.train_samples or train,
+                                                         args.eval_samples or evals)
+    args.lrs, args.budgets = args.lrs or lrs, args.budgets or budgets
+    planted = args.rung == "planted"
+    methods = args.methods or list(PLANTED_METHODS if planted else PLACEMENT_METHODS)
+    extra = ("planted_rank_share",) if planted else ()
     if args.summary:
-        print(summarize(args.out, args.rung, args.seeds, methods, args.reference, lower_is_better=True,
-                        extra=("planted_rank_share",)))
-        print()
-        print(planted_targets(args.out, args.seeds, methods))
+        print(summarize(args.out, args.rung, args.seeds, methods, args.reference, lower_is_better=planted,
+                        extra=extra))
+        if planted:
+            print()
+            print(planted_targets(args.out, args.seeds, methods))
         return
     torch.set_num_threads(args.threads)
+    if not planted:
+        run_grid("placement", args.tasks, methods, args.budgets, run_placement, args, lower_is_better=False)
+        print(summarize(args.out, args.rung, args.seeds, methods, args.reference, lower_is_better=False))
+        return
     # the oracle's size is the planting's: it runs at the budget the planting costs only
     run_grid("planted", ["planted"], methods, args.budgets, run_planted, args, lower_is_better=True,
              skip=lambda task, budget, method: method == "peft_oracle" and budget != PLANTED_AT)
