@@ -94,6 +94,19 @@ def run_planted(method: str, budget: int, lr: float, seed: int, args: argparse.N
             "adapter_params": params, "seconds": round(time.perf_counter() - started, 1), "code": CODE}
 
 
+def same_rankopt(code: str) -> bool:
+    """Whether rankopt/ at commit ``code`` is rankopt/ now (a row measured there is a row measured here)."""
+    import subprocess
+
+    if code == CODE:
+        return True
+    if "+" in code or "+" in CODE or "unknown" in (code, CODE):
+        return False
+    diff = subprocess.run(["git", "diff", "--quiet", code, CODE, "--", ":/rankopt"], cwd=RESULTS.parent,
+                          capture_output=True, timeout=30)
+    return diff.returncode == 0
+
+
 def run_placement(task: str, method: str, budget: int, lr: float, seed: int, args: argparse.Namespace) -> dict:
     """A placement run; a rankopt one quality_vs_peft already made (same settings and code) is reused."""
     import placement
@@ -101,8 +114,8 @@ def run_placement(task: str, method: str, budget: int, lr: float, seed: int, arg
     if method.startswith("rankopt"):
         for row in load_results(GLUE_GRID):
             if ((row["task"], row["method"], row["budget"], row["lr"], row["seed"], row["steps"],
-                 row.get("train_samples"), row.get("code")) ==
-                    (task, method, budget, lr, seed, args.steps, args.train_samples, CODE)):
+                 row.get("train_samples")) == (task, method, budget, lr, seed, args.steps, args.train_samples)
+                    and same_rankopt(row.get("code", "unknown"))):
                 return {"rung": "placement", **row, "rank": None, "from": GLUE_GRID.name}
     return placement.run_placement(task, method, budget, lr, seed, args)
 
