@@ -126,7 +126,7 @@ def test_training_without_controller_keeps_the_ranks(tiny_config, tiny_task_data
 
 def test_training_learns_the_task(tiny_config, tiny_task_data):
     # random start: on this tiny random BERT learning is a sudden jump that the gradient start delays
-    # past 60 steps; on pretrained MiniLM the gradient start learns faster (BENCHMARKS.md, issue 12)
+    # past 60 steps; on pretrained MiniLM the gradient start learns faster (BENCHMARKS.md, "start and growth")
     cfg = build_config(tiny_config.model_dump(), {"training.steps": 60, "training.eval_every": 60,
                                                   "training.lr": 5e-2, "adapter.init": "random"})
     adapted = make_tiny_adapted()
