@@ -10,7 +10,8 @@ on the CPU). Rows, per step kind:
 * ``rankopt ordinary``: a tracking step (sensitivity EMA, orthogonality penalty, optimizer);
 * ``rankopt reallocation``: the step before which the gradient probe is armed, and after which the
   controller reallocates: its ``probe`` share is its forward/backward beyond an ordinary one's,
-  ``reallocate`` the controller's decision and resizes with the optimizer remap;
+  ``reallocate`` the controller's scores, gradient pairs, decision and resizes, ``optimizer remap``
+  the Adam state carried to the resized tensors;
 * ``PEFT LoRA``: PEFT's LoRA at the same rank on the same model, torch's AdamW(foreach=True).
 
 Also printed, by arithmetic from the probe's own sizes: the probe's memory at Llama-3-8B
@@ -135,6 +136,8 @@ def place(counter: StepCounter, model: torch.nn.Module) -> None:
 
 
 def measure_rankopt(rank: int, scale: int, data: list[dict]) -> dict[str, dict]:
+    from rankopt.training import trainer
+
     stepper, model = rankopt_stepper(rank, scale)
     counter = StepCounter()
     place(counter, model)
@@ -148,7 +151,8 @@ def measure_rankopt(rank: int, scale: int, data: list[dict]) -> dict[str, dict]:
         elif step == realloc:
             out["reallocation"] = counted_step(counter, stepper, batch,
                                                {"optimizer": (stepper.optimizer, "step"),
-                                                "reallocate": (stepper.controller, "step")})
+                                                "reallocate": (stepper.controller, "step"),
+                                                "optimizer remap": (trainer, "apply_resizes")})
             out["reallocation"]["where"] = dict(counter.where.most_common(12))
         else:
             stepper.step(batch)
@@ -217,9 +221,11 @@ def main() -> None:
         print(f"| {name} | {t['ops']} | {row.get('optimizer', {}).get('ops', 0)} | "
               f"{row.get('reallocate', {}).get('ops', 0)} | {t['syncs']} | {t['read']} / {t['to_host']} / "
               f"{t['to_device_blocking']} / {t['data_dependent']} |")
+    remap = realloc.get("optimizer remap", {})
     print(f"\nrankopt ordinary / PEFT ops: {ordinary['ops'] / peft['ops']:.2f}x; probe adds {realloc['probe']['ops']} ops, "
           f"{realloc['probe']['syncs']} syncs; reallocate: {realloc.get('reallocate', {}).get('ops', 0)} ops, "
-          f"{realloc.get('reallocate', {}).get('syncs', 0)} syncs")
+          f"{realloc.get('reallocate', {}).get('syncs', 0)} syncs; optimizer remap: {remap.get('ops', 0)} ops, "
+          f"{remap.get('syncs', 0)} syncs")
     for name, row in rows.items():
         if row.get("where"):
             print(f"where {name} syncs:", json.dumps(row["where"]))

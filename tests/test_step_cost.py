@@ -65,3 +65,24 @@ def test_the_counter_sees_each_kind_of_host_round_trip():
         "ops": 0, "views": 0, "host_ops": 0, "syncs": 5, "read": 2, "to_host": 1, "to_device_blocking": 1,
         "data_dependent": 1}
     assert torch.ones(1).device == torch.device("cpu")  # torch's own device property is back
+
+
+def test_resizing_layers_and_their_adam_state_waits_for_nothing():
+    """Before: each state tensor's remap copied its indices with a wait and read back whether any was new
+    (2,016 syncs at 224 adapters), and grown directions made a round trip through a CPU QR."""
+    from rankopt.training.optim import ComponentAdamW, apply_resizes
+
+    adapted = make_tiny_adapted(0)
+    optimizer = ComponentAdamW(adapted.trainable_parameters(), lr=1e-2)
+    for p in adapted.trainable_parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    counter = StepCounter()
+    counter.place(p for p in adapted.trainable_parameters())
+    counter.place(v for state in optimizer.state.values() for v in state.values())
+    gen = torch.Generator().manual_seed(0)
+    with counter.counting():
+        for i, layer in enumerate(adapted.adapters.values()):  # prune some, grow some, both
+            apply_resizes(optimizer, layer.resize(torch.arange(layer.rank - i % 2), i % 3, gen))
+    assert counter.totals()["ops"] > 0
+    assert counter.totals()["syncs"] == 0, dict(counter.where)
