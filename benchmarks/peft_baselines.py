@@ -7,7 +7,9 @@ each layer's update truncated by SVD to the rank: the cheap post-hoc alternative
 
 A baseline starts from the same pretrained weights and the same seeded task head as rankopt
 (``rankopt.training.setup.load_base``), sees the same batches in the same order, and uses the same
-optimizer, schedule and gradient clipping, so the adapters are the only difference.
+schedule and gradient clipping. Its optimizer is torch's AdamW with ``foreach=True``, as PEFT users
+run it (a Trainer's default): the same update as rankopt's ComponentAdamW while no component is
+born mid-run, and the launch count a real PEFT run pays, so step-cost ratios are not flattered.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch.utils.data import DataLoader
 
 from rankopt.config import Config
 from rankopt.tasks.data import TaskData
-from rankopt.training.optim import build_optimizer, build_scheduler
+from rankopt.training.optim import build_scheduler
 from rankopt.training.trainer import evaluate, seeded_batches
 
 PEFT_METHODS = ("peft_lora", "peft_rslora", "peft_eva", "peft_adalora", "peft_lora_trunc")
@@ -101,7 +103,7 @@ class PeftStepper:
         self.model, self.adalora, self.device, self.max_grad_norm = model, adalora, device, max_grad_norm
         self.autocast = autocast  # bf16: forward/backward under torch.autocast, as rankopt's training.precision
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.params, lr, weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay, foreach=True)
         self.scheduler = build_scheduler(self.optimizer, schedule, steps, warmup_ratio)
         self.done = 0
 

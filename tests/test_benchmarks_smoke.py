@@ -337,3 +337,15 @@ def test_faults_campaign_counts_what_it_tried(tmp_path):
     assert all(r["survived"] for r in rows), rows
     assert table_rows(proc.stdout)["**all**"] == ["**4**", "**4**"]
     assert last_json(proc.stdout)["failures"] == []
+
+
+def test_step_cost(tmp_path):
+    out = tmp_path / "step_cost.jsonl"
+    proc = run_script("step_cost.py", "--scale", "64", "--seq", "8", "--out-jsonl", str(out))
+    rows = {json.loads(line)["run"]: json.loads(line) for line in out.read_text().splitlines()}
+    assert set(rows) == {"rankopt ordinary", "rankopt reallocation", "PEFT LoRA + AdamW(foreach)",
+                         "probe memory, Llama-3-8B"}
+    assert set(table_rows(proc.stdout)) >= set(rows) - {"probe memory, Llama-3-8B"}
+    assert all(positive(rows[run]["total"]["ops"]) for run in rows if run.startswith(("rankopt", "PEFT")))
+    assert rows["rankopt ordinary"]["optimizer"]["ops"] < 50  # one _foreach pass, not a loop over 672 tensors
+    assert positive(rows["probe memory, Llama-3-8B"]["peak_gb"])

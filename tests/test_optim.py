@@ -176,3 +176,71 @@ def test_a_grown_component_takes_the_steps_of_a_fresh_adam(grown_at):
         optimizer.step()
         fresh_opt.step()
         assert torch.allclose(layer.lora_lam[-1:].detach(), fresh.detach(), rtol=1e-5, atol=1e-7)
+
+
+@torch.no_grad()
+def per_tensor_step(optimizer: ComponentAdamW) -> None:
+    """The update as ComponentAdamW computed it before its ``_foreach`` form: one tensor at a time."""
+    for group in optimizer.param_groups:
+        beta1, beta2 = group["betas"]
+        lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = optimizer.state[p]
+            if not state:
+                state.update(step=torch.zeros_like(p, dtype=torch.float32), exp_avg=torch.zeros_like(p),
+                             exp_avg_sq=torch.zeros_like(p))
+            step, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+            step.add_(1)
+            p.mul_(1 - lr * decay)
+            m.lerp_(p.grad, 1 - beta1)
+            v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            denom = (v.sqrt() / (1 - torch.pow(beta2, step)).sqrt()).add_(eps)
+            p.addcdiv_(m / (1 - torch.pow(beta1, step)), denom, value=-lr)
+
+
+def test_foreach_step_equals_the_per_tensor_step_bit_for_bit_across_a_resize():
+    """Two identical models, one stepped by ComponentAdamW, one by the per-tensor loop, with a prune and
+    a birth (new components at step 0) in the middle and a parameter without gradient: same bits."""
+    runs = []
+    for stepper in (ComponentAdamW.step, per_tensor_step):
+        adapted = make_tiny_adapted()
+        adapted.model.train()
+        optimizer = ComponentAdamW(adapted.trainable_parameters(), lr=1e-2, weight_decay=0.05)
+        optimizer.param_groups[0]["lr"] = 3e-3  # as a scheduler would set it
+        for phase, steps in enumerate((3, 4)):
+            for i in range(steps):
+                loss = adapted.model(**batch(10 * phase + i)).loss + 0.1 * orthogonality_penalty(adapted)
+                loss.backward()
+                next(iter(adapted.adapters.values())).lora_Q.grad = None  # a parameter left out this step
+                stepper(optimizer)
+                optimizer.zero_grad(set_to_none=True)
+            if phase == 0:
+                apply_resizes(optimizer, [r for _, rs in resize_some(adapted).values() for r in rs])
+        runs.append((adapted, optimizer))
+    (ours, opt_ours), (ref, opt_ref) = runs
+    born = [s["step"] for s in opt_ours.state.values() if (s["step"] == 4).any()]
+    assert born, "the resize should have started some components at step 0"
+    for p, q in zip(ours.trainable_parameters(), ref.trainable_parameters(), strict=True):
+        assert torch.equal(p, q)
+        assert (p in opt_ours.state) == (q in opt_ref.state)  # the parameter never given a gradient has none
+        for key in opt_ref.state.get(q, {}):
+            assert torch.equal(opt_ours.state[p][key], opt_ref.state[q][key]), key
+
+
+def test_parameters_of_different_dtypes_are_stepped_in_their_own_dtype():
+    torch.manual_seed(0)
+    single = torch.nn.Parameter(torch.randn(4, 3))
+    double = torch.nn.Parameter(torch.randn(5, dtype=torch.float64))
+    optimizer = ComponentAdamW([single, double], lr=1e-2)
+    reference = [torch.nn.Parameter(single.detach().clone()), torch.nn.Parameter(double.detach().clone())]
+    ref_opt = ComponentAdamW(reference, lr=1e-2)
+    for _ in range(3):
+        for p, q in zip((single, double), reference):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        optimizer.step()
+        per_tensor_step(ref_opt)
+    assert single.dtype == torch.float32 and double.dtype == torch.float64
+    assert torch.equal(single, reference[0]) and torch.equal(double, reference[1])

@@ -138,10 +138,10 @@ class SVDLinear(nn.Module):
         remapped so the caller can carry the optimizer state of the survivors.
         """
         keep = keep.to(torch.long).cpu()
-        dev = self.lora_P.device
-        kept_p = self.lora_P[:, keep.to(dev)]
-        kept_q = self.lora_Q[keep.to(dev), :]
-        kept_lam = self.lora_lam[keep.to(dev)]
+        on_device = keep.to(self.lora_P.device, non_blocking=True)  # one copy, no wait
+        kept_p = self.lora_P[:, on_device]
+        kept_q = self.lora_Q[on_device, :]
+        kept_lam = self.lora_lam[on_device]
         if n_new:
             start_p, start_q = directions if directions is not None else (None, None)
             new_p = _orthogonal_complement(kept_p, n_new, generator, start_p)
@@ -177,9 +177,13 @@ class SVDLinear(nn.Module):
 
 
 def take_components(t: torch.Tensor, source: torch.Tensor, dim: int) -> torch.Tensor:
-    """Slices of ``t`` along ``dim`` at indices ``source``; zeros where source is -1 (new)."""
-    src = source.to(t.device)
-    new = src < 0
+    """Slices of ``t`` along ``dim`` at indices ``source``; zeros where source is -1 (new).
+
+    ``source`` is a host tensor (as :meth:`SVDLinear.resize` makes it): whether anything is new is
+    read there, and the indices go to ``t``'s device without a wait, so a GPU never stalls here.
+    """
+    new = source < 0
+    src = source.to(t.device, non_blocking=True)
     if not bool(new.any()):  # pruning only: a plain gather
         return t.index_select(dim, src)
     if t.shape[dim] == 0:  # a layer growing back from rank 0: every slot is new
@@ -189,7 +193,7 @@ def take_components(t: torch.Tensor, source: torch.Tensor, dim: int) -> torch.Te
     out = t.index_select(dim, src.clamp(min=0))
     mask_shape = [1] * t.dim()
     mask_shape[dim] = -1
-    return out * (~new).view(mask_shape).to(t.dtype)
+    return out * (~new).to(t.device, non_blocking=True).view(mask_shape).to(t.dtype)
 
 
 def _orthonormal_like(m: torch.Tensor) -> torch.Tensor:
@@ -218,12 +222,13 @@ def _orthogonal_complement(basis: torch.Tensor, k: int, generator: torch.Generat
     if r + k > n:
         raise ValueError(f"cannot grow to rank {r + k}: the layer dimension is {n}")
     dtype, device = basis.dtype, basis.device
-    b = basis.detach().float().cpu()
-    given = start.detach().float().cpu()[:, :k] if start is not None else torch.zeros(n, 0)
-    cand = torch.cat([given, torch.randn(n, k - given.shape[1], generator=generator)], dim=1)
+    b = basis.detach().float()  # QR where the factors are: no round trip to the host
+    given = start.detach().float()[:, :k].to(device) if start is not None else torch.zeros(n, 0, device=device)
+    drawn = torch.randn(n, k - given.shape[1], generator=generator).to(device, non_blocking=True)
+    cand = torch.cat([given, drawn], dim=1)
     if r:
         qb, _ = torch.linalg.qr(b)
         cand = cand - qb @ (qb.T @ cand)
         cand = cand - qb @ (qb.T @ cand)  # second pass: orthogonal to float precision
     q, _ = torch.linalg.qr(cand)
-    return q.to(device=device, dtype=dtype)
+    return q.to(dtype=dtype)

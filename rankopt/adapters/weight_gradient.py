@@ -210,7 +210,7 @@ def top_pairs(layer: SVDLinear, x: torch.Tensor, d: torch.Tensor, k: int, iters:
     def times_t(u):  # G'^T u: (in, k)
         return _off(basis_in, reduce(x.T @ (d @ _off(basis_out, u))))
 
-    v = torch.randn(layer.in_features, k, generator=generator).to(x.device)
+    v = torch.randn(layer.in_features, k, generator=generator).to(x.device, non_blocking=True)
     v = torch.linalg.qr(_off(basis_in, v))[0]
     for _ in range(iters):
         u = torch.linalg.qr(times(v))[0]

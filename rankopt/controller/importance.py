@@ -61,8 +61,28 @@ class SensitivityTracker:
             return torch.zeros(layer.rank)
         return (self.ema[layer] * self.unc[layer]).cpu()
 
+    def scores_of(self, layers) -> list[torch.Tensor]:
+        """:meth:`scores` of many layers, read back from the device in one transfer."""
+        layers = list(layers)
+        tracked = [layer for layer in layers if layer in self.ema]
+        found = dict(zip(tracked, to_host([self.ema[layer] * self.unc[layer] for layer in tracked])))
+        return [found.get(layer, torch.zeros(layer.rank)) for layer in layers]
+
     def remap(self, layer: SVDLinear, source: torch.Tensor) -> None:
         """Follow a resize: survivors keep their history, new components start at zero."""
         for state in (self.ema, self.unc):
             if layer in state:
                 state[layer] = take_components(state[layer], source, dim=0)
+
+
+def to_host(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``tensors`` on the host, concatenated per device so each device is read once, then split again."""
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_device.setdefault(t.device, []).append(i)
+    for indices in by_device.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in indices]).cpu()
+        for i, part in zip(indices, flat.split([tensors[i].numel() for i in indices])):
+            out[i] = part.view(tensors[i].shape)
+    return out

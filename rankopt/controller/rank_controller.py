@@ -16,7 +16,7 @@ from rankopt import distributed
 from rankopt.adapters.layer import Resize, SVDLinear
 from rankopt.adapters.weight_gradient import WeightGradientProbe
 from rankopt.controller.allocation import allocate, component_costs, counted_in
-from rankopt.controller.importance import SensitivityTracker
+from rankopt.controller.importance import SensitivityTracker, to_host
 from rankopt.controller.schedule import BudgetSchedule
 
 
@@ -88,9 +88,11 @@ class RankController:
             self.tracker.update(list(self.layers.values()))
 
     def scores(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Both kinds of score of every layer, on the host; each kind read back in one transfer."""
+        layers = self.layers.values()
         return {
-            "sensitivity": {n: self.tracker.scores(layer) for n, layer in self.layers.items()},
-            "energy": {n: layer.component_energy().cpu() for n, layer in self.layers.items()},
+            "sensitivity": dict(zip(self.layers, self.tracker.scores_of(layers))),
+            "energy": dict(zip(self.layers, to_host([layer.component_energy() for layer in layers]))),
         }
 
     def swap_share(self, step: int) -> float:

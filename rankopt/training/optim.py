@@ -24,6 +24,11 @@ class ComponentAdamW(torch.optim.Optimizer):
     1.3x (t = 30) to 6.4x (t = 3000) too large. Here ``state["step"]`` has the parameter's
     shape, so :func:`apply_resizes` carries survivors' counts and starts new components at 0,
     and each one gets the bias correction of its own age. No host sync: the counts stay tensors.
+
+    The update runs over all parameters of a group at once with torch's ``_foreach`` ops: ~17
+    kernel launches per (group, device, dtype) instead of ~15 per tensor (at Llama-8B's 224
+    adapters, 672 tensors, that was ~10k launches per step). The arithmetic is the per-tensor
+    one, op for op, so results and checkpoints are unchanged to the bit.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -37,26 +42,56 @@ class ComponentAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros_like(p, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                step, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
-                step.add_(1)
-                p.mul_(1 - lr * decay)
-                m.lerp_(p.grad, 1 - beta1)
-                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                correction1 = 1 - torch.pow(beta1, step)
-                correction2 = 1 - torch.pow(beta2, step)
-                denom = (v.sqrt() / correction2.sqrt()).add_(eps)
-                p.addcdiv_(m / correction1, denom, value=-lr)
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if not self.state[p]:
+                    self.state[p].update(step=torch.zeros_like(p, dtype=torch.float32),
+                                         exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+            lists = [params, [p.grad for p in params]] + [[self.state[p][key] for p in params]
+                                                          for key in ("step", "exp_avg", "exp_avg_sq")]
+            for ps, grads, steps, ms, vs in self._bucketed(lists):
+                _adamw_foreach(ps, grads, steps, ms, vs, group)
         return loss
+
+    @staticmethod
+    def _bucketed(lists: list[list[torch.Tensor]]):
+        """The parallel lists split by the parameter's (device, dtype): a ``_foreach`` call takes one of each."""
+        buckets: dict[tuple, list[list[torch.Tensor]]] = {}
+        for row in zip(*lists):
+            bucket = buckets.setdefault((row[0].device, row[0].dtype), [[] for _ in lists])
+            for column, t in zip(bucket, row):
+                column.append(t)
+        return buckets.values()
+
+
+def _adamw_foreach(params, grads, steps, exp_avgs, exp_avg_sqs, group) -> None:
+    """One AdamW update of many tensors, each element bias-corrected by its own step count."""
+    beta1, beta2 = group["betas"]
+    lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
+    torch._foreach_add_(steps, 1)
+    torch._foreach_mul_(params, 1 - lr * decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, _sqrt_bias_correction(beta2, steps))
+    torch._foreach_add_(denom, eps)
+    update = torch._foreach_div(exp_avgs, _bias_correction(beta1, steps))
+    torch._foreach_addcdiv_(params, update, denom, value=-lr)
+
+
+def _bias_correction(beta: float, steps: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``1 - beta ** step`` per element (negate-and-add-one is bitwise ``1 - x``)."""
+    powers = torch._foreach_pow(beta, steps)
+    torch._foreach_neg_(powers)
+    torch._foreach_add_(powers, 1)
+    return powers
+
+
+def _sqrt_bias_correction(beta: float, steps: list[torch.Tensor]) -> list[torch.Tensor]:
+    corrections = _bias_correction(beta, steps)
+    torch._foreach_sqrt_(corrections)
+    return corrections
 
 
 def build_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
