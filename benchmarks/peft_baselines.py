@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from rankopt.config import Config
 from rankopt.tasks.data import TaskData
+from rankopt.training.accumulation import to_device
 from rankopt.training.optim import build_scheduler
 from rankopt.training.trainer import evaluate, seeded_batches
 
@@ -109,7 +110,7 @@ class PeftStepper:
 
     def step(self, batch: dict) -> torch.Tensor:
         step = self.done + 1
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        batch = to_device(batch, self.device)  # a packed batch also carries use_cache=False
         with torch.autocast(torch.device(self.device).type, dtype=self.autocast, enabled=self.autocast is not None):
             loss = self.model(**batch).loss  # AdaLoRA adds its orthogonality penalty inside forward
         loss_value = loss.detach()  # no host sync, as rankopt's Stepper (and HF Trainer between logging steps)

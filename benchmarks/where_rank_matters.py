@@ -8,6 +8,10 @@
 - ``placement``: PEFT LoRA on q,v only, on attention only, on the MLP only and on all linears, each at
   the rank that gives the same adapter size, against rankopt over all linears (``placement.py``), on
   the GLUE copies with ``quality_vs_peft``'s data, steps and loop (its rankopt rows are reused).
+- ``decoder``: SmolLM2-135M-Instruct fine-tuned on the ``chat`` preset's chats (``decoder.py``): PEFT
+  LoRA's rank sweep (budgets 1, 4, 16, 64), then PEFT LoRA, AdaLoRA and rankopt at equal size;
+  validation loss per assistant token. Sized for a GPU (``--device cuda``): on 2 CPU cores one run
+  of the default size takes about an hour.
 
 Every method gets its own learning rate: the first seed runs a log grid, widened x3 at an edge (at
 most twice), and the other seeds run at the picked rate. Rows are appended to a JSONL file, so an
@@ -17,6 +21,8 @@ method may carry controller settings, ``rankopt:importance=energy,swap=0.3``.
     python benchmarks/where_rank_matters.py planted                      # the rung (about an hour on 2 cores)
     python benchmarks/where_rank_matters.py planted --summary            # tables and paired tests
     python benchmarks/where_rank_matters.py placement --tasks sst2       # 4 placements + rankopt, 3 seeds
+    python benchmarks/where_rank_matters.py decoder --methods peft_lora --device cuda   # the rank sweep
+    python benchmarks/where_rank_matters.py decoder --budgets 4 --methods peft_lora peft_adalora rankopt --device cuda
     python benchmarks/where_rank_matters.py planted --seeds 0 --budgets 2 --steps 4 --train-samples 64 \\
         --eval-samples 16 --lrs 1e-2 --methods rankopt peft_lora --out /tmp/w.jsonl      # smoke run
 """
@@ -44,7 +50,9 @@ PLACEMENT_METHODS = ("peft_qv", "peft_attention", "peft_mlp", "peft_all", "ranko
 GLUE_GRID = RESULTS.parent / "glue_grid.jsonl"  # quality_vs_peft's rankopt rows, the same runs
 # per rung: steps, train and eval samples, lr grid, budgets (placement: quality_vs_peft's grid)
 RUNG_DEFAULTS = {"planted": (200, 1500, 300, [3e-3, 1e-2], [1, 2, 4]),
-                 "placement": (150, 600, 400, [1e-3, 3e-3, 9e-3], [4])}
+                 "placement": (150, 600, 400, [1e-3, 3e-3, 9e-3], [4]),
+                 "decoder": (120, 450, 108, [1e-3, 3e-3], [1, 4, 16, 64])}  # 450 chats: ~4 epochs of 8 x 96
+DECODER_METHODS = ("peft_lora",)  # the rank sweep; then the methods at one budget
 
 
 # --- the planted rung ---------------------------------------------------------------------------
@@ -270,6 +278,8 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=None)
     ap.add_argument("--tasks", nargs="+", default=["sst2"], help="placement: GLUE tasks under --data")
     ap.add_argument("--data", type=Path, default=GLUE)
+    ap.add_argument("--device", default="cpu", help="decoder: cpu, cuda or cuda:K")
+    ap.add_argument("--model", default=None, help="decoder: another model than the chat preset's")
     ap.add_argument("--budgets", nargs="+", type=int, default=None, help="mean final rank (a uniform LoRA's)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="the first one also picks the lr")
     ap.add_argument("--lrs", nargs="+", type=float, default=None, help="log grid, widened x3 at an edge")
@@ -286,20 +296,23 @@ def main() -> None:
     args.steps, args.train_samples, args.eval_samples = (args.steps or steps, args.train_samples or train,
                                                          args.eval_samples or evals)
     args.lrs, args.budgets = args.lrs or lrs, args.budgets or budgets
-    planted = args.rung == "planted"
-    methods = args.methods or list(PLANTED_METHODS if planted else PLACEMENT_METHODS)
+    planted, lower_is_better = args.rung == "planted", args.rung in ("planted", "decoder")
+    methods = args.methods or list({"planted": PLANTED_METHODS, "placement": PLACEMENT_METHODS,
+                                    "decoder": DECODER_METHODS}[args.rung])
     extra = ("planted_rank_share",) if planted else ()
     if args.summary:
-        print(summarize(args.out, args.rung, args.seeds, methods, args.reference, lower_is_better=planted,
-                        extra=extra))
+        print(summarize(args.out, args.rung, args.seeds, methods, args.reference, lower_is_better, extra=extra))
         if planted:
             print()
             print(planted_targets(args.out, args.seeds, methods))
         return
     torch.set_num_threads(args.threads)
     if not planted:
-        run_grid("placement", args.tasks, methods, args.budgets, run_placement, args, lower_is_better=False)
-        print(summarize(args.out, args.rung, args.seeds, methods, args.reference, lower_is_better=False))
+        import decoder
+
+        tasks, run = (["chat"], decoder.run_decoder) if args.rung == "decoder" else (args.tasks, run_placement)
+        run_grid(args.rung, tasks, methods, args.budgets, run, args, lower_is_better)
+        print(summarize(args.out, args.rung, args.seeds, methods, args.reference, lower_is_better))
         return
     # the oracle's size is the planting's: it runs at the budget the planting costs only
     run_grid("planted", ["planted"], methods, args.budgets, run_planted, args, lower_is_better=True,
