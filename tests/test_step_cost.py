@@ -86,3 +86,25 @@ def test_resizing_layers_and_their_adam_state_waits_for_nothing():
             apply_resizes(optimizer, layer.resize(torch.arange(layer.rank - i % 2), i % 3, gen))
     assert counter.totals()["ops"] > 0
     assert counter.totals()["syncs"] == 0, dict(counter.where)
+
+
+def test_a_reallocation_step_reads_back_a_few_values_not_one_per_layer(tiny_config, tiny_task_data):
+    """Before: the gradient probe read "broken or empty?" back once per layer (224 syncs at Llama-8B)."""
+    stepper, counter = stepper_on_shadow_device(tiny_config, {
+        "training.steps": 40, "controller.interval": 4, "controller.warmup": 0.1, "controller.max_grow": 2})
+    schedule = stepper.controller.schedule
+    realloc = next(s for s in range(1, 40) if schedule.is_reallocation_step(s) and s < schedule.decay_end)
+    batches = seeded_batches(tiny_task_data, 8, 0)
+    for _ in range(realloc - 1):
+        stepper.step(next(batches))
+    for p in stepper.adapted.trainable_parameters():  # tensors a reallocation made are device tensors too
+        counter.place([p] + [v for v in stepper.optimizer.state.get(p, {}).values() if torch.is_tensor(v)])
+    model_only = model_syncs(stepper, counter, next(batches))
+    counter.counts = {}
+    before = stepper.adapted.ranks()
+    with counter.counting():
+        stepper.step(next(batches))  # probed, then reallocated
+    assert stepper.adapted.ranks() != before
+    extra = counter.totals()["syncs"] - model_only["syncs"]
+    assert 0 < counter.totals()["ops"]
+    assert extra <= 3 < len(stepper.adapted.adapters), dict(counter.where)

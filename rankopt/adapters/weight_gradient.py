@@ -119,7 +119,9 @@ class WeightGradientProbe:
             self.disarm()
             self._pairs = {}
             parallel = distributed.current().parallel
+            reduce = distributed.all_sum if parallel else None
             start = torch.Generator().manual_seed(self.seed + 3 * 104729 + self._step)
+            rows = {}  # layer -> (x, d): its step's kept rows, weighted
             for layer in self.layers.values():
                 forwards = self._rows.get(layer, [])
                 done = [f for f in forwards if f.d is not None]  # rows without a gradient add nothing to G
@@ -133,8 +135,10 @@ class WeightGradientProbe:
                     device = layer.lora_P.device
                     x = torch.zeros(0, layer.in_features, device=device)
                     d = torch.zeros(0, layer.out_features, device=device)
-                found = top_pairs(layer, x, d, self.k, self.iters, self.exclude_span, start,
-                                  reduce=distributed.all_sum if parallel else None)
+                rows[layer] = (x, d)
+            for (layer, (x, d)), usable in zip(rows.items(), usable_rows(list(rows.values()), reduce)):
+                found = top_pairs(layer, x, d, self.k, self.iters, self.exclude_span, start, reduce=reduce) \
+                    if usable else None
                 if found is not None:
                     self._pairs[layer] = found
             self._rows, self._seen = {}, {}
@@ -172,6 +176,25 @@ class WeightGradientProbe:
         output.register_hook(on_grad)
 
 
+def usable_rows(rows: list[tuple[torch.Tensor, torch.Tensor]],
+                reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[bool]:
+    """For each layer's rows (x, d): finite and not empty on every process, decided in one read-back.
+
+    An overflowed or diverged step says nothing about where to grow. One (layers x 2) tensor of
+    flags and row counts is summed over processes and read once, instead of a host round trip
+    (and an all-reduce) per layer.
+    """
+    if not rows:
+        return []
+    device = rows[0][0].device
+    broken = torch.stack([((~torch.isfinite(x)).any() | (~torch.isfinite(d)).any()).to(device, non_blocking=True)
+                          for x, d in rows]).float()
+    counts = torch.tensor([float(x.shape[0]) for x, _ in rows]).to(device, non_blocking=True)
+    flags = torch.stack([broken, counts], dim=1)
+    flags = (reduce(flags) if reduce is not None else flags).tolist()
+    return [not bad and count > 0 for bad, count in flags]
+
+
 def _off(basis: torch.Tensor | None, m: torch.Tensor) -> torch.Tensor:
     """(I - B B^T) m, twice for float precision; m itself without a basis."""
     if basis is None:
@@ -185,7 +208,8 @@ def _off(basis: torch.Tensor | None, m: torch.Tensor) -> torch.Tensor:
 def top_pairs(layer: SVDLinear, x: torch.Tensor, d: torch.Tensor, k: int, iters: int = 4,
               exclude_span: bool = True, generator: torch.Generator | None = None,
               reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> GradientPairs | None:
-    """Top ``k`` singular pairs of G = d^T x (off the layer's P/Q span if ``exclude_span``).
+    """Top ``k`` singular pairs of G = d^T x (off the layer's P/Q span if ``exclude_span``); rows checked
+    by :func:`usable_rows` first.
 
     ``reduce`` sums a product over processes when x and d are one shard's rows of G's sum.
     """
@@ -194,11 +218,6 @@ def top_pairs(layer: SVDLinear, x: torch.Tensor, d: torch.Tensor, k: int, iters:
     if exclude_span:
         basis_out = torch.linalg.qr(layer.lora_P.detach().float())[0]
         basis_in = torch.linalg.qr(layer.lora_Q.detach().float().T)[0]
-    broken = ((~torch.isfinite(x)).any() | (~torch.isfinite(d)).any()).to(torch.float32)
-    rows = torch.tensor(float(x.shape[0]), device=x.device)
-    broken, rows = reduce(torch.stack([broken, rows])).tolist()
-    if broken or not rows:
-        return None  # an overflowed or diverged step (on any process) says nothing about where to grow
     taken = basis_out.shape[1] if basis_out is not None else 0
     k = min(k, layer.out_features - taken, layer.in_features - taken)
     if k < 1:
