@@ -2,13 +2,13 @@
 
 The teacher is MiniLM (the demo model) with ΔW = U diag(s) V^T added to a few of its 36 adapted
 linears (different ranks, chosen per seed from the seed, zero elsewhere). The student is the same
-pretrained base with adapters, trained to reproduce the teacher's last hidden states on real
-sentences (SST-2's, token by token, mean squared error). A method that puts its rank where the
+pretrained base with adapters, trained to reproduce the teacher's hidden states, every layer's, on
+real sentences (SST-2's, token by token, mean squared error). A method that puts its rank where the
 teacher changed can explain the teacher's shift; one that spreads it evenly cannot, at the same
 size. Reported per run:
 
-- ``unexplained``: sum over held-out tokens of ||h_student - h_teacher||^2 over the same sum for the
-  untouched base (1.0 = nothing learned, 0 = the teacher exactly);
+- ``unexplained``: sum over held-out tokens and layers of ||h_student - h_teacher||^2 over the same sum
+  for the untouched base (1.0 = nothing learned, 0 = the teacher exactly);
 - ``planted_rank_share``: the share of the final adapter rank on planted modules (0 for a method that
   learned nothing there; 4/36 for uniform LoRA over four planted modules).
 
