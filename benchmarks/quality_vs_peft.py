@@ -65,7 +65,7 @@ def _commit() -> str:
 
 
 CODE = _commit()
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "quality_equal_size.jsonl"  # 2026-12 grid
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "glue_grid.jsonl"  # the grid at the current defaults
 
 
 def variant_settings(spec: str) -> dict:

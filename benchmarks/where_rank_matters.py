@@ -79,19 +79,19 @@ def run_planted(method: str, budget: int, lr: float, seed: int, args: argparse.N
     planting, task = planted_task(seed, args)
     started = time.perf_counter()
     if method.startswith("peft_"):
-        cfg = P.run_config(budget, budget, lr, seed, args.steps, False, 1, 64)
+        cfg = P.run_config(budget, budget, lr, seed, args.steps, False, 1, 64)  # the data and loop only
         model, ranks = P.train_peft_student(task, cfg, method, budget, planting)
         shapes = P.target_shapes()
         params = sum(r * sum(shapes[name]) for name, r in ranks.items() if name in shapes)
     else:
         on = method != "rankopt_fixed"
         init = 2 * budget if on else budget
-        cfg = P.run_config(budget, init, lr, seed, args.steps, on, 1, 64)
-        from rankopt.config import build_config
+        from rankopt.config import ControllerConfig, build_config
 
-        defaults = {"controller.min_rank": cfg.controller.min_rank}  # the rung's; a method may override it
-        cfg = build_config(cfg.model_dump(), {**defaults, **variant_settings(method.partition(":")[2])}) \
-            if ":" in method else cfg
+        min_rank = ControllerConfig.model_fields["min_rank"].default  # the shipped default, as `rankopt` means
+        cfg = P.run_config(budget, init, lr, seed, args.steps, on, min_rank, 64)
+        if ":" in method:  # a variant: its own settings over the defaults
+            cfg = build_config(cfg.model_dump(), variant_settings(method.partition(":")[2]))
         model, ranks = P.train_rankopt(task, cfg)
         params = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     total = sum(ranks.values())

@@ -155,13 +155,14 @@ class ControllerConfig(_Section):
     """Rank reallocation: importance, budget schedule, per-layer bounds."""
 
     enabled: bool = True
-    importance: Literal["sensitivity", "energy"] = "sensitivity"
+    importance: Literal["sensitivity", "energy"] = Field(
+        "energy", description="what decides which components stay: energy (the singular value |lam| |P| |Q| scale; found where the rank is needed on the planted-rank benchmark, BENCHMARKS.md) or sensitivity (AdaLoRA's)")
     target_rank: float = Field(4.0, gt=0, description="final mean rank per adapted layer (budget / layers)")
     budget_unit: Literal["rank", "params"] = Field(
         "params", description="what the budget counts: adapter parameters (the size of a uniform target_rank "
         "adapter, e.g. a LoRA of that rank; components compete by score per parameter), or total rank (every "
         "component alike, so the size follows where the rank goes)")
-    min_rank: int = Field(1, ge=0, description="the fewest components a layer keeps; 0 lets a layer give up its "
+    min_rank: int = Field(0, ge=0, description="the fewest components a layer keeps; 0 lets a layer give up its "
                           "adapter (and grow one back later), so the controller also chooses where adapters go")
     max_rank: int = Field(16, ge=1)
     warmup: float = Field(0.1, ge=0, lt=1, description="fraction of steps at the initial ranks")

@@ -150,7 +150,7 @@ def test_wrong_type_or_value(pair, field):
 
 
 @pytest.mark.parametrize("pairs,fragment", [
-    (["controller.target_rank=0.5"], "target_rank=0.5"),
+    (["controller.min_rank=1", "controller.target_rank=0.5"], "target_rank=0.5"),
     (["controller.target_rank=17"], "target_rank=17"),
     (["controller.min_rank=4", "controller.target_rank=3"], "target_rank=3"),
     (["adapter.init_rank=20"], "init_rank=20"),
@@ -161,6 +161,11 @@ def test_rank_bounds_are_checked(pairs, fragment):
     with pytest.raises(RankoptError) as excinfo:
         load_config("demo", pairs)
     assert_one_line_error(excinfo, fragment)
+
+
+def test_a_budget_below_one_rank_per_layer_is_a_choice_of_where_adapters_go_at_min_rank_zero():
+    cfg = load_config("demo", ["controller.target_rank=0.5"])
+    assert cfg.controller.min_rank == 0 and cfg.controller.target_rank == 0.5
 
 
 @pytest.mark.parametrize("pairs,fragment", [
