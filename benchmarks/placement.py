@@ -12,6 +12,7 @@ import re
 import time
 from types import SimpleNamespace
 
+import torch
 from torch import nn
 
 # module-name patterns (PEFT takes a string as a full-match regex); BERT's FFN output is
@@ -48,7 +49,6 @@ def run_placement(task: str, method: str, budget: int, lr: float, seed: int, arg
         row = run_one(method, task, budget, lr, seed, q_args)
         return {"rung": "placement", **row, "rank": None}
     from peft import LoraConfig, get_peft_model
-    import torch
     from peft_baselines import train_peft
     from rankopt.training.setup import load_base, prepare_data
 

@@ -18,7 +18,7 @@ most twice), and the other seeds run at the picked rate. Rows are appended to a 
 interrupted run resumes where it stopped. Methods are PEFT's (``peft_*``) or rankopt's; a rankopt
 method may carry controller settings, ``rankopt:importance=energy,swap=0.3``.
 
-    python benchmarks/where_rank_matters.py planted                      # the rung (about an hour on 2 cores)
+    python benchmarks/where_rank_matters.py planted --budgets 2          # ~2 h of one core per budget
     python benchmarks/where_rank_matters.py planted --summary            # tables and paired tests
     python benchmarks/where_rank_matters.py placement --tasks sst2       # 4 placements + rankopt, 3 seeds
     python benchmarks/where_rank_matters.py decoder --methods peft_lora --device cuda   # the rank sweep
@@ -307,11 +307,13 @@ def main() -> None:
             print(planted_targets(args.out, args.seeds, methods))
         return
     torch.set_num_threads(args.threads)
-    if not planted:
-        import decoder
+    if args.rung == "placement":
+        run_grid("placement", args.tasks, methods, args.budgets, run_placement, args, lower_is_better)
+    elif args.rung == "decoder":
+        from decoder import run_decoder
 
-        tasks, run = (["chat"], decoder.run_decoder) if args.rung == "decoder" else (args.tasks, run_placement)
-        run_grid(args.rung, tasks, methods, args.budgets, run, args, lower_is_better)
+        run_grid("decoder", ["chat"], methods, args.budgets, run_decoder, args, lower_is_better)
+    if not planted:
         print(summarize(args.out, args.rung, args.seeds, methods, args.reference, lower_is_better))
         return
     # the oracle's size is the planting's: it runs at the budget the planting costs only

@@ -156,7 +156,9 @@ class ControllerConfig(_Section):
 
     enabled: bool = True
     importance: Literal["sensitivity", "energy"] = Field(
-        "energy", description="what decides which components stay: energy (the singular value |lam| |P| |Q| scale; found where the rank is needed on the planted-rank benchmark, BENCHMARKS.md) or sensitivity (AdaLoRA's)")
+        "energy", description="what decides which components stay: energy (the singular value |lam| |P| |Q| "
+        "scale; it found where rank is needed on the planted-rank benchmark, BENCHMARKS.md) or sensitivity "
+        "(AdaLoRA's)")
     target_rank: float = Field(4.0, gt=0, description="final mean rank per adapted layer (budget / layers)")
     budget_unit: Literal["rank", "params"] = Field(
         "params", description="what the budget counts: adapter parameters (the size of a uniform target_rank "

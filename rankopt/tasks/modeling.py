@@ -218,9 +218,9 @@ def load_pretrained(cfg: ModelConfig, num_labels: int, task_type: str = "classif
     labels = num_labels if task_type != "causal_lm" else 0
     if cfg.quantization:
         if path.endswith(GGUF_SUFFIX):
-            raise RankoptError(f"model.quantization={cfg.quantization} does not apply to the GGUF file '{path}' (it loads "
-                               "dequantised to float); remove model.quantization, or name a safetensors checkpoint "
-                               "of the model to quantize it with bitsandbytes")
+            raise RankoptError(f"model.quantization={cfg.quantization} does not apply to the GGUF file '{path}' "
+                               "(it loads dequantised to float); remove model.quantization, or name a safetensors "
+                               "checkpoint of the model to quantize it with bitsandbytes")
         return _load(path, task_type, labels, cfg.trust_remote_code, cfg.dtype, quantization_config(cfg, device), device)
     key = (path, task_type, labels, cfg.trust_remote_code, cfg.dtype)
     if key in _CACHE:
