@@ -121,6 +121,10 @@ class AdapterConfig(_Section):
     init_examples: int = Field(64, ge=1, description="training rows (packed rows with task.packing) in the gradient "
                                "pass of init: gradient, taken in micro-batches of training.batch_size")
     rslora: bool = Field(False, description="scale alpha / sqrt(init_rank) instead of alpha / init_rank")
+    static_shapes: bool = Field(
+        False, description="allocate every adapter at controller.max_rank once, with a mask of its live "
+        "components: a reallocation changes values, never shapes, so torch.compile does not recompile (and CUDA "
+        "graphs stay valid); same ranks and results as the default, at the memory of max_rank everywhere")
 
 
 class TrainingConfig(_Section):

@@ -16,11 +16,14 @@ from rankopt.adapters.layer import SVDLinear, beyond_rounding
 
 
 def same_shape_groups(layers) -> list[list[SVDLinear]]:
-    """Layers with equal (out, in, rank, dtype, device), in registry order within each group."""
+    """Layers with equal (out, in, capacity, mode, dtype, device), in registry order within each group.
+
+    The capacity is the rank in dynamic mode; static layers of one shape stay one group whatever their ranks.
+    """
     groups: dict[tuple, list[SVDLinear]] = defaultdict(list)
     for layer in layers:
         p = layer.lora_P
-        groups[(layer.out_features, layer.in_features, layer.rank, p.dtype, p.device)].append(layer)
+        groups[(layer.out_features, layer.in_features, layer.capacity, layer.static, p.dtype, p.device)].append(layer)
     return list(groups.values())
 
 
@@ -33,7 +36,7 @@ def orthogonality_penalty(layers) -> torch.Tensor:
     for group in same_shape_groups(layers):
         p = torch.stack([layer.lora_P for layer in group])  # (G, out, r)
         q = torch.stack([layer.lora_Q for layer in group])  # (G, r, in)
-        eye = torch.eye(group[0].rank, device=p.device, dtype=p.dtype)
+        eye = torch.stack([layer.identity() for layer in group]) if group[0].static else group[0].identity()
         term = beyond_rounding(torch.bmm(p.transpose(1, 2), p) - eye).square().sum() + \
             beyond_rounding(torch.bmm(q, q.transpose(1, 2)) - eye).square().sum()
         total = term if total is None else total + term
@@ -45,6 +48,7 @@ def instant_sensitivity(layers) -> list[torch.Tensor]:
     """|lam g_lam| + mean_j |P_j g_P_j| + mean_j |Q_j g_Q_j| per layer (float32), batched per group.
 
     Layers without gradients are left out: the result follows the order of ``layers`` that have one.
+    Static layers' unused slots score exactly 0 (zero values, zero gradients).
     """
     with_grad = [layer for layer in layers if layer.lora_lam.grad is not None]
     out: dict[SVDLinear, torch.Tensor] = {}

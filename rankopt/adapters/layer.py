@@ -15,6 +15,14 @@ explicit triple (P[:, i], lam[i], Q[i, :]), so
 
 The exact factorisation of ΔW (QR of P and Q^T, then an r x r SVD, O(r^2 (in + out)))
 gives the true singular spectrum without ever forming ΔW.
+
+Static shapes (``adapter.static_shapes``, :meth:`SVDLinear.make_static`): the factors are
+allocated once at a fixed capacity (the controller's max_rank) and the live components are the
+first ``rank`` slots, flagged by the buffer ``lora_mask``; the forward uses lam * mask. A resize
+then writes values in place (survivors moved to the front in the dynamic mode's order, new ones
+after them, the rest zeroed) and never replaces a tensor, so ``torch.compile`` sees the same
+shapes and parameters after every reallocation. Everything that reads components (scores,
+penalty, SVD, export) goes through :meth:`SVDLinear.live`, so both modes see the same ones.
 """
 
 from __future__ import annotations
@@ -27,7 +35,10 @@ from torch import nn
 
 @dataclass
 class Resize:
-    """How one parameter changed shape: ``source[k]`` is the old index of new component k (-1: new)."""
+    """How one parameter changed: ``source[k]`` is the old index of new component k (-1: new or unused).
+
+    ``new is old`` in static mode: the parameter was rewritten in place, its shape unchanged.
+    """
 
     old: nn.Parameter
     new: nn.Parameter
@@ -75,10 +86,62 @@ class SVDLinear(nn.Module):
         self.lora_P = nn.Parameter(_orthonormal_columns(out_f, rank, generator).contiguous().to(device, dtype))
         self.lora_lam = nn.Parameter(torch.zeros(rank, device=device, dtype=dtype))
         self.lora_Q = nn.Parameter(_orthonormal_columns(in_f, rank, generator).T.contiguous().to(device, dtype))
+        # static mode only (see make_static): 1.0 for the live slots; not saved with the model's weights
+        self.register_buffer("lora_mask", None, persistent=False)
+        self._live = rank
+
+    @property
+    def static(self) -> bool:
+        return self.lora_mask is not None
 
     @property
     def rank(self) -> int:
+        """Live components (a host int: reading it never waits for the device)."""
+        return self._live if self.static else self.lora_lam.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        """Components the factors have room for: the rank in dynamic mode, fixed in static mode."""
         return self.lora_lam.shape[0]
+
+    def live(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """The live components' part of a per-component tensor ``t`` (a view; ``t`` itself when dynamic)."""
+        return t.narrow(dim, 0, self.rank) if self.static else t
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(P, lam, Q) of the live components."""
+        return self.live(self.lora_P, 1), self.live(self.lora_lam), self.live(self.lora_Q)
+
+    def identity(self) -> torch.Tensor:
+        """What P^T P and Q Q^T should be: I, with zeros on the unused slots in static mode."""
+        if self.static:
+            return torch.diag(self.lora_mask)
+        return torch.eye(self.rank, device=self.lora_P.device, dtype=self.lora_P.dtype)
+
+    @torch.no_grad()
+    def make_static(self, capacity: int) -> None:
+        """Pad the factors with zero components to ``capacity`` slots, once, before any optimizer holds them.
+
+        The output and the live components are unchanged; from now on resizes write in place.
+        """
+        if self.static:
+            if capacity != self.capacity:
+                raise ValueError(f"this adapter is already static at capacity {self.capacity}, not {capacity}")
+            return
+        rank = self.rank
+        if not rank <= capacity <= min(self.in_features, self.out_features):
+            raise ValueError(f"capacity {capacity} must lie between the rank {rank} and the layer's size")
+        extra = capacity - rank
+        self.lora_P = nn.Parameter(torch.cat([self.lora_P, self.lora_P.new_zeros(self.out_features, extra)], 1))
+        self.lora_lam = nn.Parameter(torch.cat([self.lora_lam, self.lora_lam.new_zeros(extra)]))
+        self.lora_Q = nn.Parameter(torch.cat([self.lora_Q, self.lora_Q.new_zeros(extra, self.in_features)]))
+        self.lora_mask = torch.zeros_like(self.lora_lam)
+        self._set_live(rank)
+
+    def _set_live(self, rank: int) -> None:
+        self._live = rank
+        self.lora_mask.zero_()
+        self.lora_mask[:rank] = 1.0
 
     @property
     def in_features(self) -> int:
@@ -92,38 +155,42 @@ class SVDLinear(nn.Module):
         """Base output plus the update; the update runs in the adapter's dtype (autocast may lower it)."""
         out = self.base(x)
         h = self.dropout(x.to(self.lora_Q.dtype)) @ self.lora_Q.T
-        return out + ((h * (self.lora_lam * self.scale)) @ self.lora_P.T).to(out.dtype)
+        lam = self.lora_lam if self.lora_mask is None else self.lora_lam * self.lora_mask  # unused slots: 0
+        return out + ((h * (lam * self.scale)) @ self.lora_P.T).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """Dense ΔW (out, in); for tests, export and merging, never on the training path."""
-        return (self.lora_P * (self.lora_lam * self.scale)) @ self.lora_Q
+        p, lam, q = self.factors()
+        return (p * (lam * self.scale)) @ q
 
     def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Plain LoRA factors (A, B) with ΔW = B @ A exactly: A = diag(lam) Q, B = P * scale."""
-        return (self.lora_lam[:, None] * self.lora_Q).detach(), (self.lora_P * self.scale).detach()
+        p, lam, q = self.factors()
+        return (lam[:, None] * q).detach(), (p * self.scale).detach()
 
     def svd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Exact thin SVD of ΔW = U diag(s) Vt via QR of P and Q^T and an r x r SVD."""
         with torch.no_grad():
-            p = self.lora_P.float()
-            q = self.lora_Q.float()
+            p, lam, q = (t.float() for t in self.factors())
             qp, rp = torch.linalg.qr(p)
             qq, rq = torch.linalg.qr(q.T)
-            core = (rp * (self.lora_lam.float() * self.scale)) @ rq.T
+            core = (rp * (lam * self.scale)) @ rq.T
             uc, s, vct = torch.linalg.svd(core)
             return qp @ uc, s, vct @ qq.T
 
     def component_energy(self) -> torch.Tensor:
         """||scale * lam_i P_i Q_i^T||_F per component: its singular value when P, Q are orthonormal."""
         with torch.no_grad():
-            return (self.lora_lam.abs() * self.scale * self.lora_P.norm(dim=0) * self.lora_Q.norm(dim=1)).float()
+            p, lam, q = self.factors()
+            return (lam.abs() * self.scale * p.norm(dim=0) * q.norm(dim=1)).float()
 
     def orthogonality_penalty(self) -> torch.Tensor:
         """||P^T P - I||_F^2 + ||Q Q^T - I||_F^2 (AdaLoRA's regulariser), keeps components distinct.
 
-        Deviations within float rounding are ignored (:func:`beyond_rounding`).
+        Deviations within float rounding are ignored (:func:`beyond_rounding`). Unused slots (static
+        mode) are zero and so is their target: they add exactly nothing, nor any gradient.
         """
-        eye = torch.eye(self.rank, device=self.lora_P.device, dtype=self.lora_P.dtype)
+        eye = self.identity()
         return (beyond_rounding(self.lora_P.T @ self.lora_P - eye) ** 2).sum() + \
             (beyond_rounding(self.lora_Q @ self.lora_Q.T - eye) ** 2).sum()
 
@@ -135,13 +202,17 @@ class SVDLinear(nn.Module):
         Fresh components have lam = 0 (the output is unchanged) and directions orthogonal
         to the kept ones: ``directions`` = (u (out, j), v (in, j)) for the first j of them (the
         weight gradient's top pairs, say), random for the rest. Returns how each parameter was
-        remapped so the caller can carry the optimizer state of the survivors.
+        remapped so the caller can carry the optimizer state of the survivors. In static mode the
+        components are written in place to the first slots, the other slots zeroed (their source -1).
         """
         keep = keep.to(torch.long).cpu()
+        if self.static and keep.numel() + n_new > self.capacity:
+            raise ValueError(f"cannot grow to rank {keep.numel() + n_new}: the adapter has {self.capacity} slots")
         on_device = keep.to(self.lora_P.device, non_blocking=True)  # one copy, no wait
-        kept_p = self.lora_P[:, on_device]
-        kept_q = self.lora_Q[on_device, :]
-        kept_lam = self.lora_lam[on_device]
+        live_p, live_lam, live_q = self.factors()
+        kept_p = live_p[:, on_device]
+        kept_q = live_q[on_device, :]
+        kept_lam = live_lam[on_device]
         if n_new:
             start_p, start_q = directions if directions is not None else (None, None)
             new_p = _orthogonal_complement(kept_p, n_new, generator, start_p)
@@ -149,14 +220,28 @@ class SVDLinear(nn.Module):
             kept_p = torch.cat([kept_p, new_p], dim=1)
             kept_q = torch.cat([kept_q, new_q], dim=0)
             kept_lam = torch.cat([kept_lam, kept_lam.new_zeros(n_new)])
-        source = torch.cat([keep, torch.full((n_new,), -1, dtype=torch.long)])
+        rank = keep.numel() + n_new
+        unused = self.capacity - rank if self.static else 0
+        source = torch.cat([keep, torch.full((n_new + unused,), -1, dtype=torch.long)])
         changes = []
         for name, value, dim in (("lora_P", kept_p, 1), ("lora_lam", kept_lam, 0), ("lora_Q", kept_q, 0)):
             old = getattr(self, name)
+            new = self._write(name, value, dim)
+            changes.append(Resize(old=old, new=new, source=source, dim=dim))
+        if self.static:
+            self._set_live(rank)
+        return changes
+
+    def _write(self, name: str, value: torch.Tensor, dim: int) -> nn.Parameter:
+        """Make factor ``name`` hold ``value``: a new parameter, or (static) in place in the first slots."""
+        old = getattr(self, name)
+        if not self.static:
             new = nn.Parameter(value.contiguous(), requires_grad=old.requires_grad)
             setattr(self, name, new)
-            changes.append(Resize(old=old, new=new, source=source, dim=dim))
-        return changes
+            return new
+        old.zero_()  # ``value`` is a copy (gathered or new), never a view of ``old``
+        old.narrow(dim, 0, value.shape[dim]).copy_(value)
+        return old
 
     @torch.no_grad()
     def restart(self, u: torch.Tensor, v: torch.Tensor) -> None:
@@ -168,12 +253,15 @@ class SVDLinear(nn.Module):
         """
         dtype, device = self.lora_P.dtype, self.lora_P.device
         p, q = _orthonormal_like(u), _orthonormal_like(v)
-        self.lora_P = nn.Parameter(p.contiguous().to(device, dtype))
-        self.lora_lam = nn.Parameter(torch.zeros(p.shape[1], device=device, dtype=dtype))
-        self.lora_Q = nn.Parameter(q.T.contiguous().to(device, dtype))
+        self._write("lora_P", p.to(device, dtype), 1)
+        self._write("lora_lam", torch.zeros(p.shape[1], device=device, dtype=dtype), 0)
+        self._write("lora_Q", q.T.to(device, dtype), 0)
+        if self.static:
+            self._set_live(p.shape[1])
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scale={self.scale:g}"
+        slots = f", capacity={self.capacity}" if self.static else ""
+        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}{slots}, scale={self.scale:g}"
 
 
 def take_components(t: torch.Tensor, source: torch.Tensor, dim: int) -> torch.Tensor:

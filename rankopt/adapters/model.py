@@ -43,10 +43,16 @@ class AdaptedModel:
         return self.adapter_parameters() + self.head_parameters()
 
     def count_trainable(self) -> int:
-        return sum(p.numel() for p in self.trainable_parameters())
+        return self.count_adapter() + sum(p.numel() for p in self.head_parameters())
 
     def count_adapter(self) -> int:
-        return sum(p.numel() for p in self.adapter_parameters())
+        """Parameters of the live components (a static adapter's unused slots are not counted)."""
+        return sum(layer.rank * (layer.in_features + layer.out_features + 1) for layer in self.adapters.values())
+
+    def make_static(self, capacity: int) -> None:
+        """Static shapes: every adapter padded once to ``capacity`` slots (at most its layer's size)."""
+        for layer in self.adapters.values():
+            layer.make_static(max(layer.rank, min(capacity, layer.in_features, layer.out_features)))
 
 
 def _matches(name: str, targets: list[str]) -> bool:

@@ -216,8 +216,9 @@ def top_pairs(layer: SVDLinear, x: torch.Tensor, d: torch.Tensor, k: int, iters:
     reduce = reduce or (lambda t: t)
     basis_out = basis_in = None
     if exclude_span:
-        basis_out = torch.linalg.qr(layer.lora_P.detach().float())[0]
-        basis_in = torch.linalg.qr(layer.lora_Q.detach().float().T)[0]
+        p, _, q = layer.factors()  # the live components only: a static layer's unused slots span nothing
+        basis_out = torch.linalg.qr(p.detach().float())[0]
+        basis_in = torch.linalg.qr(q.detach().float().T)[0]
     taken = basis_out.shape[1] if basis_out is not None else 0
     k = min(k, layer.out_features - taken, layer.in_features - taken)
     if k < 1:

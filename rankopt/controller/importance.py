@@ -57,15 +57,16 @@ class SensitivityTracker:
         torch._foreach_add_(unc, torch._foreach_mul(deviation, (1 - self.beta2) * weight))
 
     def scores(self, layer: SVDLinear) -> torch.Tensor:
+        """The live components' scores (the EMAs span every slot of a static layer)."""
         if layer not in self.ema:
             return torch.zeros(layer.rank)
-        return (self.ema[layer] * self.unc[layer]).cpu()
+        return layer.live(self.ema[layer] * self.unc[layer]).cpu()
 
     def scores_of(self, layers) -> list[torch.Tensor]:
         """:meth:`scores` of many layers, read back from the device in one transfer."""
         layers = list(layers)
         tracked = [layer for layer in layers if layer in self.ema]
-        found = dict(zip(tracked, to_host([self.ema[layer] * self.unc[layer] for layer in tracked])))
+        found = dict(zip(tracked, to_host([layer.live(self.ema[layer] * self.unc[layer]) for layer in tracked])))
         return [found.get(layer, torch.zeros(layer.rank)) for layer in layers]
 
     def remap(self, layer: SVDLinear, source: torch.Tensor) -> None:

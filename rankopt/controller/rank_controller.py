@@ -109,7 +109,7 @@ class RankController:
         born = self.born.get(layer)
         if born is None or self.min_age == 0:
             return None
-        return (born >= 0) & (step - born <= self.min_age * self.schedule.interval)
+        return layer.live((born >= 0) & (step - born <= self.min_age * self.schedule.interval))
 
     def step(self, step: int) -> Reallocation | None:
         """Reallocate if ``step`` (the count of finished steps) is a reallocation step."""

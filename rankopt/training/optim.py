@@ -1,9 +1,10 @@
 """Optimizer and schedule, and keeping the optimizer consistent when adapters change shape.
 
 When a layer's rank changes its parameters are replaced by new, smaller or larger
-tensors. :func:`apply_resizes` swaps them into the optimizer's parameter groups and
-carries each survivor's state (Adam's moments and step counts) by index; new components
-start with zeroed state. Without this the optimizer would keep updating the old tensors.
+tensors (static mode: rewritten in place). :func:`apply_resizes` swaps them into the
+optimizer's parameter groups and carries each survivor's state (Adam's moments and step
+counts) by index; new components start with zeroed state. Without this the optimizer would
+keep updating the old tensors.
 """
 
 from __future__ import annotations
@@ -117,7 +118,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, total_steps: in
 
 
 def apply_resizes(optimizer: torch.optim.Optimizer, resizes: list[Resize]) -> None:
-    """Replace resized parameters in ``optimizer`` and remap their state component-wise."""
+    """Replace resized parameters in ``optimizer`` and remap their state component-wise.
+
+    A parameter rewritten in place (static mode: ``new is old``) stays where it is, and so do its
+    state tensors: their values are remapped in place (unused and new slots zeroed), so the
+    optimizer holds the same tensors before and after, as a compiled or graphed step needs.
+    """
     if not resizes:
         return
     position = {id(p): (gi, pi) for gi, g in enumerate(optimizer.param_groups) for pi, p in enumerate(g["params"])}
@@ -125,16 +131,19 @@ def apply_resizes(optimizer: torch.optim.Optimizer, resizes: list[Resize]) -> No
         where = position.get(id(change.old))
         if where is None:
             raise KeyError("a resized parameter is not in the optimizer")
-        gi, pi = where
-        optimizer.param_groups[gi]["params"][pi] = change.new
-        position[id(change.new)] = where
-        old_state = optimizer.state.pop(change.old, None)
+        in_place = change.new is change.old
+        if not in_place:
+            gi, pi = where
+            optimizer.param_groups[gi]["params"][pi] = change.new
+            position[id(change.new)] = where
+        old_state = optimizer.state.get(change.old) if in_place else optimizer.state.pop(change.old, None)
         if not old_state:
             continue
         new_state = {}
         for key, value in old_state.items():
             if torch.is_tensor(value) and value.shape == change.old.shape:
-                new_state[key] = take_components(value, change.source, change.dim).contiguous()
+                moved = take_components(value, change.source, change.dim)
+                new_state[key] = value.copy_(moved) if in_place else moved.contiguous()
             else:
                 new_state[key] = value
         optimizer.state[change.new] = new_state

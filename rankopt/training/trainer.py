@@ -143,6 +143,8 @@ class Stepper:
         self.device = t.device
         self.procs = distributed.current()
         check_trainable_dtypes(adapted)
+        if cfg.adapter.static_shapes:  # before the optimizer holds the factors: they keep these shapes for good
+            adapted.make_static(cfg.controller.max_rank if cfg.controller.enabled else cfg.adapter.init_rank)
         if t.gradient_checkpointing:
             enable_gradient_checkpointing(adapted.model)
         self.precision = Precision(t.precision, t.device)
