@@ -62,13 +62,23 @@ def test_layers_at_rank_zero_resume_bit_for_bit(cfg, tiny_task_data, tmp_path):
     """min_rank 0 and the swap: layers checkpointed with no adapter at all, and grown back after the resume."""
     cfg = cfg.model_copy(update={"controller": cfg.controller.model_copy(
         update={"min_rank": 0, "swap": 0.5, "target_rank": 1.0, "importance": "energy"})})
-    history = resume_matches_the_uninterrupted_run(cfg, tiny_task_data, tmp_path)
+    history = resume_matches_the_uninterrupted_run(cfg, tiny_task_data, tmp_path).rank_history
     at_zero = [e.step for e in history if 0 in e.ranks.values()]
     assert at_zero and at_zero[0] <= 15, "no layer reached rank 0 before the checkpoint"
     assert any(e.step > 15 and e.ranks != prev.ranks for prev, e in zip(history, history[1:]))
 
 
-def resume_matches_the_uninterrupted_run(cfg, tiny_task_data, tmp_path) -> list:
+@pytest.mark.parametrize("controller", [{}, {"min_rank": 0, "swap": 0.5, "target_rank": 1.0, "importance": "energy"}],
+                         ids=["sensitivity", "rank-zero-and-swap"])
+def test_static_shapes_resume_bit_for_bit(cfg, tiny_task_data, tmp_path, controller):
+    """``adapter.static_shapes``: padded factors, their Adam state and the live masks come back as they were."""
+    cfg = cfg.model_copy(update={"adapter": cfg.adapter.model_copy(update={"static_shapes": True}),
+                                 "controller": cfg.controller.model_copy(update=controller)})
+    full = resume_matches_the_uninterrupted_run(cfg, tiny_task_data, tmp_path)
+    assert all(layer.static and layer.capacity == cfg.controller.max_rank for layer in full.adapted.adapters.values())
+
+
+def resume_matches_the_uninterrupted_run(cfg, tiny_task_data, tmp_path):
     """Stop a run after step 17 (checkpoint at 15), resume it: everything as if it had never stopped."""
     full_losses = Losses()
     full = make_tiny_adapted(0)
@@ -90,9 +100,13 @@ def resume_matches_the_uninterrupted_run(cfg, tiny_task_data, tmp_path) -> list:
     assert resumed.ranks() == full.ranks()
     for name, value in _params(full).items():
         assert torch.equal(value, _params(resumed)[name]), name
+    for name, layer in full.adapters.items():  # static mode: same slots, same masks
+        mask = resumed.adapters[name].lora_mask
+        assert layer.capacity == resumed.adapters[name].capacity and (layer.lora_mask is None) == (mask is None)
+        assert mask is None or torch.equal(layer.lora_mask, mask), name
     assert result.eval_history == full_result.eval_history
     assert [(e.step, e.ranks) for e in result.rank_history] == [(e.step, e.ranks) for e in full_result.rank_history]
-    return full_result.rank_history
+    return full_result
 
 
 def test_checkpoint_is_safetensors_and_json_only(cfg, tiny_task_data, tmp_path):

@@ -4,8 +4,9 @@ A retried trial (its worker was killed) resumes from its last checkpoint instead
 What is saved, after every ``search.checkpoint_every``-th evaluation:
 
 * tensors, in ``state.safetensors``: adapter factors (P, lam, Q) at their *current* per-layer
-  ranks, the task head, Adam's moments and step per parameter, the controller's sensitivity
-  EMA / uncertainty and the birth step of grown components, its generator, and the torch RNG (dropout);
+  ranks (under ``adapter.static_shapes`` at their fixed capacity, the ranks naming the live slots),
+  the task head, Adam's moments and step per parameter, the controller's sensitivity EMA /
+  uncertainty and the birth step of grown components, its generator, and the torch RNG (dropout);
 * the rest, in ``state.json``: step, per-layer ranks, optimizer hyper-parameters, scheduler
   state, the fp16 loss scaler's state, rank history, evaluation history, and a fingerprint of the trial's config.
 
