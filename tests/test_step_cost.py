@@ -108,3 +108,17 @@ def test_a_reallocation_step_reads_back_a_few_values_not_one_per_layer(tiny_conf
     extra = counter.totals()["syncs"] - model_only["syncs"]
     assert 0 < counter.totals()["ops"]
     assert extra <= 3 < len(stepper.adapted.adapters), dict(counter.where)
+
+
+def test_moving_a_device_tensor_to_its_own_device_launches_nothing():
+    """As on a GPU, where ``t.to(t.device)`` returns ``t``; before, the shadow device copied (cpu:0 is not cpu
+    to torch), so clip_grad_norm_ counted one op per parameter that no GPU launches."""
+    counter = StepCounter()
+    weight = torch.nn.Parameter(torch.randn(3))
+    counter.place([weight])
+    with counter.counting():
+        doubled = weight * 2
+        assert doubled.to(DEVICE) is doubled and doubled.to(device=DEVICE, non_blocking=True) is doubled
+        widened = doubled.to(DEVICE, torch.float64)  # a real conversion still counts, and stays on the device
+        assert counter.is_on_device(widened)
+    assert counter.totals()["ops"] == 2 and counter.totals()["syncs"] == 0

@@ -142,6 +142,11 @@ class StepCounter(TorchDispatchMode):
             if target is not None and t in counter.on_device and torch.device(target) == torch.device("cpu") \
                     and not sys._getframe(1).f_code.co_filename.startswith(TORCH):
                 return to_host(t, lambda: originals["to"](t, *a, **k))
+            if target is not None and t in counter.on_device and torch.device(target) == DEVICE:
+                # already there: the move is dropped, as torch drops a GPU tensor's move to its own device (to
+                # torch cpu:0 is not cpu, so the real call would copy: one op per tensor a GPU never launches)
+                a = tuple(x for x in a if x is not target)
+                k = {key: v for key, v in k.items() if key != "device"}
             return originals["to"](t, *a, **k)
 
         torch.Tensor.tolist, torch.Tensor.numpy = reading("tolist"), reading("numpy")
