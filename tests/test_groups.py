@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rankopt.adapters.groups import instant_sensitivity, orthogonality_penalty, same_shape_groups
+from rankopt.adapters.groups import (add_penalty_gradient, instant_sensitivity, orthogonality_penalty,
+                                     same_shape_groups)
 from rankopt.adapters.layer import SVDLinear
 from rankopt.controller.importance import SensitivityTracker
+from rankopt.testing.host_syncs import StepCounter
 
 
 def mixed_layers() -> list[SVDLinear]:
@@ -39,6 +41,31 @@ def test_grouped_penalty_and_its_gradient_equal_the_per_layer_sum():
     torch.testing.assert_close(grouped, reference)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_added_penalty_gradient_equals_backward_bit_for_bit():
+    """Onto task gradients, and alone where a factor has none yet."""
+    by_backward, added = mixed_layers(), mixed_layers()
+    for layers in (by_backward, added):
+        layers[1].lora_P.grad = layers[3].lora_Q.grad = None
+    (0.3 * orthogonality_penalty(by_backward)).backward()
+    add_penalty_gradient(added, 0.3)
+    for a, b in zip(added, by_backward):
+        for name in ("lora_P", "lora_lam", "lora_Q"):
+            assert torch.equal(getattr(a, name).grad, getattr(b, name).grad), name
+
+
+def test_added_penalty_gradient_launches_a_few_kernels_per_group_not_per_layer():
+    """backward() added each factor's share to its .grad apart: two kernels more per layer."""
+    def ops(copies: int) -> int:
+        layers = [layer for _ in range(copies) for layer in mixed_layers()]  # the same 3 groups, bigger
+        counter = StepCounter()
+        counter.place(t for layer in layers for p in (layer.lora_P, layer.lora_lam, layer.lora_Q) for t in (p, p.grad))
+        with counter.counting():
+            add_penalty_gradient(layers, 0.1)
+        return counter.totals()["ops"]
+
+    assert ops(4) == ops(1) > 0
 
 
 def test_grouped_sensitivity_and_foreach_ema_equal_the_per_layer_update():

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from rankopt.adapters.groups import orthogonality_penalty as grouped_penalty
+from rankopt.adapters.groups import add_penalty_gradient, orthogonality_penalty as grouped_penalty
 from rankopt.adapters.layer import SVDLinear
 from rankopt.errors import RankoptError
 
@@ -120,3 +120,8 @@ def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
 def orthogonality_penalty(adapted: AdaptedModel) -> torch.Tensor:
     """The sum of every adapter's penalty, batched over same-shape layers (see :mod:`.groups`)."""
     return grouped_penalty(adapted.adapters.values())
+
+
+def add_orthogonality_gradient(adapted: AdaptedModel, weight: float) -> None:
+    """Add ``weight`` x the penalty's gradient to the factors' gradients: :func:`.groups.add_penalty_gradient`."""
+    add_penalty_gradient(adapted.adapters.values(), weight)

@@ -31,7 +31,7 @@ import torch
 from transformers import TrainerCallback
 
 from rankopt import distributed
-from rankopt.adapters.model import AdaptedModel, orthogonality_penalty
+from rankopt.adapters.model import AdaptedModel, add_orthogonality_gradient
 from rankopt.config import ControllerConfig
 from rankopt.controller import BudgetSchedule, RankController
 from rankopt.errors import RankoptError
@@ -95,7 +95,7 @@ class RankControllerCallback(TrainerCallback):
             return
         self.controller.after_backward(state.global_step)  # the task's gradient, unclipped (fp16: unscaled)
         if self.orth_reg:
-            (self.orth_reg * orthogonality_penalty(self.adapted)).backward()
+            add_orthogonality_gradient(self.adapted, self.orth_reg)
         if self.max_grad_norm:
             params = [p for p in (model or self.adapted.model).parameters() if p.grad is not None]
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)

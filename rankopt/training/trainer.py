@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from rankopt import distributed
 from rankopt.tasks import metrics as task_metrics
-from rankopt.adapters.model import AdaptedModel, orthogonality_penalty
+from rankopt.adapters.model import AdaptedModel, add_orthogonality_gradient
 from rankopt.config import Config
 from rankopt.controller import BudgetSchedule, RankController
 from rankopt.tasks.data import TaskData
@@ -180,7 +180,7 @@ class Stepper:
         if self.controller is not None and finite:
             self.controller.after_backward(step - 1)
         if t.orth_reg:  # after the tracker: same summed gradient; fp32 factors, already at true scale
-            (t.orth_reg * orthogonality_penalty(self.adapted)).backward()
+            add_orthogonality_gradient(self.adapted, t.orth_reg)
         torch.nn.utils.clip_grad_norm_(self.params, t.max_grad_norm)
         self.precision.optimizer_step(self.optimizer)
         if finite:  # an overflow step changed nothing, so the lr schedule waits too (as accelerate does)
