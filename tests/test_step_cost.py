@@ -122,3 +122,14 @@ def test_moving_a_device_tensor_to_its_own_device_launches_nothing():
         widened = doubled.to(DEVICE, torch.float64)  # a real conversion still counts, and stays on the device
         assert counter.is_on_device(widened)
     assert counter.totals()["ops"] == 2 and counter.totals()["syncs"] == 0
+
+
+def test_a_batched_matmul_counts_its_one_kernel_not_its_reshapes():
+    """``matmul`` folds (batch, tokens, in) @ (in, out) into one mm and unfolds it with ``_unsafe_view``, a view
+    that torch does not flag as one: counted as an op before, one per adapted linear and per factor."""
+    counter = StepCounter()
+    weight = torch.nn.Parameter(torch.randn(4, 3))
+    counter.place([weight])
+    with counter.counting():
+        torch.randn(2, 5, 4) @ weight
+    assert counter.totals()["ops"] == 1 and counter.totals()["views"] >= 1

@@ -9,7 +9,7 @@ buffers, and everything computed from them) are tagged, the training device is n
 (a CPU tensor on it still reports ``cpu`` to torch, so the counter answers ``cpu:0`` for tagged
 tensors), and every crossing between tagged and untagged tensors is counted by kind. A plain
 ``cpu`` target means the host, except in torch's own code (see ``TORCH``). Ops are counted through a ``TorchDispatchMode`` (views apart:
-they launch nothing; nor do ops on host tensors, such as torch AdamW's CPU step counts).
+they launch nothing, ``_unsafe_view`` included; nor do ops on host tensors, such as torch AdamW's CPU step counts).
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ aten = torch.ops.aten
 DATA_DEPENDENT = {aten.nonzero.default, aten.masked_select.default, aten._unique2.default, aten.unique_dim.default,
                   aten.unique_consecutive.default, aten.repeat_interleave.Tensor}
 SYNC_KINDS = ("read", "to_host", "to_device_blocking", "data_dependent")
+# views that torch does not flag as views (``matmul`` folds a batch through this one): they launch nothing either
+UNFLAGGED_VIEWS = {aten._unsafe_view.default}
 
 
 class StepCounter(TorchDispatchMode):
@@ -76,7 +78,7 @@ class StepCounter(TorchDispatchMode):
         tagged = any(t in self.on_device for t in tensors)
         target = kwargs.get("device")
         on_device = tagged or (target is not None and torch.device(target) == DEVICE)
-        self.count("views" if func.is_view else "ops" if on_device else "host_ops")
+        self.count("views" if func.is_view or func in UNFLAGGED_VIEWS else "ops" if on_device else "host_ops")
         out = func(*args, **kwargs)
         name = str(func.overloadpacket.__name__)
         if func is aten._local_scalar_dense.default and tagged:
