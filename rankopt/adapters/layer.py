@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rankopt.adapters.update import add_update
+
 
 @dataclass
 class Resize:
@@ -154,9 +156,8 @@ class SVDLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Base output plus the update; the update runs in the adapter's dtype (autocast may lower it)."""
         out = self.base(x)
-        h = self.dropout(x.to(self.lora_Q.dtype)) @ self.lora_Q.T
         lam = self.lora_lam if self.lora_mask is None else self.lora_lam * self.lora_mask  # unused slots: 0
-        return out + ((h * (lam * self.scale)) @ self.lora_P.T).to(out.dtype)
+        return add_update(out, self.dropout(x.to(self.lora_Q.dtype)), self.lora_Q, lam, self.lora_P, self.scale)
 
     def delta_weight(self) -> torch.Tensor:
         """Dense ΔW (out, in); for tests, export and merging, never on the training path."""
