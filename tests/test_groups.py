@@ -7,7 +7,8 @@ from torch import nn
 
 from rankopt.adapters.groups import (add_penalty_gradient, instant_sensitivity, orthogonality_penalty,
                                      same_shape_groups)
-from rankopt.adapters.layer import SVDLinear
+from rankopt.adapters import groups as groups_module, layer as layer_module
+from rankopt.adapters.layer import ROUNDING_TOLERANCE, SVDLinear
 from rankopt.controller.importance import SensitivityTracker
 from rankopt.testing.host_syncs import StepCounter
 
@@ -41,6 +42,26 @@ def test_grouped_penalty_and_its_gradient_equal_the_per_layer_sum():
     torch.testing.assert_close(grouped, reference)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_the_penalty_without_the_thresholds_sign_is_the_signed_forms_bit_for_bit(monkeypatch):
+    """Only the square of the soft-thresholded deviation enters, so its sign (two kernels forward, three
+    backward per term) was dropped: value and gradients, per layer and grouped, must not move by a bit."""
+    layers = mixed_layers()
+    params = [p for l in layers for p in (l.lora_P, l.lora_Q)]
+
+    def penalties():
+        per_layer = torch.stack([l.orthogonality_penalty() for l in layers]).sum()
+        grouped = orthogonality_penalty(layers)
+        return [(value, torch.autograd.grad(value, params)) for value in (per_layer, grouped)]
+
+    now = penalties()
+    signed = lambda d: torch.sign(d) * (d.abs() - ROUNDING_TOLERANCE).clamp_min(0)  # noqa: E731
+    monkeypatch.setattr(layer_module, "beyond_rounding", signed)
+    monkeypatch.setattr(groups_module, "beyond_rounding", signed)
+    for (value, grads), (signed_value, signed_grads) in zip(now, penalties()):
+        assert torch.equal(value, signed_value)
+        assert all(torch.equal(a, b) for a, b in zip(grads, signed_grads))
 
 
 def test_added_penalty_gradient_equals_backward_bit_for_bit():
