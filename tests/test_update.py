@@ -53,9 +53,11 @@ def test_mixed_dtypes_and_autocast_take_the_plain_expression(case):
     assert all(torch.equal(a, b) for a, b in zip(got_grads, want_grads))
 
 
-def test_an_adapter_launches_one_kernel_more_than_plain_lora():
+@pytest.mark.parametrize("input_grad", [True, False], ids=["inner layer", "first layer (input needs no gradient)"])
+def test_an_adapter_launches_one_kernel_more_than_plain_lora(input_grad):
     """Before: lam * scale and its gradient, a separate add and the broadcast product's reduction: 6 more.
-    The one left is the reduction that gives lam its gradient."""
+    The one left is the reduction that gives lam its gradient. Where the input needs no gradient (the
+    first adapted layer, on frozen embeddings) autograd skips that product for LoRA, and so does the node."""
     torch.manual_seed(0)
     base = nn.Linear(16, 24, bias=False)
     adapter = SVDLinear(base, 4, scale=2.0)
@@ -65,7 +67,7 @@ def test_an_adapter_launches_one_kernel_more_than_plain_lora():
         return base(x) + (x @ lora_a.T @ lora_b.T) * 2.0
 
     def ops(forward) -> int:
-        x, grad = torch.randn(2, 5, 16, requires_grad=True), torch.ones(2, 5, 24)
+        x, grad = torch.randn(2, 5, 16, requires_grad=input_grad), torch.ones(2, 5, 24)
         counter = StepCounter()
         counter.place([*adapter.parameters(), lora_a, lora_b, x, grad])
         with counter.counting():

@@ -43,7 +43,8 @@ class LowRankUpdate(torch.autograd.Function):
         d_lam = (g_hl * h).sum(0)
         g_h = g_hl * lam
         d_q = g_h.T @ x2  # (r, in)
-        d_x = (g_h @ q).view(ctx.x_shape)
+        # the first adapted layer's input (frozen embeddings) needs none: skip that product there
+        d_x = (g_h @ q).view(ctx.x_shape) if ctx.needs_input_grad[1] else None
         return grad, d_x, d_q, d_lam, d_p, None
 
 
