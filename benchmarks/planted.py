@@ -294,7 +294,8 @@ def train_rankopt(task: PlantedTask, cfg: Config) -> tuple[nn.Module, dict[str, 
 
 def peft_student(method: str, budget: int, planting: Planting, seed: int, steps: int, task: PlantedTask) -> nn.Module:
     """The student under PEFT: uniform LoRA, LoRA on the planted modules at the planted ranks (the oracle),
-    AdaLoRA from 2 x the budget down to it (scale alpha / init_r = 2, as rankopt's), or EVA (rho 2)."""
+    AdaLoRA from 2 x the budget down to it (``peft_adalora_4x``: from 4 x; scale alpha / init_r = 2, as
+    rankopt's), or EVA (rho 2)."""
     from peft import AdaLoraConfig, EvaConfig, LoraConfig, get_peft_model
 
     torch.manual_seed(seed)  # PEFT draws A (LoRA), A and B (AdaLoRA) from the global RNG
@@ -306,8 +307,9 @@ def peft_student(method: str, budget: int, planting: Planting, seed: int, steps:
         names = sorted(planting.ranks)
         config = LoraConfig(r=1, lora_alpha=2, target_modules=names, rank_pattern=dict(planting.ranks),
                             alpha_pattern={n: 2 * r for n, r in planting.ranks.items()}, **common)
-    elif method == "peft_adalora":
-        config = AdaLoraConfig(init_r=2 * budget, target_r=budget, lora_alpha=4 * budget, total_step=steps,
+    elif method.startswith("peft_adalora"):
+        start = 4 if method == "peft_adalora_4x" else 2
+        config = AdaLoraConfig(init_r=start * budget, target_r=budget, lora_alpha=2 * start * budget, total_step=steps,
                                tinit=round(0.1 * steps), tfinal=round(0.2 * steps), deltaT=10,
                                target_modules=TARGETS, **common)
     elif method == "peft_eva":
@@ -322,9 +324,9 @@ def peft_ranks(model: nn.Module, method: str) -> dict[str, int]:
     """Rank per adapted module as trained: AdaLoRA's unmasked components, EVA's redistributed ranks."""
     ranks = {}
     for name, module in model.named_modules():
-        if method == "peft_adalora" and hasattr(module, "lora_E") and "default" in getattr(module, "lora_E", {}):
+        if method.startswith("peft_adalora") and hasattr(module, "lora_E") and "default" in getattr(module, "lora_E", {}):
             ranks[name.removeprefix("base_model.model.")] = int((module.lora_E["default"] != 0).sum())
-        elif method != "peft_adalora" and hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+        elif not method.startswith("peft_adalora") and hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
             ranks[name.removeprefix("base_model.model.")] = int(module.lora_A["default"].weight.shape[0])
     return ranks
 
@@ -343,7 +345,7 @@ def train_peft_student(task: PlantedTask, cfg: Config, method: str, budget: int,
         eva_initialise(model, task.data, cfg)
     model.train()
     stepper = PeftStepper(model, t.lr, t.weight_decay, t.scheduler, t.steps, t.warmup_ratio, t.max_grad_norm,
-                          adalora=method == "peft_adalora")
+                          adalora=method.startswith("peft_adalora"))
     batches = seeded_batches(task.data, t.batch_size, t.seed)
     for _ in range(t.steps):
         stepper.step(next(batches))
