@@ -69,13 +69,25 @@ def adalora_init(rank: int) -> int:
     return (3 * rank + 1) // 2
 
 
-def make_batches(n: int, vocab: int, seq: int, batch: int, num_labels: int, seed: int = 0) -> list[dict]:
-    """Random token ids (above the special tokens) with full attention; the same for every run."""
+def make_batches(n: int, vocab: int, seq: int, batch: int, num_labels: int, seed: int = 0,
+                 causal: bool = False) -> list[dict]:
+    """Random token ids (above the special tokens) with full attention; the same for every run.
+
+    ``causal``: a causal LM's batch, every token a target (labels = the ids, as a pretraining row)."""
     low = 1000 if vocab > 2000 else min(5, vocab - 1)  # MiniLM: as controller_overhead.py; tiny test vocabularies
     g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(low, vocab, (batch, seq), generator=g),
-             "attention_mask": torch.ones(batch, seq, dtype=torch.long),
-             "labels": torch.randint(0, num_labels, (batch,), generator=g)} for _ in range(n)]
+    batches = []
+    for _ in range(n):
+        ids = torch.randint(low, vocab, (batch, seq), generator=g)
+        labels = ids.clone() if causal else torch.randint(0, num_labels, (batch,), generator=g)
+        batches.append({"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.long), "labels": labels})
+    return batches
+
+
+def is_causal(args: argparse.Namespace) -> bool:
+    from rankopt.config import resolve_config
+
+    return resolve_config(args.preset, {}).task.type == "causal_lm"
 
 
 def run_config(args: argparse.Namespace, key: str, total: int):
@@ -134,7 +146,7 @@ def time_runs(args: argparse.Namespace) -> dict[str, dict]:
     for key in RUNS:
         steppers[key], models[key] = build_stepper(args, key, total)
     vocab = models["fixed"].config.vocab_size
-    batches = make_batches(total, vocab, args.seq, args.batch, num_labels=2)
+    batches = make_batches(total, vocab, args.seq, args.batch, num_labels=2, causal=is_causal(args))
     times: dict[str, list[float]] = {key: [] for key in RUNS}
     keys = list(RUNS)
     for i, batch in enumerate(batches):
@@ -162,7 +174,8 @@ def _reset_peak_rss() -> bool:
 def measure_memory_child(args: argparse.Namespace, key: str) -> dict:
     """In a fresh process: build one run, reset the peak-RSS counter, step, read the peak (MiB)."""
     stepper, model = build_stepper(args, key, args.memory_steps)
-    batches = make_batches(args.memory_steps, model.config.vocab_size, args.seq, args.batch, num_labels=2)
+    batches = make_batches(args.memory_steps, model.config.vocab_size, args.seq, args.batch, num_labels=2,
+                           causal=is_causal(args))
     linux = Path("/proc/self/status").is_file()
     before = _status_kib("VmRSS") if linux else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     reset = linux and _reset_peak_rss()
