@@ -21,13 +21,13 @@ def decoder_config(method: str, budget: int, lr: float, seed: int, args):
     from rankopt.config import resolve_config
 
     base, _, spec = method.partition(":")
-    start, controller_on, unit = RANKOPT_VARIANTS.get(base, RANKOPT_VARIANTS["rankopt_fixed"])
+    start, most, controller_on, unit = RANKOPT_VARIANTS.get(base, RANKOPT_VARIANTS["rankopt_fixed"])
     init = start * budget
     overrides = {
         "task.max_train_samples": args.train_samples, "task.max_eval_samples": args.eval_samples,
         "training.steps": args.steps, "training.eval_every": args.steps, "training.lr": lr, "training.seed": seed,
         "training.log_every": args.steps, "adapter.init_rank": init, "adapter.alpha": 2 * init,
-        "controller.target_rank": budget, "controller.max_rank": 4 * budget, "controller.min_rank": 1,
+        "controller.target_rank": budget, "controller.max_rank": most * budget,
         "controller.enabled": controller_on and not method.startswith("peft_"), "controller.budget_unit": unit,
         "training.device": args.device,
         **({"model.name": args.model} if args.model else {}),

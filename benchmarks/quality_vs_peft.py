@@ -41,11 +41,14 @@ import torch
 GLUE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "glue"
 METHODS = ("rankopt", "rankopt_rank", "rankopt_fixed", "rankopt_at_budget", "peft_lora", "peft_adalora", "peft_eva",
            "peft_rslora", "peft_lora_trunc")
-# each rankopt method: its initial rank as a multiple of the budget, controller on, what the budget counts
-RANKOPT_VARIANTS = {"rankopt": (2, True, "params"), "rankopt_rank": (2, True, "rank"),
-                    "rankopt_fixed": (1, False, "params"), "rankopt_at_budget": (1, True, "params")}
+# each rankopt method: its initial rank and its max_rank as multiples of the budget, controller on, what the
+# budget counts. `rankopt` is the presets' (init_rank 4x, max_rank 8x target_rank: the planted rung's evidence);
+# `rankopt_2x` the start and cap they had before (2x, 4x), under which the older rows were run.
+RANKOPT_VARIANTS = {"rankopt": (4, 8, True, "params"), "rankopt_rank": (4, 8, True, "rank"),
+                    "rankopt_fixed": (1, 8, False, "params"), "rankopt_at_budget": (1, 8, True, "params"),
+                    "rankopt_2x": (2, 4, True, "params")}
 LABELS = {"rankopt": "rankopt", "rankopt_rank": "rankopt, rank budget", "rankopt_fixed": "rankopt, controller off",
-          "rankopt_at_budget": "rankopt, no shrink",
+          "rankopt_at_budget": "rankopt, no shrink", "rankopt_2x": "rankopt from 2x (the old start)",
           "peft_lora": "PEFT LoRA",
           "peft_adalora": "PEFT AdaLoRA", "peft_eva": "PEFT LoRA+EVA", "peft_rslora": "PEFT rsLoRA",
           "peft_lora_trunc": "PEFT LoRA 2r, SVD-truncated"}
@@ -79,9 +82,10 @@ def variant_settings(spec: str) -> dict:
 
 def known_method(name: str) -> str:
     """argparse type: a method of :data:`METHODS`, or a rankopt variant ``rankopt[_...]:key=value,...``."""
-    if name in METHODS or (name.partition(":")[0] in RANKOPT_VARIANTS and ":" in name):
+    if name in METHODS or name.partition(":")[0] in RANKOPT_VARIANTS:
         return name
-    raise argparse.ArgumentTypeError(f"unknown method {name!r}; choose from {', '.join(METHODS)} or rankopt:key=value")
+    raise argparse.ArgumentTypeError(f"unknown method {name!r}; choose from {', '.join(METHODS)}, rankopt_2x, "
+                                     "or rankopt:key=value")
 
 
 def label(method: str) -> str:
@@ -93,14 +97,14 @@ def run_config(task: str, budget: int, lr: float, seed: int, args: argparse.Name
     from rankopt.config import resolve_config
 
     base, _, spec = method.partition(":")  # "rankopt:importance=energy,min_rank=0": a variant's settings
-    start, controller_on, unit = RANKOPT_VARIANTS.get(base, RANKOPT_VARIANTS["rankopt"])
+    start, most, controller_on, unit = RANKOPT_VARIANTS.get(base, RANKOPT_VARIANTS["rankopt"])
     init = start * budget
     overrides = {
         "task.max_train_samples": args.train_samples, "task.max_eval_samples": args.eval_samples,
         "task.eval_split": args.eval_split,
         "training.steps": args.steps, "training.eval_every": args.steps, "training.lr": lr, "training.seed": seed,
         "adapter.init_rank": init, "adapter.alpha": 2 * init,
-        "controller.target_rank": budget, "controller.max_rank": 4 * budget,
+        "controller.target_rank": budget, "controller.max_rank": most * budget,
         "controller.warmup": 0.1, "controller.final": 0.2, "controller.interval": 10,
         "controller.enabled": controller_on, "controller.budget_unit": unit, "training.device": args.device,
         **variant_settings(spec),

@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality_vs_peft import CODE, GLUE, load_results, next_rate, variant_settings  # noqa: E402
+from quality_vs_peft import CODE, GLUE, RANKOPT_VARIANTS, load_results, next_rate, variant_settings  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "where_rank_matters.jsonl"
 PLANTED_METHODS = ("peft_lora", "peft_oracle", "peft_adalora", "peft_eva", "rankopt_fixed", "rankopt")
@@ -84,12 +84,13 @@ def run_planted(method: str, budget: int, lr: float, seed: int, args: argparse.N
         shapes = P.target_shapes()
         params = sum(r * sum(shapes[name]) for name, r in ranks.items() if name in shapes)
     else:
-        on = method != "rankopt_fixed"
-        init = 2 * budget if on else budget
         from rankopt.config import ControllerConfig, build_config
 
+        # the method's start and what its budget counts, as on the GLUE grid; max_rank stays 64 here, so that
+        # no cap sits below the planted ranks
+        start, _, on, unit = RANKOPT_VARIANTS[method.partition(":")[0]]
         min_rank = ControllerConfig.model_fields["min_rank"].default  # the shipped default, as `rankopt` means
-        cfg = P.run_config(budget, init, lr, seed, args.steps, on, min_rank, 64)
+        cfg = P.run_config(budget, start * budget, lr, seed, args.steps, on, min_rank, 64, budget_unit=unit)
         if ":" in method:  # a variant: its own settings over the defaults
             cfg = build_config(cfg.model_dump(), variant_settings(method.partition(":")[2]))
         model, ranks = P.train_rankopt(task, cfg)

@@ -111,8 +111,9 @@ class ModelConfig(_Section):
 class AdapterConfig(_Section):
     """Shape of each SVD adapter at the start of training."""
 
-    init_rank: int = Field(8, ge=1, description="mean rank of the adapters at step 0 (the initial budget)")
-    alpha: float = Field(16.0, gt=0, description="scale = alpha / init_rank (alpha / sqrt(init_rank) with rslora), "
+    init_rank: int = Field(16, ge=1, description="mean rank of the adapters at step 0 (the initial budget; 4x the "
+                           "default target_rank: a wide start found where the rank was needed best)")
+    alpha: float = Field(32.0, gt=0, description="scale = alpha / init_rank (alpha / sqrt(init_rank) with rslora), "
                          "the same for every layer whatever its rank becomes, fixed for the run")
     dropout: float = Field(0.0, ge=0, lt=1)
     init: Literal["gradient", "random"] = Field(
@@ -170,7 +171,7 @@ class ControllerConfig(_Section):
         "component alike, so the size follows where the rank goes)")
     min_rank: int = Field(0, ge=0, description="the fewest components a layer keeps; 0 lets a layer give up its "
                           "adapter (and grow one back later), so the controller also chooses where adapters go")
-    max_rank: int = Field(16, ge=1)
+    max_rank: int = Field(32, ge=1)
     warmup: float = Field(0.1, ge=0, lt=1, description="fraction of steps at the initial ranks")
     final: float = Field(0.2, ge=0, lt=1, description="fraction of steps at the final ranks")
     interval: int = Field(10, ge=1, description="steps between reallocations")
