@@ -32,12 +32,12 @@ def graph_saved_bytes(loss: torch.Tensor, params: set[int]) -> int:
         if node is None or node in seen:
             continue
         seen.add(node)
-        for attr in dir(node):
-            if not attr.startswith("_saved_"):
-                continue
+        # built-in nodes expose each saved tensor as _saved_*; a custom autograd.Function's node (the
+        # adapter's fused update) holds them as saved_tensors
+        for attr in [a for a in dir(node) if a.startswith("_saved_")] + ["saved_tensors"]:
             try:
                 value = getattr(node, attr)
-            except RuntimeError:
+            except (RuntimeError, AttributeError):
                 continue
             for t in value if isinstance(value, (tuple, list)) else [value]:
                 if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in params:
