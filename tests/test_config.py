@@ -151,9 +151,9 @@ def test_wrong_type_or_value(pair, field):
 
 @pytest.mark.parametrize("pairs,fragment", [
     (["controller.min_rank=1", "controller.target_rank=0.5"], "target_rank=0.5"),
-    (["controller.target_rank=17"], "target_rank=17"),
+    (["controller.target_rank=33"], "target_rank=33"),
     (["controller.min_rank=4", "controller.target_rank=3"], "target_rank=3"),
-    (["adapter.init_rank=20"], "init_rank=20"),
+    (["adapter.init_rank=40"], "init_rank=40"),
     (["controller.min_rank=9", "controller.max_rank=8"], "min_rank"),
     (["controller.warmup=0.6", "controller.final=0.5"], "warmup + controller.final"),
 ])

@@ -266,6 +266,7 @@ def _base_config(tmp_path: Path) -> Config:
     return Config.model_validate({
         "task": {"name": "t", "data_dir": str(tmp_path), "text_columns": ["text"]},
         "model": {"name": str(tmp_path)},
+        "adapter": {"init_rank": 4},
         "controller": {"target_rank": 2, "max_rank": 8},
         "search": {"space": {"controller.target_rank": {"type": "float", "low": 1, "high": 8}}},
     })
