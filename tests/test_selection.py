@@ -128,9 +128,11 @@ def test_tune_marks_and_scores_the_smallest_good_trial(tuned):
     assert result.smallest.test_metric == scores[smallest.number]["metrics"]["accuracy"]
     console = Console(record=True, width=250)
     print_tune_result(result, console)
-    row = next(line for line in console.export_text().splitlines() if f"{smallest.user_attrs['adapter_params']:,}"
-               in line)
-    assert "smallest within 1" in row
+    # the smallest trial's row, found by its number: another trial may have the same adapter size
+    rows = [line.split("│") for line in console.export_text().splitlines() if line.startswith("│")]
+    row = next(cells for cells in rows if cells[1].strip() == str(smallest.number))
+    assert f"{smallest.user_attrs['adapter_params']:,}" in "│".join(row)
+    assert "smallest within 1" in "│".join(row)
 
 
 def test_export_and_report_take_the_same_trial(tuned, tmp_path):
