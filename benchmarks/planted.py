@@ -309,8 +309,8 @@ def peft_student(method: str, budget: int, planting: Planting, seed: int, steps:
                             alpha_pattern={n: 2 * r for n, r in planting.ranks.items()}, **common)
     elif method.startswith("peft_adalora"):
         start = 4 if method == "peft_adalora_4x" else 2
-        config = AdaLoraConfig(init_r=start * budget, target_r=budget, lora_alpha=2 * start * budget, total_step=steps,
-                               tinit=round(0.1 * steps), tfinal=round(0.2 * steps), deltaT=10,
+        config = AdaLoraConfig(init_r=start * budget, target_r=budget, lora_alpha=2 * start * budget,
+                               total_step=steps, tinit=round(0.1 * steps), tfinal=round(0.2 * steps), deltaT=10,
                                target_modules=TARGETS, **common)
     elif method == "peft_eva":
         config = LoraConfig(r=budget, lora_alpha=2 * budget, target_modules=TARGETS, init_lora_weights="eva",
@@ -323,10 +323,11 @@ def peft_student(method: str, budget: int, planting: Planting, seed: int, steps:
 def peft_ranks(model: nn.Module, method: str) -> dict[str, int]:
     """Rank per adapted module as trained: AdaLoRA's unmasked components, EVA's redistributed ranks."""
     ranks = {}
+    adalora = method.startswith("peft_adalora")
     for name, module in model.named_modules():
-        if method.startswith("peft_adalora") and hasattr(module, "lora_E") and "default" in getattr(module, "lora_E", {}):
+        if adalora and "default" in getattr(module, "lora_E", {}):
             ranks[name.removeprefix("base_model.model.")] = int((module.lora_E["default"] != 0).sum())
-        elif not method.startswith("peft_adalora") and hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+        elif not adalora and "default" in getattr(module, "lora_A", {}):
             ranks[name.removeprefix("base_model.model.")] = int(module.lora_A["default"].weight.shape[0])
     return ranks
 

@@ -33,7 +33,8 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=PLANTED_AT, help="mean final rank (a uniform LoRA's)")
     ap.add_argument("--init", type=int, default=8, help="initial mean rank (8 = 4x the budget, the default start)")
     ap.add_argument("--uniform", action="store_true", help="start every layer at --init (no split by the gradient)")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. controller.min_age=3")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="config overrides, e.g. controller.min_age=3")
     ap.add_argument("--name", default="default")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--threads", type=int, default=1)
@@ -49,7 +50,8 @@ def main() -> None:
     planting = P.choose_planting(args.seed, PLANTED_AT * uniform1, 1.0)
     task = P.build_task(planting, args.seed, 1500, 300, 40)
     overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
-    cfg = build_config(P.run_config(args.budget, args.init, args.lr, args.seed, 200, True, 0, 64).model_dump(), overrides)
+    base = P.run_config(args.budget, args.init, args.lr, args.seed, 200, True, 0, 64)
+    cfg = build_config(base.model_dump(), overrides)
     started = time.perf_counter()
     torch.manual_seed(cfg.training.seed)
     model = P.Distill(P.fresh_encoder(), task.targets, task.scale)
@@ -68,7 +70,8 @@ def main() -> None:
         return round(sum(planted_ranks(ranks)) / max(1, sum(ranks.values())), 3)
 
     short = lambda name: name.replace("encoder.encoder.layer.", "")  # noqa: E731
-    trajectory = [{"step": "start", "total": sum(start.values()), "share": share(start), "planted": planted_ranks(start)}]
+    trajectory = [{"step": "start", "total": sum(start.values()), "share": share(start),
+                   "planted": planted_ranks(start)}]
     trajectory += [{"step": e.step, "total": e.budget, "share": share(e.ranks), "planted": planted_ranks(e.ranks)}
                    for e in stepper.history[1:]]
     row = {"name": args.name, "seed": args.seed, "lr": args.lr, "budget": args.budget, "init": args.init,

@@ -44,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_vs_peft import CODE, GLUE, RANKOPT_VARIANTS, load_results, next_rate, variant_settings  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "where_rank_matters.jsonl"
-PLANTED_METHODS = ("peft_lora", "peft_oracle", "peft_adalora", "peft_adalora_4x", "peft_eva", "rankopt_fixed", "rankopt",
-                   "rankopt_rank", "rankopt_2x")
+PLANTED_METHODS = ("peft_lora", "peft_oracle", "peft_adalora", "peft_adalora_4x", "peft_eva", "rankopt_fixed",
+                   "rankopt", "rankopt_rank", "rankopt_2x")
 PLANTED_AT = 2  # the planting costs a uniform rank-2 adapter
 PLACEMENT_METHODS = ("peft_qv", "peft_attention", "peft_mlp", "peft_all", "rankopt")
 GLUE_GRID = RESULTS.parent / "glue_grid.jsonl"  # quality_vs_peft's rankopt rows, the same runs
