@@ -273,8 +273,12 @@ def run_config(budget: float, init_rank: int, lr: float, seed: int, steps: int, 
     })
 
 
-def train_rankopt(task: PlantedTask, cfg: Config) -> tuple[nn.Module, dict[str, int]]:
-    """rankopt's own loop (gradient start, Stepper: controller, optimizer, schedule) on the student."""
+def train_rankopt(task: PlantedTask, cfg: Config, start: Config | None = None):
+    """rankopt's own loop (gradient start, Stepper: controller, optimizer, schedule) on the student.
+
+    Returns the student, its final ranks, the ranks the start gave (``start``: another config for the
+    gradient start only, e.g. one that does not split the budget) and the stepper (its rank history).
+    """
     from rankopt.adapters.model import adapt
     from rankopt.training.gradient_init import gradient_start
     from rankopt.training.trainer import Stepper, seeded_batches
@@ -284,12 +288,12 @@ def train_rankopt(task: PlantedTask, cfg: Config) -> tuple[nn.Module, dict[str, 
     model = Distill(fresh_encoder(), task.targets, task.scale)
     adapted = adapt(model, TARGETS, cfg.adapter.init_rank, cfg.adapter.alpha, seed=t.seed)
     batches = seeded_batches(task.data, t.batch_size, t.seed)
-    if cfg.adapter.init == "gradient":
-        gradient_start(cfg, adapted, task.data)
+    start_ranks = gradient_start(start or cfg, adapted, task.data) if cfg.adapter.init == "gradient" \
+        else adapted.ranks()
     stepper = Stepper(cfg, adapted)
     for _ in range(t.steps):
         stepper.step(next(batches))
-    return model, adapted.ranks()
+    return model, adapted.ranks(), start_ranks, stepper
 
 
 def peft_student(method: str, budget: int, planting: Planting, seed: int, steps: int, task: PlantedTask) -> nn.Module:

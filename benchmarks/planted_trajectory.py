@@ -21,7 +21,7 @@ import torch
 import yaml
 
 import planted as P
-from where_rank_matters import PLANTED_AT
+from where_rank_matters import planted_task
 
 RESULTS = Path(__file__).resolve().parent / "results" / "planted_trajectory.jsonl"
 
@@ -30,7 +30,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--lr", type=float, default=0.03)
-    ap.add_argument("--budget", type=int, default=PLANTED_AT, help="mean final rank (a uniform LoRA's)")
+    ap.add_argument("--budget", type=int, default=2, help="mean final rank (a uniform LoRA's; 2: the planted total)")
     ap.add_argument("--init", type=int, default=8, help="initial mean rank (8 = 4x the budget, the default start)")
     ap.add_argument("--uniform", action="store_true", help="start every layer at --init (no split by the gradient)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
@@ -41,27 +41,17 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from rankopt.adapters.model import adapt
-    from rankopt.config import build_config
-    from rankopt.training.gradient_init import gradient_start
-    from rankopt.training.trainer import Stepper, seeded_batches
+    from types import SimpleNamespace
 
-    uniform1 = sum(sum(shape) for shape in P.target_shapes().values())
-    planting = P.choose_planting(args.seed, PLANTED_AT * uniform1, 1.0)
-    task = P.build_task(planting, args.seed, 1500, 300, 40)
+    from rankopt.config import build_config
+
+    planting, task = planted_task(args.seed, SimpleNamespace(train_samples=1500, eval_samples=300, strength=1.0))
     overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
     base = P.run_config(args.budget, args.init, args.lr, args.seed, 200, True, 0, 64)
     cfg = build_config(base.model_dump(), overrides)
     started = time.perf_counter()
-    torch.manual_seed(cfg.training.seed)
-    model = P.Distill(P.fresh_encoder(), task.targets, task.scale)
-    adapted = adapt(model, P.TARGETS, cfg.adapter.init_rank, cfg.adapter.alpha, seed=cfg.training.seed)
-    start_cfg = build_config(cfg.model_dump(), {"controller.enabled": False}) if args.uniform else cfg
-    start = gradient_start(start_cfg, adapted, task.data)
-    stepper = Stepper(cfg, adapted)
-    batches = seeded_batches(task.data, cfg.training.batch_size, cfg.training.seed)
-    for _ in range(cfg.training.steps):
-        stepper.step(next(batches))
+    start_cfg = build_config(cfg.model_dump(), {"controller.enabled": False}) if args.uniform else None
+    model, ranks, start, stepper = P.train_rankopt(task, cfg, start_cfg)
 
     def planted_ranks(ranks):
         return [ranks.get(name, 0) for name in planting.ranks]
@@ -76,8 +66,8 @@ def main() -> None:
                    for e in stepper.history[1:]]
     row = {"name": args.name, "seed": args.seed, "lr": args.lr, "budget": args.budget, "init": args.init,
            "uniform": args.uniform, "set": overrides, "unexplained": P.unexplained(model, task),
-           "planted": {short(n): [r, adapted.ranks().get(n, 0)] for n, r in planting.ranks.items()},
-           "share": share(adapted.ranks()), "trajectory": trajectory,
+           "planted": {short(n): [r, ranks.get(n, 0)] for n, r in planting.ranks.items()},
+           "share": share(ranks), "trajectory": trajectory,
            "energies": [{"step": e.step, "energy": {short(n): [round(x, 4) for x in v]
                                                     for n, v in e.scores.get("energy", {}).items()}}
                         for e in stepper.history[1:]],

@@ -94,7 +94,7 @@ def run_planted(method: str, budget: int, lr: float, seed: int, args: argparse.N
         cfg = P.run_config(budget, start * budget, lr, seed, args.steps, on, min_rank, 64, budget_unit=unit)
         if ":" in method:  # a variant: its own settings over the defaults
             cfg = build_config(cfg.model_dump(), variant_settings(method.partition(":")[2]))
-        model, ranks = P.train_rankopt(task, cfg)
+        model, ranks, _, _ = P.train_rankopt(task, cfg)
         params = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     total = sum(ranks.values())
     return {"rung": "planted", "task": "planted", "method": method, "budget": budget, "lr": lr, "seed": seed,
